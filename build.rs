@@ -1,0 +1,35 @@
+//! Generates the gRPC server/client code and the FileDescriptorSet that reflection
+//! (grpcurl) and Envoy's JSON transcoder read.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // protoc and the well-known google/protobuf includes come from a vendored crate, so a
+    // build needs no system protoc.
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    let well_known = protoc_bin_vendored::include_path()?;
+    // SAFETY: build scripts are single-threaded; prost-build reads PROTOC from the env.
+    unsafe { std::env::set_var("PROTOC", protoc) };
+
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    let protos: Vec<PathBuf> = [
+        "proto/devgate/v1/common.proto",
+        "proto/devgate/v1/api_keys.proto",
+        // Compiled only so their types are in the descriptor: Envoy then prints error
+        // details as typed JSON. The Rust types come from tonic-types (extern_path).
+        "proto/google/rpc/status.proto",
+        "proto/google/rpc/error_details.proto",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .collect();
+    let includes: Vec<PathBuf> = vec![PathBuf::from("proto"), well_known];
+
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("devgate_descriptor.bin"))
+        .extern_path(".google.rpc", "::tonic_types")
+        .compile_protos(&protos, &includes)?;
+
+    println!("cargo:rerun-if-changed=proto");
+    Ok(())
+}

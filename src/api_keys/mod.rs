@@ -1,0 +1,48 @@
+//! API keys: creation, listing, update, revocation, rotation with a grace period, deletion,
+//! and verification (the hot path of every key-authenticated call).
+
+pub mod grpc;
+pub mod hashing;
+pub mod invalidation;
+pub mod last_used;
+pub mod model;
+pub mod service;
+pub mod store;
+pub mod token;
+pub mod verifier;
+
+use crate::{auth::AuthError, db::StoreError, validation::Violations};
+
+/// Everything that can go wrong in this module; mapped to a gRPC status in `crate::status`.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiKeyError {
+    #[error("invalid request: {0}")]
+    Invalid(Violations),
+    #[error("api key {0} not found")]
+    NotFound(String),
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Hashing(#[from] hashing::HashError),
+}
+
+impl From<Violations> for ApiKeyError {
+    fn from(v: Violations) -> Self {
+        ApiKeyError::Invalid(v)
+    }
+}
+
+impl From<ApiKeyError> for AuthError {
+    fn from(e: ApiKeyError) -> Self {
+        match e {
+            ApiKeyError::Auth(a) => a,
+            other => AuthError::Unavailable(other.to_string()),
+        }
+    }
+}

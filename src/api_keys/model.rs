@@ -1,0 +1,293 @@
+//! API-key domain types and the validation of their fields.
+
+use std::{fmt, net::IpAddr, str::FromStr};
+
+use chrono::{DateTime, Utc};
+use ipnetwork::IpNetwork;
+
+use super::token;
+use crate::{auth::Scopes, tenants::TenantId, validation::Violations};
+
+pub const MAX_NAME_CHARS: usize = 100;
+pub const MAX_DESCRIPTION_CHARS: usize = 1000;
+pub const MAX_REVOKE_REASON_CHARS: usize = 500;
+pub const MAX_ALLOWED_CIDRS: usize = 50;
+
+/// The public id of a key: 12 base62 characters, embedded in the token.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyId(String);
+
+impl KeyId {
+    /// For ids the token module generated or already checked.
+    pub(crate) fn new_unchecked(id: String) -> Self {
+        KeyId(id)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Any string that is not shaped like a key id can match no key.
+#[derive(Debug, thiserror::Error)]
+#[error("not a key id: expected {} base62 characters", token::KEY_ID_LEN)]
+pub struct BadKeyId;
+
+impl FromStr for KeyId {
+    type Err = BadKeyId;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() == token::KEY_ID_LEN && token::is_base62(s) { Ok(KeyId(s.to_string())) } else { Err(BadKeyId) }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Environment {
+    Live,
+    Test,
+}
+
+impl Environment {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Environment::Live => "live",
+            Environment::Test => "test",
+        }
+    }
+
+    pub fn from_db(s: &str) -> Option<Self> {
+        match s {
+            "live" => Some(Environment::Live),
+            "test" => Some(Environment::Test),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyState {
+    Active,
+    Revoked,
+    Expired,
+}
+
+/// A stored key, without its secret.
+#[derive(Debug, Clone)]
+pub struct ApiKey {
+    pub id: KeyId,
+    pub tenant_id: TenantId,
+    pub name: String,
+    pub description: String,
+    pub environment: Environment,
+    pub scopes: Scopes,
+    pub allowed_cidrs: Vec<IpNetwork>,
+    pub created_by: String,
+    pub create_time: DateTime<Utc>,
+    pub update_time: DateTime<Utc>,
+    pub last_used_time: Option<DateTime<Utc>>,
+    pub expire_time: Option<DateTime<Utc>>,
+    pub revoke_time: Option<DateTime<Utc>>,
+    pub revoke_reason: Option<String>,
+    pub previous_secret_expire_time: Option<DateTime<Utc>>,
+}
+
+impl ApiKey {
+    pub fn state(&self, now: DateTime<Utc>) -> KeyState {
+        state_of(self.revoke_time, self.expire_time, now)
+    }
+
+    /// `dg_<env>_<id>`: the non-secret start of the token.
+    pub fn prefix(&self) -> String {
+        format!("dg_{}_{}", self.environment.as_str(), self.id)
+    }
+
+    /// The previous secret's end, if it is still in its grace period.
+    pub fn live_previous_secret_expire_time(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.previous_secret_expire_time.filter(|t| *t > now)
+    }
+}
+
+/// Revocation wins over expiry.
+pub fn state_of(revoke_time: Option<DateTime<Utc>>, expire_time: Option<DateTime<Utc>>, now: DateTime<Utc>) -> KeyState {
+    if revoke_time.is_some() {
+        KeyState::Revoked
+    } else if expire_time.is_some_and(|t| t <= now) {
+        KeyState::Expired
+    } else {
+        KeyState::Active
+    }
+}
+
+/// Whether `ip` may use a key with these allowed networks (none: any address).
+pub fn ip_allowed(allowed: &[IpNetwork], ip: Option<IpAddr>) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    let Some(ip) = ip else { return false };
+    // IPv4 clients reach dual-stack listeners as ::ffff:a.b.c.d.
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    };
+    allowed.iter().any(|net| net.contains(ip))
+}
+
+/// A validated CreateApiKey request.
+#[derive(Debug, Clone)]
+pub struct NewApiKey {
+    pub name: String,
+    pub description: String,
+    pub scopes: Scopes,
+    pub environment: Environment,
+    pub expire_time: Option<DateTime<Utc>>,
+    pub allowed_cidrs: Vec<IpNetwork>,
+}
+
+/// A validated UpdateApiKey request: `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct ApiKeyChanges {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub scopes: Option<Scopes>,
+    /// `Some(None)` removes the expiry.
+    pub expire_time: Option<Option<DateTime<Utc>>>,
+    pub allowed_cidrs: Option<Vec<IpNetwork>>,
+}
+
+impl ApiKeyChanges {
+    pub fn is_empty(&self) -> bool {
+        self.name.is_none()
+            && self.description.is_none()
+            && self.scopes.is_none()
+            && self.expire_time.is_none()
+            && self.allowed_cidrs.is_none()
+    }
+}
+
+/// Filters of ListApiKeys.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ListFilter {
+    pub state: Option<KeyState>,
+    pub environment: Option<Environment>,
+}
+
+pub fn validate_name(name: &str, field: &str, v: &mut Violations) -> String {
+    let trimmed = name.trim();
+    v.check(!trimmed.is_empty(), field, "required: 1 to 100 characters");
+    v.check(trimmed.chars().count() <= MAX_NAME_CHARS, field, "at most 100 characters");
+    v.check(!trimmed.chars().any(char::is_control), field, "must not contain control characters");
+    trimmed.to_string()
+}
+
+pub fn validate_description(description: &str, field: &str, v: &mut Violations) -> String {
+    v.check(description.chars().count() <= MAX_DESCRIPTION_CHARS, field, "at most 1000 characters");
+    description.to_string()
+}
+
+pub fn validate_scopes(names: &[String], field: &str, v: &mut Violations) -> Scopes {
+    if names.is_empty() {
+        v.add(field, "at least one scope is required, e.g. usage:read or *");
+        return Scopes::default();
+    }
+    match Scopes::parse(names) {
+        Ok(scopes) => scopes,
+        Err(unknown) => {
+            for u in unknown {
+                v.add(
+                    field,
+                    format!(
+                        "unknown scope {:?}; known scopes: {}",
+                        u.0,
+                        crate::auth::Scope::EVERY.map(|s| s.as_str()).join(", ")
+                    ),
+                );
+            }
+            Scopes::default()
+        }
+    }
+}
+
+/// Parses CIDR networks; host bits must be zero (`10.0.0.0/8`, not `10.1.2.3/8`). A bare
+/// address means just that host.
+pub fn validate_cidrs(cidrs: &[String], field: &str, v: &mut Violations) -> Vec<IpNetwork> {
+    v.check(cidrs.len() <= MAX_ALLOWED_CIDRS, field, "at most 50 networks");
+    let mut nets = Vec::with_capacity(cidrs.len());
+    for (i, text) in cidrs.iter().enumerate() {
+        let at = format!("{field}[{i}]");
+        match text.trim().parse::<IpNetwork>() {
+            Ok(net) if net.network() != net.ip() => {
+                v.add(at, format!("{text:?} has host bits set; did you mean {}/{}?", net.network(), net.prefix()))
+            }
+            Ok(net) => nets.push(net),
+            Err(_) => v.add(at, format!("{text:?} is not a CIDR network such as 203.0.113.0/24 or 2001:db8::/32")),
+        }
+    }
+    nets
+}
+
+pub fn validate_expire_time(t: DateTime<Utc>, now: DateTime<Utc>, field: &str, v: &mut Violations) {
+    v.check(t > now, field, "must be in the future");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(list: &[&str]) -> Vec<IpNetwork> {
+        let mut v = Violations::new();
+        let owned: Vec<String> = list.iter().map(|s| s.to_string()).collect();
+        let n = validate_cidrs(&owned, "allowed_cidrs", &mut v);
+        assert!(v.is_empty(), "{v}");
+        n
+    }
+
+    #[test]
+    fn cidr_matching() {
+        let allowed = nets(&["203.0.113.0/24", "2001:db8::/32", "198.51.100.7"]);
+        assert!(ip_allowed(&allowed, Some("203.0.113.9".parse().unwrap())));
+        assert!(ip_allowed(&allowed, Some("198.51.100.7".parse().unwrap())));
+        assert!(!ip_allowed(&allowed, Some("198.51.100.8".parse().unwrap())));
+        assert!(ip_allowed(&allowed, Some("2001:db8:1::1".parse().unwrap())));
+        assert!(!ip_allowed(&allowed, Some("2001:db9::1".parse().unwrap())));
+        assert!(ip_allowed(&allowed, Some("::ffff:203.0.113.5".parse().unwrap())), "v4-mapped v6");
+        assert!(!ip_allowed(&allowed, None), "unknown address is refused when a list is set");
+        assert!(ip_allowed(&[], None), "no list allows all");
+    }
+
+    #[test]
+    fn cidr_validation_explains_errors() {
+        let mut v = Violations::new();
+        let input = vec!["10.1.2.3/8".to_string(), "banana".to_string(), "10.0.0.0/33".to_string()];
+        validate_cidrs(&input, "allowed_cidrs", &mut v);
+        let all: Vec<_> = v.iter().map(|f| (f.field.clone(), f.description.clone())).collect();
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[0].0, "allowed_cidrs[0]");
+        assert!(all[0].1.contains("10.0.0.0/8"));
+        assert_eq!(all[1].0, "allowed_cidrs[1]");
+    }
+
+    #[test]
+    fn state_precedence() {
+        let now = Utc::now();
+        let past = now - chrono::Duration::seconds(1);
+        assert_eq!(state_of(None, None, now), KeyState::Active);
+        assert_eq!(state_of(None, Some(past), now), KeyState::Expired);
+        assert_eq!(state_of(Some(past), Some(past), now), KeyState::Revoked);
+    }
+
+    #[test]
+    fn names_and_scopes() {
+        let mut v = Violations::new();
+        assert_eq!(validate_name("  ci  ", "name", &mut v), "ci");
+        validate_name("", "name", &mut v);
+        validate_name(&"x".repeat(101), "name", &mut v);
+        validate_scopes(&[], "scopes", &mut v);
+        validate_scopes(&["usage:read".into(), "nope".into()], "scopes", &mut v);
+        assert_eq!(v.iter().count(), 4);
+    }
+}

@@ -1,0 +1,382 @@
+//! API keys in Postgres. Every tenant-facing query filters by tenant; only the verifier's
+//! lookup goes by key id alone (the key id is what the token carries).
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+use ipnetwork::IpNetwork;
+use uuid::Uuid;
+
+use super::model::{ApiKey, ApiKeyChanges, Environment, KeyId, KeyState, ListFilter};
+use crate::{
+    auth::Scopes,
+    db::{
+        PgPool, StoreError,
+        schema::{api_keys, tenants},
+    },
+    tenants::{Plan, TenantId},
+};
+
+#[derive(Debug, Queryable, Selectable, Insertable)]
+#[diesel(table_name = api_keys, check_for_backend(diesel::pg::Pg))]
+struct ApiKeyRow {
+    id: String,
+    tenant_id: Uuid,
+    name: String,
+    description: String,
+    environment: String,
+    scopes: Vec<String>,
+    allowed_cidrs: Vec<IpNetwork>,
+    secret_hash: String,
+    previous_secret_hash: Option<String>,
+    previous_secret_expire_time: Option<DateTime<Utc>>,
+    created_by: String,
+    create_time: DateTime<Utc>,
+    update_time: DateTime<Utc>,
+    last_used_time: Option<DateTime<Utc>>,
+    expire_time: Option<DateTime<Utc>>,
+    revoke_time: Option<DateTime<Utc>>,
+    revoke_reason: Option<String>,
+}
+
+impl TryFrom<ApiKeyRow> for ApiKey {
+    type Error = StoreError;
+    fn try_from(row: ApiKeyRow) -> Result<Self, StoreError> {
+        Ok(ApiKey {
+            id: KeyId::new_unchecked(row.id),
+            tenant_id: TenantId(row.tenant_id),
+            name: row.name,
+            description: row.description,
+            environment: parse_environment(&row.environment)?,
+            scopes: parse_scopes(&row.scopes)?,
+            allowed_cidrs: row.allowed_cidrs,
+            created_by: row.created_by,
+            create_time: row.create_time,
+            update_time: row.update_time,
+            last_used_time: row.last_used_time,
+            expire_time: row.expire_time,
+            revoke_time: row.revoke_time,
+            revoke_reason: row.revoke_reason,
+            previous_secret_expire_time: row.previous_secret_expire_time,
+        })
+    }
+}
+
+fn parse_environment(s: &str) -> Result<Environment, StoreError> {
+    Environment::from_db(s).ok_or_else(|| StoreError::Unavailable(format!("unknown environment {s:?} in api_keys")))
+}
+
+fn parse_scopes(names: &[String]) -> Result<Scopes, StoreError> {
+    Scopes::parse(names).map_err(|e| StoreError::Unavailable(format!("unknown scopes in api_keys: {e:?}")))
+}
+
+/// What the verifier needs to decide on a token.
+#[derive(Debug, Clone)]
+pub struct AuthRecord {
+    pub key_id: KeyId,
+    pub tenant_id: TenantId,
+    pub environment: Environment,
+    pub scopes: Scopes,
+    pub allowed_cidrs: Vec<IpNetwork>,
+    pub secret_hash: String,
+    pub previous_secret_hash: Option<String>,
+    pub previous_secret_expire_time: Option<DateTime<Utc>>,
+    pub expire_time: Option<DateTime<Utc>>,
+    pub revoke_time: Option<DateTime<Utc>>,
+    pub plan: Plan,
+}
+
+/// A key to insert, with the hash of its first secret.
+pub struct InsertKey<'a> {
+    pub id: &'a KeyId,
+    pub tenant_id: TenantId,
+    pub new: &'a super::model::NewApiKey,
+    pub secret_hash: String,
+    pub created_by: String,
+    pub now: DateTime<Utc>,
+}
+
+/// The keyset-pagination position: the last row of the previous page.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Cursor {
+    pub create_time: DateTime<Utc>,
+    pub id: String,
+}
+
+#[derive(AsChangeset)]
+#[diesel(table_name = api_keys)]
+struct Changeset {
+    name: Option<String>,
+    description: Option<String>,
+    scopes: Option<Vec<String>>,
+    expire_time: Option<Option<DateTime<Utc>>>,
+    allowed_cidrs: Option<Vec<IpNetwork>>,
+    update_time: DateTime<Utc>,
+}
+
+#[derive(Clone)]
+pub struct ApiKeyStore {
+    pool: PgPool,
+}
+
+impl ApiKeyStore {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub async fn insert(&self, key: InsertKey<'_>) -> Result<ApiKey, StoreError> {
+        let row = ApiKeyRow {
+            id: key.id.to_string(),
+            tenant_id: key.tenant_id.0,
+            name: key.new.name.clone(),
+            description: key.new.description.clone(),
+            environment: key.new.environment.as_str().to_string(),
+            scopes: key.new.scopes.to_strings(),
+            allowed_cidrs: key.new.allowed_cidrs.clone(),
+            secret_hash: key.secret_hash,
+            previous_secret_hash: None,
+            previous_secret_expire_time: None,
+            created_by: key.created_by,
+            create_time: key.now,
+            update_time: key.now,
+            last_used_time: None,
+            expire_time: key.new.expire_time,
+            revoke_time: None,
+            revoke_reason: None,
+        };
+        let mut conn = self.pool.get().await?;
+        let stored: ApiKeyRow =
+            diesel::insert_into(api_keys::table).values(&row).returning(ApiKeyRow::as_returning()).get_result(&mut conn).await?;
+        stored.try_into()
+    }
+
+    pub async fn get(&self, tenant: TenantId, id: &KeyId) -> Result<ApiKey, StoreError> {
+        let mut conn = self.pool.get().await?;
+        let row: ApiKeyRow = api_keys::table
+            .filter(api_keys::tenant_id.eq(tenant.0))
+            .filter(api_keys::id.eq(id.as_str()))
+            .select(ApiKeyRow::as_select())
+            .first(&mut conn)
+            .await?;
+        row.try_into()
+    }
+
+    /// One page, newest first, of at most `limit` keys after `after`.
+    pub async fn list(
+        &self,
+        tenant: TenantId,
+        filter: ListFilter,
+        after: Option<&Cursor>,
+        limit: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<ApiKey>, StoreError> {
+        let mut query = api_keys::table.filter(api_keys::tenant_id.eq(tenant.0)).into_boxed();
+        if let Some(env) = filter.environment {
+            query = query.filter(api_keys::environment.eq(env.as_str()));
+        }
+        query = match filter.state {
+            None => query,
+            Some(KeyState::Revoked) => query.filter(api_keys::revoke_time.is_not_null()),
+            Some(KeyState::Expired) => query.filter(api_keys::revoke_time.is_null()).filter(api_keys::expire_time.le(now)),
+            Some(KeyState::Active) => query
+                .filter(api_keys::revoke_time.is_null())
+                .filter(api_keys::expire_time.is_null().or(api_keys::expire_time.gt(now))),
+        };
+        if let Some(c) = after {
+            query = query.filter(
+                api_keys::create_time
+                    .lt(c.create_time)
+                    .or(api_keys::create_time.eq(c.create_time).and(api_keys::id.lt(c.id.clone()))),
+            );
+        }
+        let mut conn = self.pool.get().await?;
+        let rows: Vec<ApiKeyRow> = query
+            .order((api_keys::create_time.desc(), api_keys::id.desc()))
+            .limit(limit)
+            .select(ApiKeyRow::as_select())
+            .load(&mut conn)
+            .await?;
+        rows.into_iter().map(ApiKey::try_from).collect()
+    }
+
+    pub async fn update(&self, tenant: TenantId, id: &KeyId, changes: &ApiKeyChanges, now: DateTime<Utc>) -> Result<ApiKey, StoreError> {
+        let set = Changeset {
+            name: changes.name.clone(),
+            description: changes.description.clone(),
+            scopes: changes.scopes.as_ref().map(Scopes::to_strings),
+            expire_time: changes.expire_time,
+            allowed_cidrs: changes.allowed_cidrs.clone(),
+            update_time: now,
+        };
+        let mut conn = self.pool.get().await?;
+        let row: ApiKeyRow = diesel::update(api_keys::table)
+            .filter(api_keys::tenant_id.eq(tenant.0))
+            .filter(api_keys::id.eq(id.as_str()))
+            .set(&set)
+            .returning(ApiKeyRow::as_returning())
+            .get_result(&mut conn)
+            .await?;
+        row.try_into()
+    }
+
+    /// Revokes an active key; a key revoked before keeps its first revoke time and reason.
+    pub async fn revoke(&self, tenant: TenantId, id: &KeyId, reason: &str, now: DateTime<Utc>) -> Result<ApiKey, StoreError> {
+        let mut conn = self.pool.get().await?;
+        let updated: Option<ApiKeyRow> = diesel::update(api_keys::table)
+            .filter(api_keys::tenant_id.eq(tenant.0))
+            .filter(api_keys::id.eq(id.as_str()))
+            .filter(api_keys::revoke_time.is_null())
+            .set((
+                api_keys::revoke_time.eq(now),
+                api_keys::revoke_reason.eq(reason),
+                api_keys::previous_secret_hash.eq(None::<String>),
+                api_keys::previous_secret_expire_time.eq(None::<DateTime<Utc>>),
+                api_keys::update_time.eq(now),
+            ))
+            .returning(ApiKeyRow::as_returning())
+            .get_result(&mut conn)
+            .await
+            .optional()?;
+        drop(conn);
+        match updated {
+            Some(row) => row.try_into(),
+            None => self.get(tenant, id).await,
+        }
+    }
+
+    /// Replaces the secret hash; the old one keeps working until `previous_until` (or stops
+    /// now when `None`). Only an unrevoked key rotates; `NotFound` otherwise.
+    pub async fn rotate(
+        &self,
+        tenant: TenantId,
+        id: &KeyId,
+        new_hash: &str,
+        previous_until: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<ApiKey, StoreError> {
+        let target = api_keys::table
+            .filter(api_keys::tenant_id.eq(tenant.0))
+            .filter(api_keys::id.eq(id.as_str()))
+            .filter(api_keys::revoke_time.is_null());
+        let mut conn = self.pool.get().await?;
+        let row: ApiKeyRow = match previous_until {
+            Some(until) => {
+                diesel::update(target)
+                    .set((
+                        api_keys::previous_secret_hash.eq(api_keys::secret_hash.nullable()),
+                        api_keys::previous_secret_expire_time.eq(until),
+                        api_keys::secret_hash.eq(new_hash),
+                        api_keys::update_time.eq(now),
+                    ))
+                    .returning(ApiKeyRow::as_returning())
+                    .get_result(&mut conn)
+                    .await?
+            }
+            None => {
+                diesel::update(target)
+                    .set((
+                        api_keys::previous_secret_hash.eq(None::<String>),
+                        api_keys::previous_secret_expire_time.eq(None::<DateTime<Utc>>),
+                        api_keys::secret_hash.eq(new_hash),
+                        api_keys::update_time.eq(now),
+                    ))
+                    .returning(ApiKeyRow::as_returning())
+                    .get_result(&mut conn)
+                    .await?
+            }
+        };
+        row.try_into()
+    }
+
+    pub async fn delete(&self, tenant: TenantId, id: &KeyId) -> Result<(), StoreError> {
+        let mut conn = self.pool.get().await?;
+        let n = diesel::delete(api_keys::table.filter(api_keys::tenant_id.eq(tenant.0)).filter(api_keys::id.eq(id.as_str())))
+            .execute(&mut conn)
+            .await?;
+        if n == 0 { Err(StoreError::NotFound) } else { Ok(()) }
+    }
+
+    /// The verifier's lookup, by key id alone.
+    pub async fn find_for_auth(&self, id: &KeyId) -> Result<Option<AuthRecord>, StoreError> {
+        type Row = (
+            String,
+            Uuid,
+            String,
+            Vec<String>,
+            Vec<IpNetwork>,
+            String,
+            Option<String>,
+            Option<DateTime<Utc>>,
+            Option<DateTime<Utc>>,
+            Option<DateTime<Utc>>,
+            String,
+        );
+        let mut conn = self.pool.get().await?;
+        let row: Option<Row> = api_keys::table
+            .inner_join(tenants::table)
+            .filter(api_keys::id.eq(id.as_str()))
+            .select((
+                api_keys::id,
+                api_keys::tenant_id,
+                api_keys::environment,
+                api_keys::scopes,
+                api_keys::allowed_cidrs,
+                api_keys::secret_hash,
+                api_keys::previous_secret_hash,
+                api_keys::previous_secret_expire_time,
+                api_keys::expire_time,
+                api_keys::revoke_time,
+                tenants::plan,
+            ))
+            .first(&mut conn)
+            .await
+            .optional()?;
+        row.map(|r| {
+            Ok(AuthRecord {
+                key_id: KeyId::new_unchecked(r.0),
+                tenant_id: TenantId(r.1),
+                environment: parse_environment(&r.2)?,
+                scopes: parse_scopes(&r.3)?,
+                allowed_cidrs: r.4,
+                secret_hash: r.5,
+                previous_secret_hash: r.6,
+                previous_secret_expire_time: r.7,
+                expire_time: r.8,
+                revoke_time: r.9,
+                plan: r.10.parse()?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Writes a batch of last-use times in one statement; a time never moves backwards.
+    pub async fn touch_last_used(&self, batch: &[(KeyId, DateTime<Utc>)]) -> Result<usize, StoreError> {
+        use diesel::sql_types::{Array, Text, Timestamptz};
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<String> = batch.iter().map(|(id, _)| id.to_string()).collect();
+        let times: Vec<DateTime<Utc>> = batch.iter().map(|(_, t)| *t).collect();
+        let mut conn = self.pool.get().await?;
+        Ok(diesel::sql_query(
+            "UPDATE api_keys AS k SET last_used_time = GREATEST(k.last_used_time, u.t) \
+             FROM unnest($1::text[], $2::timestamptz[]) AS u(id, t) WHERE k.id = u.id",
+        )
+        .bind::<Array<Text>, _>(ids)
+        .bind::<Array<Timestamptz>, _>(times)
+        .execute(&mut conn)
+        .await?)
+    }
+
+    /// Drops the hashes of rotated-out secrets whose grace period has ended.
+    pub async fn purge_expired_previous_secrets(&self, now: DateTime<Utc>) -> Result<usize, StoreError> {
+        let mut conn = self.pool.get().await?;
+        Ok(diesel::update(api_keys::table.filter(api_keys::previous_secret_expire_time.le(now)))
+            .set((
+                api_keys::previous_secret_hash.eq(None::<String>),
+                api_keys::previous_secret_expire_time.eq(None::<DateTime<Utc>>),
+            ))
+            .execute(&mut conn)
+            .await?)
+    }
+}

@@ -1,0 +1,268 @@
+//! Application wiring: [`Application::build`] connects the backends and binds the listeners;
+//! [`Application::run_until_stopped`] serves until SIGINT/SIGTERM and drains in-flight calls.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+
+use crate::{
+    api_keys::{
+        grpc::ApiKeyGrpc,
+        hashing::SecretHasher,
+        invalidation::Invalidations,
+        last_used::{LastUsedFlusher, LastUsedRecorder},
+        service::ApiKeys,
+        store::ApiKeyStore,
+        verifier::KeyVerifier,
+    },
+    auth::{
+        Authenticator,
+        jwt::JwtVerifier,
+        layer::{AuthLayer, Listener},
+    },
+    config::Config,
+    db::{self, PgPool},
+    kv::Redis,
+    proto::{self, v1::api_key_service_server::ApiKeyServiceServer},
+    tenants::TenantDirectory,
+};
+
+/// Which parts run in this process: `serve` = api, `worker` = worker, `all` = both.
+#[derive(Debug, Clone, Copy)]
+pub struct Roles {
+    pub api: bool,
+    pub worker: bool,
+}
+
+impl Roles {
+    pub const ALL: Roles = Roles { api: true, worker: true };
+    pub const API: Roles = Roles { api: true, worker: false };
+    pub const WORKER: Roles = Roles { api: false, worker: true };
+}
+
+/// How often the worker clears rotated-out secret hashes whose grace period has ended.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(60);
+
+pub struct Application {
+    config: Config,
+    roles: Roles,
+    listeners: Option<(TcpListener, TcpListener)>,
+    keys: Arc<ApiKeys>,
+    authenticator: Arc<Authenticator>,
+    store: ApiKeyStore,
+    last_used_flusher: LastUsedFlusher,
+    invalidations: Invalidations,
+    pool: PgPool,
+    shutdown: CancellationToken,
+}
+
+impl Application {
+    /// Connects lazily to Postgres and Redis (the process starts while they are down and
+    /// answers UNAVAILABLE until they are back) and binds the listeners of the api role.
+    pub async fn build(config: Config, roles: Roles) -> anyhow::Result<Self> {
+        let pool = db::pool(&config.database);
+        let redis = Redis::connect(&config.redis)?;
+        let store = ApiKeyStore::new(pool.clone());
+        let hasher = Arc::new(SecretHasher::new(config.api_keys.argon2, config.api_keys.hash_concurrency));
+        let (last_used, last_used_flusher) = LastUsedRecorder::new();
+        let verifier = Arc::new(KeyVerifier::new(store.clone(), hasher.clone(), redis.clone(), last_used, &config.api_keys));
+        let invalidations = Invalidations::new(redis);
+        let keys = Arc::new(ApiKeys::new(store.clone(), hasher, verifier.clone(), invalidations.clone(), config.api_keys.clone()));
+        let jwt = JwtVerifier::from_config(&config.auth)?;
+        let authenticator = Arc::new(Authenticator::new(verifier, jwt, TenantDirectory::new(pool.clone())));
+
+        let listeners = if roles.api {
+            let bind = |addr: SocketAddr, var: &'static str| async move {
+                TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("{var}: cannot listen on {addr}: {e}"))
+            };
+            Some((
+                bind(config.public_addr, "DEVGATE_PUBLIC_ADDR").await?,
+                bind(config.internal_addr, "DEVGATE_INTERNAL_ADDR").await?,
+            ))
+        } else {
+            None
+        };
+        Ok(Self {
+            config,
+            roles,
+            listeners,
+            keys,
+            authenticator,
+            store,
+            last_used_flusher,
+            invalidations,
+            pool,
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    /// The bound public address (port 0 in the config picks a free port).
+    pub fn public_addr(&self) -> Option<SocketAddr> {
+        self.listeners.as_ref().and_then(|(p, _)| p.local_addr().ok())
+    }
+
+    pub fn internal_addr(&self) -> Option<SocketAddr> {
+        self.listeners.as_ref().and_then(|(_, i)| i.local_addr().ok())
+    }
+
+    pub fn key_verifier(&self) -> Arc<KeyVerifier> {
+        self.keys.verifier().clone()
+    }
+
+    pub fn pool(&self) -> PgPool {
+        self.pool.clone()
+    }
+
+    /// Cancelling this token stops the application as a signal would.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Serves until SIGINT or SIGTERM, then drains.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let token = self.shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown signal received; draining in-flight calls");
+            token.cancel();
+        });
+        self.run().await
+    }
+
+    /// Serves until the shutdown token is cancelled. In-flight calls get
+    /// DEVGATE_SHUTDOWN_GRACE to finish; then background tasks flush and stop.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let shutdown = self.shutdown.clone();
+        let background = CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+
+        if self.roles.worker {
+            let store = self.store.clone();
+            let stop = background.clone();
+            tasks.spawn(async move { maintenance(store, stop).await });
+        }
+        let servers = match self.listeners {
+            Some((public, internal)) => {
+                tasks.spawn(self.last_used_flusher.run(
+                    self.store.clone(),
+                    self.config.api_keys.last_used_flush_interval,
+                    background.clone(),
+                ));
+                tasks.spawn(self.invalidations.clone().listen(self.keys.verifier().clone(), background.clone()));
+                tracing::info!(public = %public.local_addr()?, internal = %internal.local_addr()?, "devgate listening");
+                let public_listener = Listener::Public {
+                    authenticator: self.authenticator.clone(),
+                    trust_forwarded_for: self.config.auth.trust_forwarded_for,
+                };
+                Some(futures_util::future::try_join(
+                    serve(public, public_listener, self.keys.clone(), shutdown.clone()),
+                    serve(internal, Listener::Internal, self.keys.clone(), shutdown.clone()),
+                ))
+            }
+            None => None,
+        };
+
+        let grace = self.config.shutdown_grace;
+        let drained = async {
+            match servers {
+                Some(servers) => servers.await.map(|_| ()),
+                None => {
+                    shutdown.cancelled().await;
+                    Ok(())
+                }
+            }
+        };
+        let deadline = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+        };
+        let result = tokio::select! {
+            r = drained => r.map_err(anyhow::Error::from),
+            _ = deadline => {
+                tracing::warn!(grace_s = grace.as_secs(), "in-flight calls did not finish within the shutdown grace");
+                Ok(())
+            }
+        };
+        background.cancel();
+        while tasks.join_next().await.is_some() {}
+        tracing::info!("devgate stopped");
+        result
+    }
+}
+
+/// One listener: the API services behind the auth layer, plus health and reflection (v1 and
+/// v1alpha, for grpcurl 1.8).
+async fn serve(
+    listener: TcpListener,
+    auth: Listener,
+    keys: Arc<ApiKeys>,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<ApiKeyServiceServer<ApiKeyGrpc>>().await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().expect("the embedded descriptor set is valid");
+    let reflection_v1alpha = reflection().build_v1alpha().expect("the embedded descriptor set is valid");
+
+    let layers = tower::ServiceBuilder::new()
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(AuthLayer::new(auth))
+        .into_inner();
+    let stop = shutdown.clone();
+    let result = Server::builder()
+        .tcp_nodelay(true)
+        .trace_fn(|req| {
+            let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
+            tracing::info_span!("rpc", path = %req.uri().path(), request_id = %request_id)
+        })
+        .layer(layers)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(ApiKeyServiceServer::new(ApiKeyGrpc::new(keys)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            stop.cancelled().await;
+            health.set_not_serving::<ApiKeyServiceServer<ApiKeyGrpc>>().await;
+        })
+        .await;
+    result
+}
+
+/// Worker housekeeping: rotated-out secret hashes are deleted once their grace has ended.
+async fn maintenance(store: ApiKeyStore, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => match store.purge_expired_previous_secrets(chrono::Utc::now()).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(keys = n, "cleared rotated-out secrets past their grace period"),
+                Err(e) => tracing::warn!(error = %e, "maintenance failed; will retry"),
+            },
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

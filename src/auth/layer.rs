@@ -1,0 +1,118 @@
+//! The tower layer that resolves the [`Principal`] of every call before the handler runs
+//! and stores it in the request extensions.
+
+use std::{
+    net::IpAddr,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use futures_util::future::BoxFuture;
+use tonic::{Status, transport::server::TcpConnectInfo};
+use tower::{Layer, Service};
+
+use super::{Authenticator, Principal};
+
+/// Which listener the layer guards.
+#[derive(Clone)]
+pub enum Listener {
+    /// Behind Envoy: API keys and user JWTs.
+    Public { authenticator: Arc<Authenticator>, trust_forwarded_for: bool },
+    /// Trusted network only: every caller is [`Principal::Service`].
+    Internal,
+}
+
+#[derive(Clone)]
+pub struct AuthLayer {
+    listener: Listener,
+}
+
+impl AuthLayer {
+    pub fn new(listener: Listener) -> Self {
+        Self { listener }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService { inner, listener: self.listener.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthService<S> {
+    inner: S,
+    listener: Listener,
+}
+
+impl<S, B> Service<http::Request<B>> for AuthService<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        // The ready inner service goes into the future; a fresh clone stays for next time.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let listener = self.listener.clone();
+        Box::pin(async move {
+            // Health checks and reflection are open, as grpcurl and probes expect.
+            if req.uri().path().starts_with("/grpc.") {
+                return inner.call(req).await;
+            }
+            let principal = match &listener {
+                Listener::Internal => Ok(Principal::Service),
+                Listener::Public { authenticator, trust_forwarded_for } => {
+                    let ip = client_ip(&req, *trust_forwarded_for);
+                    authenticator.authenticate(req.headers(), ip).await
+                }
+            };
+            match principal {
+                Ok(principal) => {
+                    req.extensions_mut().insert(principal);
+                    inner.call(req).await
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, path = req.uri().path(), "call not authenticated");
+                    Ok(Status::from(e).into_http())
+                }
+            }
+        })
+    }
+}
+
+/// The caller's address: the last `x-forwarded-for` hop (the one Envoy appended) when the
+/// listener is behind Envoy, else the TCP peer.
+fn client_ip<B>(req: &http::Request<B>, trust_forwarded_for: bool) -> Option<IpAddr> {
+    if trust_forwarded_for {
+        let forwarded = req
+            .headers()
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|hop| hop.trim().parse::<IpAddr>().ok())
+            .last();
+        if forwarded.is_some() {
+            return forwarded;
+        }
+    }
+    req.extensions().get::<TcpConnectInfo>().and_then(|info| info.remote_addr()).map(|a| a.ip())
+}
+
+/// The principal the layer resolved for this call.
+pub fn principal<T>(req: &tonic::Request<T>) -> Result<&Principal, Status> {
+    req.extensions()
+        .get::<Principal>()
+        .ok_or_else(|| Status::internal("no principal on the request: the auth layer is not installed"))
+}

@@ -1,0 +1,143 @@
+//! The one place where errors become gRPC statuses. Field errors carry
+//! `google.rpc.BadRequest`, refusals `google.rpc.ErrorInfo` (domain `devgate`), throttling
+//! `RetryInfo` and a `retry-after` header. Unexpected errors are logged with their cause
+//! chain and answered as an opaque INTERNAL.
+
+use std::{collections::HashMap, time::Duration};
+
+use tonic::{Code, Status, metadata::MetadataValue};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+
+use crate::{
+    api_keys::{ApiKeyError, verifier::VerifyFailure},
+    auth::AuthError,
+    db::StoreError,
+    validation::Violations,
+};
+
+const DOMAIN: &str = "devgate";
+
+fn error_info(code: Code, message: impl Into<String>, reason: &str) -> Status {
+    Status::with_error_details(code, message, ErrorDetails::with_error_info(reason, DOMAIN, HashMap::new()))
+}
+
+fn bad_request(v: &Violations) -> Status {
+    let violations: Vec<FieldViolation> = v.iter().map(|f| FieldViolation::new(&f.field, &f.description)).collect();
+    Status::with_error_details(Code::InvalidArgument, format!("invalid request: {v}"), ErrorDetails::with_bad_request(violations))
+}
+
+fn retry_later(code: Code, message: impl Into<String>, reason: &str, after: Duration) -> Status {
+    let mut details = ErrorDetails::with_retry_info(Some(after));
+    details.set_error_info(reason, DOMAIN, HashMap::new());
+    let mut status = Status::with_error_details(code, message, details);
+    let secs = after.as_secs().max(1).to_string();
+    status.metadata_mut().insert("retry-after", MetadataValue::try_from(secs.as_str()).expect("digits are ASCII"));
+    status
+}
+
+/// Logs the whole cause chain; the client learns nothing but that it failed.
+fn internal(e: &(dyn std::error::Error + 'static)) -> Status {
+    let mut chain = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        chain.push_str(": ");
+        chain.push_str(&s.to_string());
+        source = s.source();
+    }
+    tracing::error!(error = %chain, "internal error");
+    Status::internal("internal error")
+}
+
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound => Status::not_found("not found"),
+            StoreError::Conflict(what) => error_info(Code::AlreadyExists, format!("already exists ({what})"), "ALREADY_EXISTS"),
+            StoreError::Unavailable(why) => {
+                tracing::warn!(error = %why, "database unavailable");
+                retry_later(Code::Unavailable, "database temporarily unavailable", "DATABASE_UNAVAILABLE", Duration::from_secs(1))
+            }
+            e @ StoreError::Query(_) => internal(&e),
+        }
+    }
+}
+
+impl From<AuthError> for Status {
+    fn from(e: AuthError) -> Self {
+        let message = e.to_string();
+        match e {
+            AuthError::MissingCredentials => error_info(Code::Unauthenticated, message, "MISSING_CREDENTIALS"),
+            AuthError::InvalidCredentials(_) => error_info(Code::Unauthenticated, message, "INVALID_CREDENTIALS"),
+            AuthError::KeyRejected(failure) => {
+                let (code, reason) = match failure {
+                    VerifyFailure::Malformed(_) => (Code::Unauthenticated, "API_KEY_MALFORMED"),
+                    VerifyFailure::NotFound => (Code::Unauthenticated, "API_KEY_INVALID"),
+                    VerifyFailure::Revoked => (Code::Unauthenticated, "API_KEY_REVOKED"),
+                    VerifyFailure::Expired => (Code::Unauthenticated, "API_KEY_EXPIRED"),
+                    VerifyFailure::IpNotAllowed => (Code::PermissionDenied, "API_KEY_IP_NOT_ALLOWED"),
+                    VerifyFailure::TooManyAttempts { retry_after } => {
+                        return retry_later(Code::ResourceExhausted, message, "API_KEY_TOO_MANY_ATTEMPTS", retry_after);
+                    }
+                };
+                error_info(code, message, reason)
+            }
+            AuthError::TooManyAttempts { retry_after } => {
+                retry_later(Code::ResourceExhausted, message, "API_KEY_TOO_MANY_ATTEMPTS", retry_after)
+            }
+            AuthError::PermissionDenied(_) => error_info(Code::PermissionDenied, message, "PERMISSION_DENIED"),
+            AuthError::InternalOnly => error_info(Code::PermissionDenied, message, "INTERNAL_ONLY"),
+            AuthError::NoTenant => error_info(Code::PermissionDenied, message, "TENANT_REQUIRED"),
+            AuthError::Unavailable(why) => {
+                tracing::warn!(error = %why, "authentication backend unavailable");
+                retry_later(Code::Unavailable, "authentication temporarily unavailable", "AUTH_UNAVAILABLE", Duration::from_secs(1))
+            }
+        }
+    }
+}
+
+impl From<ApiKeyError> for Status {
+    fn from(e: ApiKeyError) -> Self {
+        match e {
+            ApiKeyError::Invalid(v) => bad_request(&v),
+            ApiKeyError::NotFound(_) => error_info(Code::NotFound, e.to_string(), "API_KEY_NOT_FOUND"),
+            ApiKeyError::PermissionDenied(_) => error_info(Code::PermissionDenied, e.to_string(), "PERMISSION_DENIED"),
+            ApiKeyError::FailedPrecondition(_) => error_info(Code::FailedPrecondition, e.to_string(), "FAILED_PRECONDITION"),
+            ApiKeyError::Auth(a) => a.into(),
+            ApiKeyError::Store(s) => s.into(),
+            e @ ApiKeyError::Hashing(_) => internal(&e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn field_violations_become_bad_request_details() {
+        let mut v = Violations::new();
+        v.add("name", "required");
+        v.add("scopes", "unknown scope \"x\"");
+        let status: Status = ApiKeyError::Invalid(v).into();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let details = status.get_error_details();
+        let br = details.bad_request().expect("BadRequest details");
+        assert_eq!(br.field_violations.len(), 2);
+        assert_eq!(br.field_violations[0].field, "name");
+    }
+
+    #[test]
+    fn throttling_carries_retry_info_and_header() {
+        let status: Status = AuthError::TooManyAttempts { retry_after: Duration::from_secs(42) }.into();
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(status.metadata().get("retry-after").unwrap(), "42");
+        assert!(status.get_error_details().retry_info().is_some());
+    }
+
+    #[test]
+    fn store_errors_do_not_leak() {
+        let status: Status = StoreError::Query(diesel::result::Error::RollbackTransaction).into();
+        assert_eq!(status.code(), Code::Internal);
+        assert_eq!(status.message(), "internal error");
+    }
+}
