@@ -229,8 +229,6 @@ impl ApiKeyStore {
             .set((
                 api_keys::revoke_time.eq(now),
                 api_keys::revoke_reason.eq(reason),
-                api_keys::previous_secret_hash.eq(None::<String>),
-                api_keys::previous_secret_expire_time.eq(None::<DateTime<Utc>>),
                 api_keys::update_time.eq(now),
             ))
             .returning(ApiKeyRow::as_returning())

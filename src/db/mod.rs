@@ -47,7 +47,8 @@ impl From<diesel::result::Error> for StoreError {
             Error::DatabaseError(DatabaseErrorKind::UniqueViolation, info) => {
                 StoreError::Conflict(info.constraint_name().unwrap_or("unique").to_string())
             }
-            Error::DatabaseError(DatabaseErrorKind::ClosedConnection, info) => {
+            // diesel-async reports a lost connection as UnableToSendCommand.
+            Error::DatabaseError(DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand, info) => {
                 StoreError::Unavailable(info.message().to_string())
             }
             other => StoreError::Query(other),

@@ -1,0 +1,243 @@
+//! End to end through the real Envoy (the committed envoy/envoy.yaml) with an HTTP client.
+
+use reqwest::{Client, StatusCode};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::harness::{envoy::Envoy, *};
+
+struct Edge {
+    _world: World,
+    _envoy: Envoy,
+    base: String,
+    http: Client,
+}
+
+impl Edge {
+    async fn start() -> Edge {
+        let world = World::new().await;
+        let envoy = Envoy::start(world.app.public).await;
+        let base = envoy.base.clone();
+        Edge { _world: world, _envoy: envoy, base, http: Client::new() }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+}
+
+async fn json_of(resp: reqwest::Response) -> Value {
+    let text = resp.text().await.unwrap();
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_lifecycle_through_envoy() {
+    let e = Edge::start().await;
+    let tenant = Uuid::new_v4();
+    let token = admin_token(tenant);
+
+    // Create.
+    let resp = e
+        .http
+        .post(e.url("/v1/api-keys"))
+        .bearer_auth(&token)
+        .json(&json!({"name": "my first key", "scopes": ["*"], "environment": "ENVIRONMENT_TEST"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers().get("x-request-id").is_some(), "request id on REST responses");
+    assert!(resp.headers().get("grpc-status").is_none(), "grpc-status is not leaked on success");
+    let created = json_of(resp).await;
+    let id = created["api_key"]["id"].as_str().unwrap().to_string();
+    let secret = created["secret"].as_str().unwrap().to_string();
+    assert!(secret.starts_with("dg_test_"));
+    assert_eq!(created["api_key"]["state"], "API_KEY_STATE_ACTIVE");
+    assert_eq!(created["api_key"]["environment"], "ENVIRONMENT_TEST");
+    assert!(created["api_key"]["create_time"].as_str().unwrap().ends_with('Z'), "RFC 3339 timestamps, snake_case fields");
+
+    // Use the key: list.
+    let resp = e.http.get(e.url("/v1/api-keys")).header("x-api-key", &secret).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let listed = json_of(resp).await;
+    assert_eq!(listed["api_keys"][0]["id"], id.as_str());
+    assert!(!listed.to_string().contains(&secret), "secrets are never listed");
+
+    // Bearer form of the key, query filters, get.
+    let resp = e
+        .http
+        .get(e.url("/v1/api-keys?page_size=10&environment=ENVIRONMENT_TEST&state=API_KEY_STATE_ACTIVE"))
+        .bearer_auth(&secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = e.http.get(e.url(&format!("/v1/api-keys/{id}"))).bearer_auth(&secret).send().await.unwrap();
+    assert_eq!(json_of(resp).await["name"], "my first key");
+
+    // Update (PATCH with the key's fields as the body).
+    let resp = e
+        .http
+        .patch(e.url(&format!("/v1/api-keys/{id}")))
+        .bearer_auth(&token)
+        .json(&json!({"name": "ci key", "description": "deploys"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let updated = json_of(resp).await;
+    assert_eq!(updated["name"], "ci key");
+    assert_eq!(updated["description"], "deploys");
+    let resp = e
+        .http
+        .patch(e.url(&format!("/v1/api-keys/{id}?update_mask=description")))
+        .bearer_auth(&token)
+        .json(&json!({"name": "ignored", "description": "only this"}))
+        .send()
+        .await
+        .unwrap();
+    let updated = json_of(resp).await;
+    assert_eq!((updated["name"].as_str(), updated["description"].as_str()), (Some("ci key"), Some("only this")));
+
+    // Rotate: both secrets work during the grace period.
+    let resp = e
+        .http
+        .post(e.url(&format!("/v1/api-keys/{id}:rotate")))
+        .bearer_auth(&token)
+        .json(&json!({"grace_period": "3600s"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let rotated = json_of(resp).await;
+    let new_secret = rotated["secret"].as_str().unwrap().to_string();
+    assert_ne!(new_secret, secret);
+    for s in [&secret, &new_secret] {
+        let resp = e.http.get(e.url("/v1/api-keys")).header("x-api-key", s).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+
+    // Revoke, then 401 with a JSON error.
+    let resp = e
+        .http
+        .post(e.url(&format!("/v1/api-keys/{id}:revoke")))
+        .bearer_auth(&token)
+        .json(&json!({"reason": "rotating out"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json_of(resp).await["state"], "API_KEY_STATE_REVOKED");
+    let resp = e.http.get(e.url("/v1/api-keys")).header("x-api-key", &new_secret).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert!(resp.headers().get("x-request-id").is_some(), "request id on errors too");
+    let body = json_of(resp).await;
+    assert_eq!(body["code"], 16);
+    assert_eq!(body["details"][0]["@type"], "type.googleapis.com/google.rpc.ErrorInfo");
+    assert_eq!(body["details"][0]["reason"], "API_KEY_REVOKED");
+
+    // Delete.
+    let resp = e.http.delete(e.url(&format!("/v1/api-keys/{id}"))).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = e.http.get(e.url(&format!("/v1/api-keys/{id}"))).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_errors_are_precise() {
+    let e = Edge::start().await;
+    let token = admin_token(Uuid::new_v4());
+    let post = |body: &str| {
+        e.http.post(e.url("/v1/api-keys")).bearer_auth(&token).header("content-type", "application/json").body(body.to_string()).send()
+    };
+
+    // Bad JSON.
+    let resp = post("{\"name\": ").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    // An unknown enum value.
+    let resp = post(r#"{"name":"x","scopes":["*"],"environment":"ENVIRONMENT_PROD"}"#).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    // Missing fields: every one named in google.rpc.BadRequest.
+    let resp = post("{}").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let body = json_of(resp).await;
+    assert_eq!(body["code"], 3);
+    let detail = &body["details"][0];
+    assert_eq!(detail["@type"], "type.googleapis.com/google.rpc.BadRequest");
+    let fields: Vec<&str> = detail["field_violations"].as_array().unwrap().iter().map(|v| v["field"].as_str().unwrap()).collect();
+    assert_eq!(fields, vec!["name", "scopes", "environment"]);
+    // An unknown scope.
+    let resp = post(r#"{"name":"x","scopes":["root"],"environment":"ENVIRONMENT_LIVE"}"#).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert!(json_of(resp).await["message"].as_str().unwrap().contains("unknown scope"));
+
+    // No credentials.
+    let resp = e.http.get(e.url("/v1/api-keys")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(json_of(resp).await["details"][0]["reason"], "MISSING_CREDENTIALS");
+
+    // Another tenant's key: 404, exactly like a missing one.
+    let other = admin_token(Uuid::new_v4());
+    let resp = e
+        .http
+        .post(e.url("/v1/api-keys"))
+        .bearer_auth(&other)
+        .json(&json!({"name": "theirs", "scopes": ["*"], "environment": "ENVIRONMENT_LIVE"}))
+        .send()
+        .await
+        .unwrap();
+    let theirs = json_of(resp).await["api_key"]["id"].as_str().unwrap().to_string();
+    let resp = e.http.get(e.url(&format!("/v1/api-keys/{theirs}"))).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let resp = e.http.delete(e.url(&format!("/v1/api-keys/{theirs}"))).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+
+    // Permission denied.
+    let member = user_token(Uuid::new_v4(), "bob", &[]);
+    let resp = e
+        .http
+        .post(e.url("/v1/api-keys"))
+        .bearer_auth(&member)
+        .json(&json!({"name": "x", "scopes": ["*"], "environment": "ENVIRONMENT_LIVE"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+
+    // Unknown query parameters are rejected; unknown paths are 404.
+    let resp = e.http.get(e.url("/v1/api-keys?colour=blue")).bearer_auth(&token).send().await.unwrap();
+    assert!(resp.status().is_client_error(), "{}", resp.status());
+    let resp = e.http.get(e.url("/v1/nothing-here")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_rpcs_and_browsers() {
+    let e = Edge::start().await;
+    // VerifyApiKey is not routed, neither as REST nor as raw gRPC through Envoy.
+    for content_type in ["application/json", "application/grpc"] {
+        let resp = e
+            .http
+            .post(e.url("/devgate.v1.ApiKeyService/VerifyApiKey"))
+            .header("content-type", content_type)
+            .body(Vec::new())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{content_type}");
+    }
+    // CORS preflight for a browser client.
+    let resp = e
+        .http
+        .request(reqwest::Method::OPTIONS, e.url("/v1/api-keys"))
+        .header("origin", "https://portal.example")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "authorization,content-type")
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success());
+    assert!(resp.headers().get("access-control-allow-origin").is_some());
+    let exposed = resp.headers().get("access-control-expose-headers").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    let _ = exposed; // exposed headers are only sent on actual responses by some Envoy versions
+}

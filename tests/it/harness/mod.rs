@@ -1,0 +1,247 @@
+//! Test infrastructure: per-test databases and Redis prefixes, in-process devgate
+//! instances, gRPC clients with credentials, Envoy and grpcurl processes.
+
+pub mod db;
+pub mod envoy;
+pub mod proxy;
+pub mod redis_server;
+
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use devgate::{
+    Application, Config,
+    api_keys::verifier::KeyVerifier,
+    app::Roles,
+    proto::v1::{self, api_key_service_client::ApiKeyServiceClient},
+};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, transport::Channel};
+use uuid::Uuid;
+
+pub use db::TestDb;
+pub use db as dbx;
+
+pub const JWT_SECRET: &str = "test-only-jwt-secret-for-devgate-integration-tests";
+
+pub fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn redis_url() -> String {
+    std::env::var("DEVGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// Settings of one test instance; tests change fields before spawning.
+#[derive(Clone)]
+pub struct Settings {
+    pub vars: HashMap<String, String>,
+}
+
+impl Settings {
+    pub fn new(db: &TestDb, redis_prefix: &str) -> Self {
+        let vars = [
+            ("DEVGATE_ENVIRONMENT", "development"),
+            ("DEVGATE_PUBLIC_ADDR", "127.0.0.1:0"),
+            ("DEVGATE_INTERNAL_ADDR", "127.0.0.1:0"),
+            ("DEVGATE_DATABASE_URL", db.url()),
+            ("DEVGATE_DATABASE_POOL_SIZE", "4"),
+            ("DEVGATE_DATABASE_CONNECT_TIMEOUT", "2s"),
+            ("DEVGATE_REDIS_URL", &redis_url()),
+            ("DEVGATE_REDIS_PREFIX", redis_prefix),
+            ("DEVGATE_JWT_HS256_SECRET", JWT_SECRET),
+            ("DEVGATE_LAST_USED_FLUSH_INTERVAL", "200ms"),
+            ("DEVGATE_SHUTDOWN_GRACE", "2s"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        Self { vars }
+    }
+
+    pub fn set(mut self, key: &str, value: &str) -> Self {
+        self.vars.insert(key.to_string(), value.to_string());
+        self
+    }
+
+    pub fn config(&self) -> Config {
+        Config::from_lookup(|k| self.vars.get(k).cloned()).expect("test config is valid")
+    }
+}
+
+/// One running devgate (API and worker roles) on free ports.
+pub struct TestApp {
+    pub public: SocketAddr,
+    pub internal: SocketAddr,
+    pub settings: Settings,
+    verifier: Arc<KeyVerifier>,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestApp {
+    pub async fn spawn(settings: Settings) -> TestApp {
+        init_logging();
+        let app = Application::build(settings.config(), Roles::ALL).await.expect("application builds");
+        let public = app.public_addr().unwrap();
+        let internal = app.internal_addr().unwrap();
+        let verifier = app.key_verifier();
+        let shutdown = app.shutdown_token();
+        let task = tokio::spawn(app.run());
+        TestApp { public, internal, settings, verifier, shutdown, task: Some(task) }
+    }
+
+    /// Waits until revocations from other instances reach this one (pub/sub subscribed).
+    pub async fn wait_invalidations_live(&self) {
+        wait_until(Duration::from_secs(10), || async { self.verifier.invalidations_live() }).await;
+    }
+
+    pub fn invalidations_live(&self) -> bool {
+        self.verifier.invalidations_live()
+    }
+
+    pub async fn public_client(&self) -> ApiKeyServiceClient<Channel> {
+        ApiKeyServiceClient::new(channel(self.public).await)
+    }
+
+    pub async fn internal_client(&self) -> ApiKeyServiceClient<Channel> {
+        ApiKeyServiceClient::new(channel(self.internal).await)
+    }
+
+    /// Stops the instance and waits for it to drain.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.expect("app task").expect("app ran cleanly");
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub async fn channel(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.expect("connect to devgate")
+}
+
+/// A test's world: its database, Redis prefix and first instance.
+pub struct World {
+    /// Held so the database lives as long as the world.
+    _db: TestDb,
+    pub prefix: String,
+    pub app: TestApp,
+}
+
+impl World {
+    pub async fn new() -> World {
+        Self::with(|s| s).await
+    }
+
+    pub async fn with(configure: impl FnOnce(Settings) -> Settings) -> World {
+        let db = TestDb::create().await;
+        let prefix = format!("devgate-test:{}:", Uuid::new_v4().simple());
+        let app = TestApp::spawn(configure(Settings::new(&db, &prefix))).await;
+        app.wait_invalidations_live().await;
+        World { _db: db, prefix, app }
+    }
+
+    /// Another instance on the same database and Redis prefix (a second replica).
+    pub async fn replica(&self) -> TestApp {
+        let app = TestApp::spawn(self.app.settings.clone()).await;
+        app.wait_invalidations_live().await;
+        app
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        db::delete_redis_prefix(&self.prefix);
+    }
+}
+
+/// A user JWT for `tenant`.
+pub fn user_token(tenant: Uuid, user: &str, roles: &[&str]) -> String {
+    let roles: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
+    devgate::auth::jwt::mint_hs256(JWT_SECRET, tenant, user, &roles, Duration::from_secs(3600)).unwrap()
+}
+
+pub fn admin_token(tenant: Uuid) -> String {
+    user_token(tenant, "admin-user", &["admin"])
+}
+
+/// `msg` with `authorization: Bearer <token>`.
+pub fn bearer<T>(msg: T, token: &str) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req
+}
+
+/// `msg` with `x-api-key: <key>`.
+pub fn api_key<T>(msg: T, key: &str) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.metadata_mut().insert("x-api-key", key.parse().unwrap());
+    req
+}
+
+pub fn create_request(name: &str, scopes: &[&str]) -> v1::CreateApiKeyRequest {
+    v1::CreateApiKeyRequest {
+        name: name.into(),
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        environment: v1::Environment::Test as i32,
+        ..Default::default()
+    }
+}
+
+/// Creates a key as the tenant's admin; returns (key, token).
+pub async fn create_key(app: &TestApp, tenant: Uuid, scopes: &[&str]) -> (v1::ApiKey, String) {
+    create_key_with(app, tenant, create_request("test key", scopes)).await
+}
+
+pub async fn create_key_with(app: &TestApp, tenant: Uuid, req: v1::CreateApiKeyRequest) -> (v1::ApiKey, String) {
+    let resp = app.public_client().await.create_api_key(bearer(req, &admin_token(tenant))).await.expect("create key").into_inner();
+    (resp.api_key.unwrap(), resp.secret)
+}
+
+/// Verifies `token` on the internal listener.
+pub async fn verify(app: &TestApp, token: &str) -> v1::VerifyApiKeyResponse {
+    verify_from(app, token, "").await
+}
+
+/// Verifies `token` for a client at `ip` ("" for unknown).
+pub async fn verify_from(app: &TestApp, token: &str, ip: &str) -> v1::VerifyApiKeyResponse {
+    app.internal_client()
+        .await
+        .verify_api_key(v1::VerifyApiKeyRequest { token: token.into(), client_ip: ip.into(), ..Default::default() })
+        .await
+        .expect("verify answers")
+        .into_inner()
+}
+
+pub fn reason(r: &v1::VerifyApiKeyResponse) -> v1::VerifyFailureReason {
+    v1::VerifyFailureReason::try_from(r.failure_reason).unwrap()
+}
+
+/// Polls `check` until it holds or `limit` passes (then panics).
+pub async fn wait_until<F, Fut>(limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "condition not met within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `TEST_LOG=1` shows the service's logs.
+fn init_logging() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt().with_env_filter("info,devgate=debug").with_test_writer().try_init();
+        }
+    });
+}
