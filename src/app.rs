@@ -39,9 +39,18 @@ pub struct Roles {
 }
 
 impl Roles {
-    pub const ALL: Roles = Roles { api: true, worker: true };
-    pub const API: Roles = Roles { api: true, worker: false };
-    pub const WORKER: Roles = Roles { api: false, worker: true };
+    pub const ALL: Roles = Roles {
+        api: true,
+        worker: true,
+    };
+    pub const API: Roles = Roles {
+        api: true,
+        worker: false,
+    };
+    pub const WORKER: Roles = Roles {
+        api: false,
+        worker: true,
+    };
 }
 
 /// How often the worker clears rotated-out secret hashes whose grace period has ended.
@@ -67,17 +76,38 @@ impl Application {
         let pool = db::pool(&config.database);
         let redis = Redis::connect(&config.redis)?;
         let store = ApiKeyStore::new(pool.clone());
-        let hasher = Arc::new(SecretHasher::new(config.api_keys.argon2, config.api_keys.hash_concurrency));
+        let hasher = Arc::new(SecretHasher::new(
+            config.api_keys.argon2,
+            config.api_keys.hash_concurrency,
+        ));
         let (last_used, last_used_flusher) = LastUsedRecorder::new();
-        let verifier = Arc::new(KeyVerifier::new(store.clone(), hasher.clone(), redis.clone(), last_used, &config.api_keys));
+        let verifier = Arc::new(KeyVerifier::new(
+            store.clone(),
+            hasher.clone(),
+            redis.clone(),
+            last_used,
+            &config.api_keys,
+        ));
         let invalidations = Invalidations::new(redis);
-        let keys = Arc::new(ApiKeys::new(store.clone(), hasher, verifier.clone(), invalidations.clone(), config.api_keys.clone()));
+        let keys = Arc::new(ApiKeys::new(
+            store.clone(),
+            hasher,
+            verifier.clone(),
+            invalidations.clone(),
+            config.api_keys.clone(),
+        ));
         let jwt = JwtVerifier::from_config(&config.auth)?;
-        let authenticator = Arc::new(Authenticator::new(verifier, jwt, TenantDirectory::new(pool.clone())));
+        let authenticator = Arc::new(Authenticator::new(
+            verifier,
+            jwt,
+            TenantDirectory::new(pool.clone()),
+        ));
 
         let listeners = if roles.api {
             let bind = |addr: SocketAddr, var: &'static str| async move {
-                TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("{var}: cannot listen on {addr}: {e}"))
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{var}: cannot listen on {addr}: {e}"))
             };
             Some((
                 bind(config.public_addr, "DEVGATE_PUBLIC_ADDR").await?,
@@ -102,11 +132,15 @@ impl Application {
 
     /// The bound public address (port 0 in the config picks a free port).
     pub fn public_addr(&self) -> Option<SocketAddr> {
-        self.listeners.as_ref().and_then(|(p, _)| p.local_addr().ok())
+        self.listeners
+            .as_ref()
+            .and_then(|(p, _)| p.local_addr().ok())
     }
 
     pub fn internal_addr(&self) -> Option<SocketAddr> {
-        self.listeners.as_ref().and_then(|(_, i)| i.local_addr().ok())
+        self.listeners
+            .as_ref()
+            .and_then(|(_, i)| i.local_addr().ok())
     }
 
     pub fn key_verifier(&self) -> Arc<KeyVerifier> {
@@ -152,7 +186,11 @@ impl Application {
                     self.config.api_keys.last_used_flush_interval,
                     background.clone(),
                 ));
-                tasks.spawn(self.invalidations.clone().listen(self.keys.verifier().clone(), background.clone()));
+                tasks.spawn(
+                    self.invalidations
+                        .clone()
+                        .listen(self.keys.verifier().clone(), background.clone()),
+                );
                 tracing::info!(public = %public.local_addr()?, internal = %internal.local_addr()?, "devgate listening");
                 let public_listener = Listener::Public {
                     authenticator: self.authenticator.clone(),
@@ -160,7 +198,12 @@ impl Application {
                 };
                 Some(futures_util::future::try_join(
                     serve(public, public_listener, self.keys.clone(), shutdown.clone()),
-                    serve(internal, Listener::Internal, self.keys.clone(), shutdown.clone()),
+                    serve(
+                        internal,
+                        Listener::Internal,
+                        self.keys.clone(),
+                        shutdown.clone(),
+                    ),
                 ))
             }
             None => None,
@@ -203,14 +246,20 @@ async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<ApiKeyServiceServer<ApiKeyGrpc>>().await;
+    health
+        .set_serving::<ApiKeyServiceServer<ApiKeyGrpc>>()
+        .await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection_v1 = reflection().build_v1().expect("the embedded descriptor set is valid");
-    let reflection_v1alpha = reflection().build_v1alpha().expect("the embedded descriptor set is valid");
+    let reflection_v1 = reflection()
+        .build_v1()
+        .expect("the embedded descriptor set is valid");
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .expect("the embedded descriptor set is valid");
 
     let layers = tower::ServiceBuilder::new()
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
@@ -221,7 +270,11 @@ async fn serve(
     let result = Server::builder()
         .tcp_nodelay(true)
         .trace_fn(|req| {
-            let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
+            let request_id = req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
             tracing::info_span!("rpc", path = %req.uri().path(), request_id = %request_id)
         })
         .layer(layers)
@@ -231,7 +284,9 @@ async fn serve(
         .add_service(ApiKeyServiceServer::new(ApiKeyGrpc::new(keys)))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             stop.cancelled().await;
-            health.set_not_serving::<ApiKeyServiceServer<ApiKeyGrpc>>().await;
+            health
+                .set_not_serving::<ApiKeyServiceServer<ApiKeyGrpc>>()
+                .await;
         })
         .await;
     result

@@ -11,7 +11,11 @@ use crate::{
 };
 
 #[derive(Parser)]
-#[command(name = "devgate", version, about = "devgate: API keys, webhooks, usage and generations behind one gRPC/REST door")]
+#[command(
+    name = "devgate",
+    version,
+    about = "devgate: API keys, webhooks, usage and generations behind one gRPC/REST door"
+)]
 struct Cli {
     /// Read KEY=value lines from this file first (variables already set win).
     #[arg(long, global = true, env = "DEVGATE_ENV_FILE")]
@@ -84,14 +88,25 @@ fn run(command: Command) -> anyhow::Result<()> {
         return Ok(());
     }
     let config = Config::from_env().map_err(|e| anyhow::anyhow!("configuration error: {e}"))?;
-    if let Command::DevToken { tenant, user, roles, ttl } = &command {
+    if let Command::DevToken {
+        tenant,
+        user,
+        roles,
+        ttl,
+    } = &command
+    {
         let secret = config.auth.jwt_hs256_secret.as_ref().ok_or_else(|| {
             anyhow::anyhow!("DEVGATE_JWT_HS256_SECRET is not set: dev tokens are signed with it (try --env-file deploy/local/devgate.env)")
         })?;
-        println!("{}", crate::auth::jwt::mint_hs256(secret.expose_secret(), *tenant, user, roles, *ttl)?);
+        println!(
+            "{}",
+            crate::auth::jwt::mint_hs256(secret.expose_secret(), *tenant, user, roles, *ttl)?
+        );
         return Ok(());
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let _telemetry = crate::telemetry::init(&config.log)?;
         let (roles, migrate) = match command {
@@ -108,6 +123,9 @@ fn run(command: Command) -> anyhow::Result<()> {
                 return Ok(());
             }
         }
-        Application::build(config, roles).await?.run_until_stopped().await
+        Application::build(config, roles)
+            .await?
+            .run_until_stopped()
+            .await
     })
 }

@@ -11,35 +11,143 @@ use secrecy::SecretString;
 /// `(name, default, meaning)` of every variable devgate reads. An empty default means
 /// "unset unless given".
 pub const VARIABLES: &[(&str, &str, &str)] = &[
-    ("DEVGATE_ENV_FILE", "", "A file of KEY=value lines read before the environment (same as --env-file); real environment variables win."),
-    ("DEVGATE_ENVIRONMENT", "production", "`development` or `production`; development allows http webhook URLs and prints pretty logs by default."),
-    ("DEVGATE_PUBLIC_ADDR", "127.0.0.1:50051", "Public gRPC listener (behind Envoy): API keys and user JWTs."),
-    ("DEVGATE_INTERNAL_ADDR", "127.0.0.1:50052", "Internal gRPC listener for trusted services (VerifyApiKey, ...). Never expose it."),
-    ("DEVGATE_DATABASE_URL", "postgres://postgres:postgres@127.0.0.1:5432/devgate", "Postgres connection URL."),
-    ("DEVGATE_DATABASE_POOL_SIZE", "16", "Maximum Postgres connections per process."),
-    ("DEVGATE_DATABASE_CONNECT_TIMEOUT", "5s", "How long a request waits for a pooled connection before UNAVAILABLE."),
-    ("DEVGATE_REDIS_URL", "redis://127.0.0.1:6379", "Redis URL (failed-attempt limiter, cache invalidation pub/sub)."),
-    ("DEVGATE_REDIS_PREFIX", "devgate:", "Prefix of every Redis key and channel, so several deployments (or tests) share one Redis."),
-    ("DEVGATE_JWT_HS256_SECRET", "", "Shared secret for HS256 user JWTs (at least 32 bytes). Also signs `devgate dev-token`."),
-    ("DEVGATE_JWT_PUBLIC_KEY_PATH", "", "PEM public key (RSA or Ed25519) for RS256/EdDSA user JWTs from the auth service."),
-    ("DEVGATE_JWT_ISSUER", "", "If set, user JWTs must carry this `iss`."),
-    ("DEVGATE_JWT_AUDIENCE", "", "If set, user JWTs must carry this `aud`."),
-    ("DEVGATE_TRUST_FORWARDED_FOR", "true", "Take the client IP (for allowed_cidrs) from the last x-forwarded-for entry, as set by Envoy; false uses the TCP peer."),
-    ("DEVGATE_ARGON2_MEMORY_KIB", "19456", "argon2id memory cost of key secret hashes (OWASP: 19 MiB)."),
+    (
+        "DEVGATE_ENV_FILE",
+        "",
+        "A file of KEY=value lines read before the environment (same as --env-file); real environment variables win.",
+    ),
+    (
+        "DEVGATE_ENVIRONMENT",
+        "production",
+        "`development` or `production`. Production-only rules (https-only webhook URLs) key off it as those features land.",
+    ),
+    (
+        "DEVGATE_PUBLIC_ADDR",
+        "127.0.0.1:50051",
+        "Public gRPC listener (behind Envoy): API keys and user JWTs.",
+    ),
+    (
+        "DEVGATE_INTERNAL_ADDR",
+        "127.0.0.1:50052",
+        "Internal gRPC listener for trusted services (VerifyApiKey, ...). Never expose it.",
+    ),
+    (
+        "DEVGATE_DATABASE_URL",
+        "postgres://postgres:postgres@127.0.0.1:5432/devgate",
+        "Postgres connection URL.",
+    ),
+    (
+        "DEVGATE_DATABASE_POOL_SIZE",
+        "16",
+        "Maximum Postgres connections per process.",
+    ),
+    (
+        "DEVGATE_DATABASE_CONNECT_TIMEOUT",
+        "5s",
+        "How long a request waits for a pooled connection before UNAVAILABLE.",
+    ),
+    (
+        "DEVGATE_REDIS_URL",
+        "redis://127.0.0.1:6379",
+        "Redis URL (failed-attempt limiter, cache invalidation pub/sub).",
+    ),
+    (
+        "DEVGATE_REDIS_PREFIX",
+        "devgate:",
+        "Prefix of every Redis key and channel, so several deployments (or tests) share one Redis.",
+    ),
+    (
+        "DEVGATE_JWT_HS256_SECRET",
+        "",
+        "Shared secret for HS256 user JWTs (at least 32 bytes). Also signs `devgate dev-token`.",
+    ),
+    (
+        "DEVGATE_JWT_PUBLIC_KEY_PATH",
+        "",
+        "PEM public key (RSA or Ed25519) for RS256/EdDSA user JWTs from the auth service.",
+    ),
+    (
+        "DEVGATE_JWT_ISSUER",
+        "",
+        "If set, user JWTs must carry this `iss`.",
+    ),
+    (
+        "DEVGATE_JWT_AUDIENCE",
+        "",
+        "If set, user JWTs must carry this `aud`.",
+    ),
+    (
+        "DEVGATE_TRUST_FORWARDED_FOR",
+        "true",
+        "Take the client IP (for allowed_cidrs) from the last x-forwarded-for entry, as set by Envoy; false uses the TCP peer.",
+    ),
+    (
+        "DEVGATE_ARGON2_MEMORY_KIB",
+        "19456",
+        "argon2id memory cost of key secret hashes (OWASP: 19 MiB).",
+    ),
     ("DEVGATE_ARGON2_ITERATIONS", "2", "argon2id time cost."),
     ("DEVGATE_ARGON2_PARALLELISM", "1", "argon2id lanes."),
-    ("DEVGATE_HASH_CONCURRENCY", "number of CPUs", "At most this many argon2 computations run at once (on blocking threads)."),
-    ("DEVGATE_KEY_CACHE_TTL", "30s", "How long a verified key is trusted from the in-process cache. Revocations also clear it at once over Redis pub/sub."),
-    ("DEVGATE_KEY_CACHE_CAPACITY", "100000", "Most verified tokens kept in the in-process cache."),
-    ("DEVGATE_AUTH_FAILURE_LIMIT", "10", "Failed verifications per key id within the window before the id is refused without hashing."),
-    ("DEVGATE_AUTH_FAILURE_WINDOW", "5m", "Window of the failed-verification counter."),
-    ("DEVGATE_LAST_USED_FLUSH_INTERVAL", "30s", "How often batched last_used_time updates are written."),
-    ("DEVGATE_ROTATION_GRACE_DEFAULT", "24h", "Grace period of a rotated-out secret when the request names none."),
-    ("DEVGATE_ROTATION_GRACE_MAX", "7d", "Longest grace period a rotation may ask for."),
-    ("DEVGATE_SHUTDOWN_GRACE", "30s", "On SIGINT/SIGTERM, how long in-flight calls may take to finish."),
-    ("DEVGATE_LOG", "info", "Log filter (tracing EnvFilter syntax, e.g. `info,devgate=debug`)."),
-    ("DEVGATE_LOG_FORMAT", "json", "`json` (one object per line) or `pretty`."),
-    ("DEVGATE_OTLP_ENDPOINT", "", "OTLP/gRPC collector (e.g. http://127.0.0.1:4317); traces are exported only when set."),
+    (
+        "DEVGATE_HASH_CONCURRENCY",
+        "number of CPUs",
+        "At most this many argon2 computations run at once (on blocking threads).",
+    ),
+    (
+        "DEVGATE_KEY_CACHE_TTL",
+        "30s",
+        "How long a verified key is trusted from the in-process cache. Revocations also clear it at once over Redis pub/sub.",
+    ),
+    (
+        "DEVGATE_KEY_CACHE_CAPACITY",
+        "100000",
+        "Most verified tokens kept in the in-process cache.",
+    ),
+    (
+        "DEVGATE_AUTH_FAILURE_LIMIT",
+        "10",
+        "Failed verifications per key id within the window before the id is refused without hashing.",
+    ),
+    (
+        "DEVGATE_AUTH_FAILURE_WINDOW",
+        "5m",
+        "Window of the failed-verification counter.",
+    ),
+    (
+        "DEVGATE_LAST_USED_FLUSH_INTERVAL",
+        "30s",
+        "How often batched last_used_time updates are written.",
+    ),
+    (
+        "DEVGATE_ROTATION_GRACE_DEFAULT",
+        "24h",
+        "Grace period of a rotated-out secret when the request names none.",
+    ),
+    (
+        "DEVGATE_ROTATION_GRACE_MAX",
+        "7d",
+        "Longest grace period a rotation may ask for.",
+    ),
+    (
+        "DEVGATE_SHUTDOWN_GRACE",
+        "30s",
+        "On SIGINT/SIGTERM, how long in-flight calls may take to finish.",
+    ),
+    (
+        "DEVGATE_LOG",
+        "info",
+        "Log filter (tracing EnvFilter syntax, e.g. `info,devgate=debug`).",
+    ),
+    (
+        "DEVGATE_LOG_FORMAT",
+        "json",
+        "`json` (one object per line) or `pretty`.",
+    ),
+    (
+        "DEVGATE_OTLP_ENDPOINT",
+        "",
+        "OTLP/gRPC collector (e.g. http://127.0.0.1:4317); traces are exported only when set.",
+    ),
 ];
 
 /// Development relaxes checks meant for the internet (e.g. http webhook URLs).
@@ -139,22 +247,36 @@ impl Config {
         let environment = match env.string("DEVGATE_ENVIRONMENT").as_str() {
             "development" => RunEnvironment::Development,
             "production" => RunEnvironment::Production,
-            other => return Err(env.invalid("DEVGATE_ENVIRONMENT", other, "expected development or production")),
+            other => {
+                return Err(env.invalid(
+                    "DEVGATE_ENVIRONMENT",
+                    other,
+                    "expected development or production",
+                ));
+            }
         };
         let log_format = match env.string("DEVGATE_LOG_FORMAT").as_str() {
             "json" => LogFormat::Json,
             "pretty" => LogFormat::Pretty,
-            other => return Err(env.invalid("DEVGATE_LOG_FORMAT", other, "expected json or pretty")),
+            other => {
+                return Err(env.invalid("DEVGATE_LOG_FORMAT", other, "expected json or pretty"));
+            }
         };
         let hs256 = env.optional("DEVGATE_JWT_HS256_SECRET");
         if let Some(secret) = &hs256 {
             if secret.len() < 32 {
-                return Err(env.invalid("DEVGATE_JWT_HS256_SECRET", "<redacted>", "must be at least 32 bytes"));
+                return Err(env.invalid(
+                    "DEVGATE_JWT_HS256_SECRET",
+                    "<redacted>",
+                    "must be at least 32 bytes",
+                ));
             }
         }
         let hash_concurrency = match env.optional("DEVGATE_HASH_CONCURRENCY") {
             Some(v) => env.parse_value("DEVGATE_HASH_CONCURRENCY", &v)?,
-            None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            None => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
         };
         if hash_concurrency == 0 {
             return Err(env.invalid("DEVGATE_HASH_CONCURRENCY", "0", "must be at least 1"));
@@ -164,8 +286,18 @@ impl Config {
             iterations: env.parse("DEVGATE_ARGON2_ITERATIONS")?,
             parallelism: env.parse("DEVGATE_ARGON2_PARALLELISM")?,
         };
-        argon2::Params::new(argon2.memory_kib, argon2.iterations, argon2.parallelism, None).map_err(|e| {
-            env.invalid("DEVGATE_ARGON2_MEMORY_KIB", &argon2.memory_kib.to_string(), &format!("argon2 parameters rejected: {e}"))
+        argon2::Params::new(
+            argon2.memory_kib,
+            argon2.iterations,
+            argon2.parallelism,
+            None,
+        )
+        .map_err(|e| {
+            env.invalid(
+                "DEVGATE_ARGON2_MEMORY_KIB",
+                &argon2.memory_kib.to_string(),
+                &format!("argon2 parameters rejected: {e}"),
+            )
         })?;
         let api_keys = ApiKeyConfig {
             argon2,
@@ -186,7 +318,11 @@ impl Config {
             ));
         }
         if api_keys.failure_window.is_zero() || api_keys.last_used_flush_interval.is_zero() {
-            return Err(env.invalid("DEVGATE_AUTH_FAILURE_WINDOW", "0s", "windows and intervals must be positive"));
+            return Err(env.invalid(
+                "DEVGATE_AUTH_FAILURE_WINDOW",
+                "0s",
+                "windows and intervals must be positive",
+            ));
         }
         let pool_size: u32 = env.parse("DEVGATE_DATABASE_POOL_SIZE")?;
         if pool_size == 0 {
@@ -207,7 +343,9 @@ impl Config {
             },
             auth: AuthConfig {
                 jwt_hs256_secret: hs256.map(Into::into),
-                jwt_public_key_path: env.optional("DEVGATE_JWT_PUBLIC_KEY_PATH").map(PathBuf::from),
+                jwt_public_key_path: env
+                    .optional("DEVGATE_JWT_PUBLIC_KEY_PATH")
+                    .map(PathBuf::from),
                 jwt_issuer: env.optional("DEVGATE_JWT_ISSUER"),
                 jwt_audience: env.optional("DEVGATE_JWT_AUDIENCE"),
                 trust_forwarded_for: env.parse("DEVGATE_TRUST_FORWARDED_FOR")?,
@@ -234,7 +372,8 @@ impl Env<'_> {
     }
 
     fn string(&self, name: &'static str) -> String {
-        self.optional(name).unwrap_or_else(|| default_of(name).to_string())
+        self.optional(name)
+            .unwrap_or_else(|| default_of(name).to_string())
     }
 
     fn parse<T: FromStr>(&self, name: &'static str) -> Result<T, ConfigError>
@@ -248,17 +387,29 @@ impl Env<'_> {
     where
         T::Err: std::fmt::Display,
     {
-        value.trim().parse().map_err(|e: T::Err| self.invalid(name, value, &e.to_string()))
+        value
+            .trim()
+            .parse()
+            .map_err(|e: T::Err| self.invalid(name, value, &e.to_string()))
     }
 
     fn duration(&self, name: &'static str) -> Result<Duration, ConfigError> {
         let value = self.string(name);
-        humantime::parse_duration(value.trim())
-            .map_err(|e| self.invalid(name, &value, &format!("{e} (write e.g. 500ms, 30s, 5m, 24h)")))
+        humantime::parse_duration(value.trim()).map_err(|e| {
+            self.invalid(
+                name,
+                &value,
+                &format!("{e} (write e.g. 500ms, 30s, 5m, 24h)"),
+            )
+        })
     }
 
     fn invalid(&self, variable: &'static str, value: &str, message: &str) -> ConfigError {
-        ConfigError { variable, value: value.to_string(), message: message.to_string() }
+        ConfigError {
+            variable,
+            value: value.to_string(),
+            message: message.to_string(),
+        }
     }
 }
 
@@ -276,7 +427,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Config::from_lookup(|k| map.get(k).cloned())
     }
 
@@ -285,8 +439,14 @@ mod tests {
         let c = config(&[]).unwrap();
         assert_eq!(c.public_addr.port(), 50051);
         assert_eq!(c.internal_addr.port(), 50052);
-        assert_eq!(c.api_keys.rotation_grace_default, Duration::from_secs(86_400));
-        assert_eq!(c.api_keys.rotation_grace_max, Duration::from_secs(7 * 86_400));
+        assert_eq!(
+            c.api_keys.rotation_grace_default,
+            Duration::from_secs(86_400)
+        );
+        assert_eq!(
+            c.api_keys.rotation_grace_max,
+            Duration::from_secs(7 * 86_400)
+        );
         assert!(c.auth.jwt_hs256_secret.is_none());
         assert_eq!(c.environment, RunEnvironment::Production);
     }
@@ -310,6 +470,20 @@ mod tests {
         for (name, _, meaning) in VARIABLES {
             assert!(name.starts_with("DEVGATE_"));
             assert!(!meaning.is_empty());
+        }
+    }
+}
+
+#[cfg(test)]
+mod readme {
+    #[test]
+    fn the_readme_documents_every_variable() {
+        let readme = include_str!("../README.md");
+        for (name, _, _) in super::VARIABLES {
+            assert!(
+                readme.contains(&format!("| `{name}` |")),
+                "README.md's configuration table misses {name}"
+            );
         }
     }
 }

@@ -14,7 +14,12 @@ pub fn page_size(requested: i32, v: &mut Violations) -> i64 {
         0 => DEFAULT_PAGE_SIZE,
         n if (1..=MAX_PAGE_SIZE).contains(&n) => n,
         _ => {
-            v.add("page_size", format!("must be between 1 and {MAX_PAGE_SIZE} (0 for the default {DEFAULT_PAGE_SIZE})"));
+            v.add(
+                "page_size",
+                format!(
+                    "must be between 1 and {MAX_PAGE_SIZE} (0 for the default {DEFAULT_PAGE_SIZE})"
+                ),
+            );
             DEFAULT_PAGE_SIZE
         }
     }
@@ -29,7 +34,10 @@ pub fn decode_token<T: DeserializeOwned>(token: &str, v: &mut Violations) -> Opt
     if token.is_empty() {
         return None;
     }
-    let cursor = URL_SAFE_NO_PAD.decode(token).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok());
+    let cursor = URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
     if cursor.is_none() {
         v.add("page_token", "not a page token returned by this method");
     }

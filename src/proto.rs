@@ -16,7 +16,10 @@ pub mod convert {
     use chrono::{DateTime, Utc};
 
     pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-        prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+        prost_types::Timestamp {
+            seconds: t.timestamp(),
+            nanos: t.timestamp_subsec_nanos() as i32,
+        }
     }
 
     pub fn opt_timestamp(t: Option<DateTime<Utc>>) -> Option<prost_types::Timestamp> {
@@ -25,7 +28,10 @@ pub mod convert {
 
     /// `None` for timestamps outside chrono's range or with invalid nanos.
     pub fn from_timestamp(t: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
-        u32::try_from(t.nanos).ok().filter(|n| *n < 1_000_000_000).and_then(|n| DateTime::from_timestamp(t.seconds, n))
+        u32::try_from(t.nanos)
+            .ok()
+            .filter(|n| *n < 1_000_000_000)
+            .and_then(|n| DateTime::from_timestamp(t.seconds, n))
     }
 
     /// `None` for negative durations.

@@ -18,12 +18,23 @@ use crate::{
 const DOMAIN: &str = "devgate";
 
 fn error_info(code: Code, message: impl Into<String>, reason: &str) -> Status {
-    Status::with_error_details(code, message, ErrorDetails::with_error_info(reason, DOMAIN, HashMap::new()))
+    Status::with_error_details(
+        code,
+        message,
+        ErrorDetails::with_error_info(reason, DOMAIN, HashMap::new()),
+    )
 }
 
 fn bad_request(v: &Violations) -> Status {
-    let violations: Vec<FieldViolation> = v.iter().map(|f| FieldViolation::new(&f.field, &f.description)).collect();
-    Status::with_error_details(Code::InvalidArgument, format!("invalid request: {v}"), ErrorDetails::with_bad_request(violations))
+    let violations: Vec<FieldViolation> = v
+        .iter()
+        .map(|f| FieldViolation::new(&f.field, &f.description))
+        .collect();
+    Status::with_error_details(
+        Code::InvalidArgument,
+        format!("invalid request: {v}"),
+        ErrorDetails::with_bad_request(violations),
+    )
 }
 
 fn retry_later(code: Code, message: impl Into<String>, reason: &str, after: Duration) -> Status {
@@ -31,7 +42,10 @@ fn retry_later(code: Code, message: impl Into<String>, reason: &str, after: Dura
     details.set_error_info(reason, DOMAIN, HashMap::new());
     let mut status = Status::with_error_details(code, message, details);
     let secs = after.as_secs().max(1).to_string();
-    status.metadata_mut().insert("retry-after", MetadataValue::try_from(secs.as_str()).expect("digits are ASCII"));
+    status.metadata_mut().insert(
+        "retry-after",
+        MetadataValue::try_from(secs.as_str()).expect("digits are ASCII"),
+    );
     status
 }
 
@@ -52,10 +66,19 @@ impl From<StoreError> for Status {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NotFound => Status::not_found("not found"),
-            StoreError::Conflict(what) => error_info(Code::AlreadyExists, format!("already exists ({what})"), "ALREADY_EXISTS"),
+            StoreError::Conflict(what) => error_info(
+                Code::AlreadyExists,
+                format!("already exists ({what})"),
+                "ALREADY_EXISTS",
+            ),
             StoreError::Unavailable(why) => {
                 tracing::warn!(error = %why, "database unavailable");
-                retry_later(Code::Unavailable, "database temporarily unavailable", "DATABASE_UNAVAILABLE", Duration::from_secs(1))
+                retry_later(
+                    Code::Unavailable,
+                    "database temporarily unavailable",
+                    "DATABASE_UNAVAILABLE",
+                    Duration::from_secs(1),
+                )
             }
             e @ StoreError::Query(_) => internal(&e),
         }
@@ -66,30 +89,51 @@ impl From<AuthError> for Status {
     fn from(e: AuthError) -> Self {
         let message = e.to_string();
         match e {
-            AuthError::MissingCredentials => error_info(Code::Unauthenticated, message, "MISSING_CREDENTIALS"),
-            AuthError::InvalidCredentials(_) => error_info(Code::Unauthenticated, message, "INVALID_CREDENTIALS"),
+            AuthError::MissingCredentials => {
+                error_info(Code::Unauthenticated, message, "MISSING_CREDENTIALS")
+            }
+            AuthError::InvalidCredentials(_) => {
+                error_info(Code::Unauthenticated, message, "INVALID_CREDENTIALS")
+            }
             AuthError::KeyRejected(failure) => {
                 let (code, reason) = match failure {
                     VerifyFailure::Malformed(_) => (Code::Unauthenticated, "API_KEY_MALFORMED"),
                     VerifyFailure::NotFound => (Code::Unauthenticated, "API_KEY_INVALID"),
                     VerifyFailure::Revoked => (Code::Unauthenticated, "API_KEY_REVOKED"),
                     VerifyFailure::Expired => (Code::Unauthenticated, "API_KEY_EXPIRED"),
-                    VerifyFailure::IpNotAllowed => (Code::PermissionDenied, "API_KEY_IP_NOT_ALLOWED"),
+                    VerifyFailure::IpNotAllowed => {
+                        (Code::PermissionDenied, "API_KEY_IP_NOT_ALLOWED")
+                    }
                     VerifyFailure::TooManyAttempts { retry_after } => {
-                        return retry_later(Code::ResourceExhausted, message, "API_KEY_TOO_MANY_ATTEMPTS", retry_after);
+                        return retry_later(
+                            Code::ResourceExhausted,
+                            message,
+                            "API_KEY_TOO_MANY_ATTEMPTS",
+                            retry_after,
+                        );
                     }
                 };
                 error_info(code, message, reason)
             }
-            AuthError::TooManyAttempts { retry_after } => {
-                retry_later(Code::ResourceExhausted, message, "API_KEY_TOO_MANY_ATTEMPTS", retry_after)
+            AuthError::TooManyAttempts { retry_after } => retry_later(
+                Code::ResourceExhausted,
+                message,
+                "API_KEY_TOO_MANY_ATTEMPTS",
+                retry_after,
+            ),
+            AuthError::PermissionDenied(_) => {
+                error_info(Code::PermissionDenied, message, "PERMISSION_DENIED")
             }
-            AuthError::PermissionDenied(_) => error_info(Code::PermissionDenied, message, "PERMISSION_DENIED"),
             AuthError::InternalOnly => error_info(Code::PermissionDenied, message, "INTERNAL_ONLY"),
             AuthError::NoTenant => error_info(Code::PermissionDenied, message, "TENANT_REQUIRED"),
             AuthError::Unavailable(why) => {
                 tracing::warn!(error = %why, "authentication backend unavailable");
-                retry_later(Code::Unavailable, "authentication temporarily unavailable", "AUTH_UNAVAILABLE", Duration::from_secs(1))
+                retry_later(
+                    Code::Unavailable,
+                    "authentication temporarily unavailable",
+                    "AUTH_UNAVAILABLE",
+                    Duration::from_secs(1),
+                )
             }
         }
     }
@@ -99,9 +143,17 @@ impl From<ApiKeyError> for Status {
     fn from(e: ApiKeyError) -> Self {
         match e {
             ApiKeyError::Invalid(v) => bad_request(&v),
-            ApiKeyError::NotFound(_) => error_info(Code::NotFound, e.to_string(), "API_KEY_NOT_FOUND"),
-            ApiKeyError::PermissionDenied(_) => error_info(Code::PermissionDenied, e.to_string(), "PERMISSION_DENIED"),
-            ApiKeyError::FailedPrecondition(_) => error_info(Code::FailedPrecondition, e.to_string(), "FAILED_PRECONDITION"),
+            ApiKeyError::NotFound(_) => {
+                error_info(Code::NotFound, e.to_string(), "API_KEY_NOT_FOUND")
+            }
+            ApiKeyError::PermissionDenied(_) => {
+                error_info(Code::PermissionDenied, e.to_string(), "PERMISSION_DENIED")
+            }
+            ApiKeyError::FailedPrecondition(_) => error_info(
+                Code::FailedPrecondition,
+                e.to_string(),
+                "FAILED_PRECONDITION",
+            ),
             ApiKeyError::Auth(a) => a.into(),
             ApiKeyError::Store(s) => s.into(),
             e @ ApiKeyError::Hashing(_) => internal(&e),
@@ -128,7 +180,10 @@ mod tests {
 
     #[test]
     fn throttling_carries_retry_info_and_header() {
-        let status: Status = AuthError::TooManyAttempts { retry_after: Duration::from_secs(42) }.into();
+        let status: Status = AuthError::TooManyAttempts {
+            retry_after: Duration::from_secs(42),
+        }
+        .into();
         assert_eq!(status.code(), Code::ResourceExhausted);
         assert_eq!(status.metadata().get("retry-after").unwrap(), "42");
         assert!(status.get_error_details().retry_info().is_some());

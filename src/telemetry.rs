@@ -25,9 +25,13 @@ impl Drop for TelemetryGuard {
 /// Installs the global subscriber. Call once, inside the tokio runtime (the OTLP exporter
 /// needs it).
 pub fn init(config: &LogConfig) -> anyhow::Result<TelemetryGuard> {
-    let filter = EnvFilter::try_new(&config.filter).map_err(|e| anyhow::anyhow!("DEVGATE_LOG: {e}"))?;
+    let filter =
+        EnvFilter::try_new(&config.filter).map_err(|e| anyhow::anyhow!("DEVGATE_LOG: {e}"))?;
     let fmt = match config.format {
-        LogFormat::Json => tracing_subscriber::fmt::layer().json().with_current_span(true).boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .boxed(),
         LogFormat::Pretty => tracing_subscriber::fmt::layer().compact().boxed(),
     };
     let (otel, provider) = match &config.otlp_endpoint {
@@ -39,13 +43,21 @@ pub fn init(config: &LogConfig) -> anyhow::Result<TelemetryGuard> {
                 .map_err(|e| anyhow::anyhow!("DEVGATE_OTLP_ENDPOINT: {e}"))?;
             let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
                 .with_batch_exporter(exporter)
-                .with_resource(opentelemetry_sdk::Resource::builder().with_service_name("devgate").build())
+                .with_resource(
+                    opentelemetry_sdk::Resource::builder()
+                        .with_service_name("devgate")
+                        .build(),
+                )
                 .build();
             let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("devgate"));
             (Some(layer), Some(provider))
         }
         None => (None, None),
     };
-    tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init()?;
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init()?;
     Ok(TelemetryGuard { provider })
 }

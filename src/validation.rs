@@ -50,7 +50,11 @@ impl Violations {
 
     /// `Ok(value)` when nothing was recorded, otherwise the violations.
     pub fn into_result<T>(self, value: T) -> Result<T, Violations> {
-        if self.is_empty() { Ok(value) } else { Err(self) }
+        if self.is_empty() {
+            Ok(value)
+        } else {
+            Err(self)
+        }
     }
 }
 

@@ -37,14 +37,23 @@ type RpcResult<T> = Result<Response<T>, Status>;
 
 #[tonic::async_trait]
 impl ApiKeyService for ApiKeyGrpc {
-    async fn create_api_key(&self, req: Request<v1::CreateApiKeyRequest>) -> RpcResult<v1::CreateApiKeyResponse> {
+    async fn create_api_key(
+        &self,
+        req: Request<v1::CreateApiKeyRequest>,
+    ) -> RpcResult<v1::CreateApiKeyResponse> {
         let principal = principal(&req)?;
         let new = new_api_key(req.get_ref(), Utc::now()).map_err(ApiKeyError::from)?;
         let (key, token) = self.keys.create(principal, new).await?;
-        Ok(Response::new(v1::CreateApiKeyResponse { api_key: Some(to_proto(&key)), secret: token.token }))
+        Ok(Response::new(v1::CreateApiKeyResponse {
+            api_key: Some(to_proto(&key)),
+            secret: token.token,
+        }))
     }
 
-    async fn list_api_keys(&self, req: Request<v1::ListApiKeysRequest>) -> RpcResult<v1::ListApiKeysResponse> {
+    async fn list_api_keys(
+        &self,
+        req: Request<v1::ListApiKeysRequest>,
+    ) -> RpcResult<v1::ListApiKeysResponse> {
         let principal = principal(&req)?;
         let r = req.get_ref();
         let mut v = Violations::new();
@@ -58,7 +67,11 @@ impl ApiKeyService for ApiKeyGrpc {
         let page = self.keys.list(principal, filter, after, page_size).await?;
         Ok(Response::new(v1::ListApiKeysResponse {
             api_keys: page.keys.iter().map(to_proto).collect(),
-            next_page_token: page.next.as_ref().map(pagination::encode_token).unwrap_or_default(),
+            next_page_token: page
+                .next
+                .as_ref()
+                .map(pagination::encode_token)
+                .unwrap_or_default(),
         }))
     }
 
@@ -73,10 +86,18 @@ impl ApiKeyService for ApiKeyGrpc {
         let principal = principal(&req)?;
         let r = req.get_ref();
         let Some(patch) = &r.api_key else {
-            return Err(ApiKeyError::Invalid(Violations::one("api_key", "required: the key's id and new values")).into());
+            return Err(ApiKeyError::Invalid(Violations::one(
+                "api_key",
+                "required: the key's id and new values",
+            ))
+            .into());
         };
         let id = key_id(&patch.id, "api_key.id")?;
-        let paths: Vec<String> = r.update_mask.as_ref().map(|m| m.paths.clone()).unwrap_or_default();
+        let paths: Vec<String> = r
+            .update_mask
+            .as_ref()
+            .map(|m| m.paths.clone())
+            .unwrap_or_default();
         let changes = changes(patch, &paths, Utc::now()).map_err(ApiKeyError::from)?;
         let key = self.keys.update(principal, &id, changes).await?;
         Ok(Response::new(to_proto(&key)))
@@ -87,13 +108,20 @@ impl ApiKeyService for ApiKeyGrpc {
         let r = req.get_ref();
         let id = key_id(&r.id, "id")?;
         let mut v = Violations::new();
-        v.check(r.reason.chars().count() <= model::MAX_REVOKE_REASON_CHARS, "reason", "at most 500 characters");
+        v.check(
+            r.reason.chars().count() <= model::MAX_REVOKE_REASON_CHARS,
+            "reason",
+            "at most 500 characters",
+        );
         v.into_result(()).map_err(ApiKeyError::from)?;
         let key = self.keys.revoke(principal, &id, r.reason.trim()).await?;
         Ok(Response::new(to_proto(&key)))
     }
 
-    async fn rotate_api_key(&self, req: Request<v1::RotateApiKeyRequest>) -> RpcResult<v1::RotateApiKeyResponse> {
+    async fn rotate_api_key(
+        &self,
+        req: Request<v1::RotateApiKeyRequest>,
+    ) -> RpcResult<v1::RotateApiKeyResponse> {
         let principal = principal(&req)?;
         let r = req.get_ref();
         let id = key_id(&r.id, "id")?;
@@ -106,11 +134,20 @@ impl ApiKeyService for ApiKeyGrpc {
                     let msg = format!("at most {}", humantime::format_duration(max));
                     return Err(ApiKeyError::Invalid(Violations::one("grace_period", msg)).into());
                 }
-                None => return Err(ApiKeyError::Invalid(Violations::one("grace_period", "must not be negative")).into()),
+                None => {
+                    return Err(ApiKeyError::Invalid(Violations::one(
+                        "grace_period",
+                        "must not be negative",
+                    ))
+                    .into());
+                }
             },
         };
         let (key, token) = self.keys.rotate(principal, &id, grace).await?;
-        Ok(Response::new(v1::RotateApiKeyResponse { api_key: Some(to_proto(&key)), secret: token.token }))
+        Ok(Response::new(v1::RotateApiKeyResponse {
+            api_key: Some(to_proto(&key)),
+            secret: token.token,
+        }))
     }
 
     async fn delete_api_key(&self, req: Request<v1::DeleteApiKeyRequest>) -> RpcResult<()> {
@@ -120,18 +157,31 @@ impl ApiKeyService for ApiKeyGrpc {
         Ok(Response::new(()))
     }
 
-    async fn verify_api_key(&self, req: Request<v1::VerifyApiKeyRequest>) -> RpcResult<v1::VerifyApiKeyResponse> {
-        principal(&req)?.require_internal().map_err(ApiKeyError::from)?;
+    async fn verify_api_key(
+        &self,
+        req: Request<v1::VerifyApiKeyRequest>,
+    ) -> RpcResult<v1::VerifyApiKeyResponse> {
+        principal(&req)?
+            .require_internal()
+            .map_err(ApiKeyError::from)?;
         let r = req.get_ref();
         let mut v = Violations::new();
         v.check(!r.token.is_empty(), "token", "required");
         let required: Option<Scope> = match r.required_scope.as_str() {
             "" => None,
-            s => s.parse().map_err(|e: crate::auth::scope::UnknownScope| v.add("required_scope", e.to_string())).ok(),
+            s => s
+                .parse()
+                .map_err(|e: crate::auth::scope::UnknownScope| {
+                    v.add("required_scope", e.to_string())
+                })
+                .ok(),
         };
         let client_ip: Option<IpAddr> = match r.client_ip.as_str() {
             "" => None,
-            s => s.parse().map_err(|_| v.add("client_ip", "not an IPv4 or IPv6 address")).ok(),
+            s => s
+                .parse()
+                .map_err(|_| v.add("client_ip", "not an IPv4 or IPv6 address"))
+                .ok(),
         };
         v.into_result(()).map_err(ApiKeyError::from)?;
 
@@ -139,7 +189,11 @@ impl ApiKeyService for ApiKeyGrpc {
         let response = match outcome {
             Ok(key) => {
                 let allowed = required.is_none_or(|s| key.scopes.grants(s));
-                let reason = if allowed { v1::VerifyFailureReason::Unspecified } else { v1::VerifyFailureReason::InsufficientScope };
+                let reason = if allowed {
+                    v1::VerifyFailureReason::Unspecified
+                } else {
+                    v1::VerifyFailureReason::InsufficientScope
+                };
                 v1::VerifyApiKeyResponse {
                     valid: allowed,
                     failure_reason: reason as i32,
@@ -161,7 +215,8 @@ impl ApiKeyService for ApiKeyGrpc {
 }
 
 fn key_id(raw: &str, field: &str) -> Result<KeyId, Status> {
-    raw.parse::<KeyId>().map_err(|e| ApiKeyError::Invalid(Violations::one(field, e.to_string())).into())
+    raw.parse::<KeyId>()
+        .map_err(|e| ApiKeyError::Invalid(Violations::one(field, e.to_string())).into())
 }
 
 fn new_api_key(r: &v1::CreateApiKeyRequest, now: DateTime<Utc>) -> Result<NewApiKey, Violations> {
@@ -171,7 +226,10 @@ fn new_api_key(r: &v1::CreateApiKeyRequest, now: DateTime<Utc>) -> Result<NewApi
     let scopes = model::validate_scopes(&r.scopes, "scopes", &mut v);
     let environment = optional_environment(r.environment, "environment", &mut v);
     if environment.is_none() && r.environment == 0 {
-        v.add("environment", "required: ENVIRONMENT_LIVE or ENVIRONMENT_TEST");
+        v.add(
+            "environment",
+            "required: ENVIRONMENT_LIVE or ENVIRONMENT_TEST",
+        );
     }
     let expire_time = expire_time(r.expire_time.as_ref(), now, "expire_time", &mut v);
     let allowed_cidrs = model::validate_cidrs(&r.allowed_cidrs, "allowed_cidrs", &mut v);
@@ -186,8 +244,18 @@ fn new_api_key(r: &v1::CreateApiKeyRequest, now: DateTime<Utc>) -> Result<NewApi
 }
 
 /// The changes named by `paths`; with no paths, every field set to a non-empty value.
-fn changes(patch: &v1::ApiKey, paths: &[String], now: DateTime<Utc>) -> Result<ApiKeyChanges, Violations> {
-    const UPDATABLE: [&str; 5] = ["name", "description", "scopes", "expire_time", "allowed_cidrs"];
+fn changes(
+    patch: &v1::ApiKey,
+    paths: &[String],
+    now: DateTime<Utc>,
+) -> Result<ApiKeyChanges, Violations> {
+    const UPDATABLE: [&str; 5] = [
+        "name",
+        "description",
+        "scopes",
+        "expire_time",
+        "allowed_cidrs",
+    ];
     let mut v = Violations::new();
     let named: Vec<&str> = if paths.is_empty() {
         let present = [
@@ -197,7 +265,12 @@ fn changes(patch: &v1::ApiKey, paths: &[String], now: DateTime<Utc>) -> Result<A
             patch.expire_time.is_some(),
             !patch.allowed_cidrs.is_empty(),
         ];
-        UPDATABLE.iter().zip(present).filter(|(_, p)| *p).map(|(f, _)| *f).collect()
+        UPDATABLE
+            .iter()
+            .zip(present)
+            .filter(|(_, p)| *p)
+            .map(|(f, _)| *f)
+            .collect()
     } else {
         paths.iter().map(String::as_str).collect()
     };
@@ -206,20 +279,38 @@ fn changes(patch: &v1::ApiKey, paths: &[String], now: DateTime<Utc>) -> Result<A
         let field = format!("api_key.{path}");
         match path {
             "name" => c.name = Some(model::validate_name(&patch.name, &field, &mut v)),
-            "description" => c.description = Some(model::validate_description(&patch.description, &field, &mut v)),
+            "description" => {
+                c.description = Some(model::validate_description(
+                    &patch.description,
+                    &field,
+                    &mut v,
+                ))
+            }
             "scopes" => c.scopes = Some(model::validate_scopes(&patch.scopes, &field, &mut v)),
-            "expire_time" => c.expire_time = Some(expire_time(patch.expire_time.as_ref(), now, &field, &mut v)),
-            "allowed_cidrs" => c.allowed_cidrs = Some(model::validate_cidrs(&patch.allowed_cidrs, &field, &mut v)),
+            "expire_time" => {
+                c.expire_time = Some(expire_time(patch.expire_time.as_ref(), now, &field, &mut v))
+            }
+            "allowed_cidrs" => {
+                c.allowed_cidrs = Some(model::validate_cidrs(&patch.allowed_cidrs, &field, &mut v))
+            }
             other => v.add(
                 "update_mask",
-                format!("{other:?} cannot be updated; updatable fields: {}", UPDATABLE.join(", ")),
+                format!(
+                    "{other:?} cannot be updated; updatable fields: {}",
+                    UPDATABLE.join(", ")
+                ),
             ),
         }
     }
     v.into_result(c)
 }
 
-fn expire_time(t: Option<&prost_types::Timestamp>, now: DateTime<Utc>, field: &str, v: &mut Violations) -> Option<DateTime<Utc>> {
+fn expire_time(
+    t: Option<&prost_types::Timestamp>,
+    now: DateTime<Utc>,
+    field: &str,
+    v: &mut Violations,
+) -> Option<DateTime<Utc>> {
     let t = t?;
     match from_timestamp(t) {
         Some(at) => {

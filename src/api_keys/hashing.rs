@@ -24,8 +24,13 @@ pub struct SecretHasher {
 
 impl SecretHasher {
     pub fn new(params: Argon2Params, concurrency: usize) -> Self {
-        let params = argon2::Params::new(params.memory_kib, params.iterations, params.parallelism, None)
-            .expect("argon2 parameters are validated with the configuration");
+        let params = argon2::Params::new(
+            params.memory_kib,
+            params.iterations,
+            params.parallelism,
+            None,
+        )
+        .expect("argon2 parameters are validated with the configuration");
         Self {
             argon2: Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params),
             permits: Arc::new(Semaphore::new(concurrency)),
@@ -38,9 +43,15 @@ impl SecretHasher {
         let secret = secret.to_string();
         self.blocking(move || {
             let mut salt = [0u8; 16];
-            SystemRandom::new().fill(&mut salt).map_err(|_| HashError::Argon2("OS random source failed".into()))?;
-            let salt = SaltString::encode_b64(&salt).map_err(|e| HashError::Argon2(e.to_string()))?;
-            argon2.hash_password(secret.as_bytes(), &salt).map(|h| h.to_string()).map_err(|e| HashError::Argon2(e.to_string()))
+            SystemRandom::new()
+                .fill(&mut salt)
+                .map_err(|_| HashError::Argon2("OS random source failed".into()))?;
+            let salt =
+                SaltString::encode_b64(&salt).map_err(|e| HashError::Argon2(e.to_string()))?;
+            argon2
+                .hash_password(secret.as_bytes(), &salt)
+                .map(|h| h.to_string())
+                .map_err(|e| HashError::Argon2(e.to_string()))
         })
         .await
     }
@@ -62,7 +73,11 @@ impl SecretHasher {
         &self,
         work: impl FnOnce() -> Result<T, HashError> + Send + 'static,
     ) -> Result<T, HashError> {
-        let _permit = self.permits.acquire().await.expect("the hashing semaphore is never closed");
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .expect("the hashing semaphore is never closed");
         tokio::task::spawn_blocking(work).await?
     }
 }
@@ -73,7 +88,14 @@ mod tests {
 
     #[tokio::test]
     async fn hash_and_verify() {
-        let hasher = SecretHasher::new(Argon2Params { memory_kib: 1024, iterations: 1, parallelism: 1 }, 2);
+        let hasher = SecretHasher::new(
+            Argon2Params {
+                memory_kib: 1024,
+                iterations: 1,
+                parallelism: 1,
+            },
+            2,
+        );
         let phc = hasher.hash("s3cret").await.unwrap();
         assert!(phc.starts_with("$argon2id$"));
         assert!(hasher.verify("s3cret", &phc).await.unwrap());

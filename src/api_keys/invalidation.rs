@@ -25,8 +25,11 @@ impl Invalidations {
     /// replicas learn it when their cache entries expire (DEVGATE_KEY_CACHE_TTL).
     pub async fn publish(&self, key_id: &KeyId) {
         let mut conn = self.redis.conn();
-        let result: redis::RedisResult<i64> =
-            redis::cmd("PUBLISH").arg(&self.channel).arg(key_id.as_str()).query_async(&mut conn).await;
+        let result: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+            .arg(&self.channel)
+            .arg(key_id.as_str())
+            .query_async(&mut conn)
+            .await;
         if let Err(e) = result {
             tracing::warn!(error = %e, key_id = %key_id, "could not broadcast key invalidation; other replicas rely on the cache TTL");
         }
@@ -47,7 +50,11 @@ impl Invalidations {
                 tracing::debug!(channel = %self.channel, "subscribed to key invalidations");
                 let mut messages = pubsub.on_message();
                 while let Some(msg) = messages.next().await {
-                    match msg.get_payload::<String>().ok().and_then(|id| id.parse::<KeyId>().ok()) {
+                    match msg
+                        .get_payload::<String>()
+                        .ok()
+                        .and_then(|id| id.parse::<KeyId>().ok())
+                    {
                         Some(id) => verifier.invalidate(&id),
                         None => verifier.invalidate_all(),
                     }
@@ -61,9 +68,15 @@ impl Invalidations {
             verifier.set_invalidations_live(false);
             match result {
                 Ok(()) => tracing::warn!("key invalidation subscription ended; resubscribing"),
-                Err(e) => tracing::warn!(error = %e, "key invalidation subscription failed; retrying"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "key invalidation subscription failed; retrying")
+                }
             }
-            backoff = if subscribed { Duration::from_millis(100) } else { (backoff * 2).min(Duration::from_secs(5)) };
+            backoff = if subscribed {
+                Duration::from_millis(100)
+            } else {
+                (backoff * 2).min(Duration::from_secs(5))
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(backoff) => {}

@@ -29,7 +29,13 @@ impl LastUsedRecorder {
     pub fn new() -> (Self, LastUsedFlusher) {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let dropped = Arc::new(AtomicU64::new(0));
-        (Self { tx, dropped: dropped.clone() }, LastUsedFlusher { rx, dropped })
+        (
+            Self {
+                tx,
+                dropped: dropped.clone(),
+            },
+            LastUsedFlusher { rx, dropped },
+        )
     }
 
     /// Never waits: when the channel is full the use is counted as dropped (last_used_time
@@ -48,7 +54,12 @@ pub struct LastUsedFlusher {
 
 impl LastUsedFlusher {
     /// Runs until `shutdown`, then writes what is pending and returns.
-    pub async fn run(mut self, store: ApiKeyStore, interval: Duration, shutdown: CancellationToken) {
+    pub async fn run(
+        mut self,
+        store: ApiKeyStore,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) {
         let mut pending: HashMap<KeyId, DateTime<Utc>> = HashMap::new();
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -72,10 +83,17 @@ impl LastUsedFlusher {
     }
 }
 
-async fn flush(store: &ApiKeyStore, pending: &mut HashMap<KeyId, DateTime<Utc>>, dropped: &AtomicU64) {
+async fn flush(
+    store: &ApiKeyStore,
+    pending: &mut HashMap<KeyId, DateTime<Utc>>,
+    dropped: &AtomicU64,
+) {
     let lost = dropped.swap(0, Ordering::Relaxed);
     if lost > 0 {
-        tracing::warn!(lost, "last-used channel was full; some last_used_time updates were skipped");
+        tracing::warn!(
+            lost,
+            "last-used channel was full; some last_used_time updates were skipped"
+        );
     }
     if pending.is_empty() {
         return;

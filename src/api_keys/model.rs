@@ -42,7 +42,11 @@ pub struct BadKeyId;
 impl FromStr for KeyId {
     type Err = BadKeyId;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.len() == token::KEY_ID_LEN && token::is_base62(s) { Ok(KeyId(s.to_string())) } else { Err(BadKeyId) }
+        if s.len() == token::KEY_ID_LEN && token::is_base62(s) {
+            Ok(KeyId(s.to_string()))
+        } else {
+            Err(BadKeyId)
+        }
     }
 }
 
@@ -113,7 +117,11 @@ impl ApiKey {
 }
 
 /// Revocation wins over expiry.
-pub fn state_of(revoke_time: Option<DateTime<Utc>>, expire_time: Option<DateTime<Utc>>, now: DateTime<Utc>) -> KeyState {
+pub fn state_of(
+    revoke_time: Option<DateTime<Utc>>,
+    expire_time: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> KeyState {
     if revoke_time.is_some() {
         KeyState::Revoked
     } else if expire_time.is_some_and(|t| t <= now) {
@@ -179,19 +187,34 @@ pub struct ListFilter {
 pub fn validate_name(name: &str, field: &str, v: &mut Violations) -> String {
     let trimmed = name.trim();
     v.check(!trimmed.is_empty(), field, "required: 1 to 100 characters");
-    v.check(trimmed.chars().count() <= MAX_NAME_CHARS, field, "at most 100 characters");
-    v.check(!trimmed.chars().any(char::is_control), field, "must not contain control characters");
+    v.check(
+        trimmed.chars().count() <= MAX_NAME_CHARS,
+        field,
+        "at most 100 characters",
+    );
+    v.check(
+        !trimmed.chars().any(char::is_control),
+        field,
+        "must not contain control characters",
+    );
     trimmed.to_string()
 }
 
 pub fn validate_description(description: &str, field: &str, v: &mut Violations) -> String {
-    v.check(description.chars().count() <= MAX_DESCRIPTION_CHARS, field, "at most 1000 characters");
+    v.check(
+        description.chars().count() <= MAX_DESCRIPTION_CHARS,
+        field,
+        "at most 1000 characters",
+    );
     description.to_string()
 }
 
 pub fn validate_scopes(names: &[String], field: &str, v: &mut Violations) -> Scopes {
     if names.is_empty() {
-        v.add(field, "at least one scope is required, e.g. usage:read or *");
+        v.add(
+            field,
+            "at least one scope is required, e.g. usage:read or *",
+        );
         return Scopes::default();
     }
     match Scopes::parse(names) {
@@ -215,16 +238,28 @@ pub fn validate_scopes(names: &[String], field: &str, v: &mut Violations) -> Sco
 /// Parses CIDR networks; host bits must be zero (`10.0.0.0/8`, not `10.1.2.3/8`). A bare
 /// address means just that host.
 pub fn validate_cidrs(cidrs: &[String], field: &str, v: &mut Violations) -> Vec<IpNetwork> {
-    v.check(cidrs.len() <= MAX_ALLOWED_CIDRS, field, "at most 50 networks");
+    v.check(
+        cidrs.len() <= MAX_ALLOWED_CIDRS,
+        field,
+        "at most 50 networks",
+    );
     let mut nets = Vec::with_capacity(cidrs.len());
     for (i, text) in cidrs.iter().enumerate() {
         let at = format!("{field}[{i}]");
         match text.trim().parse::<IpNetwork>() {
-            Ok(net) if net.network() != net.ip() => {
-                v.add(at, format!("{text:?} has host bits set; did you mean {}/{}?", net.network(), net.prefix()))
-            }
+            Ok(net) if net.network() != net.ip() => v.add(
+                at,
+                format!(
+                    "{text:?} has host bits set; did you mean {}/{}?",
+                    net.network(),
+                    net.prefix()
+                ),
+            ),
             Ok(net) => nets.push(net),
-            Err(_) => v.add(at, format!("{text:?} is not a CIDR network such as 203.0.113.0/24 or 2001:db8::/32")),
+            Err(_) => v.add(
+                at,
+                format!("{text:?} is not a CIDR network such as 203.0.113.0/24 or 2001:db8::/32"),
+            ),
         }
     }
     nets
@@ -254,17 +289,30 @@ mod tests {
         assert!(!ip_allowed(&allowed, Some("198.51.100.8".parse().unwrap())));
         assert!(ip_allowed(&allowed, Some("2001:db8:1::1".parse().unwrap())));
         assert!(!ip_allowed(&allowed, Some("2001:db9::1".parse().unwrap())));
-        assert!(ip_allowed(&allowed, Some("::ffff:203.0.113.5".parse().unwrap())), "v4-mapped v6");
-        assert!(!ip_allowed(&allowed, None), "unknown address is refused when a list is set");
+        assert!(
+            ip_allowed(&allowed, Some("::ffff:203.0.113.5".parse().unwrap())),
+            "v4-mapped v6"
+        );
+        assert!(
+            !ip_allowed(&allowed, None),
+            "unknown address is refused when a list is set"
+        );
         assert!(ip_allowed(&[], None), "no list allows all");
     }
 
     #[test]
     fn cidr_validation_explains_errors() {
         let mut v = Violations::new();
-        let input = vec!["10.1.2.3/8".to_string(), "banana".to_string(), "10.0.0.0/33".to_string()];
+        let input = vec![
+            "10.1.2.3/8".to_string(),
+            "banana".to_string(),
+            "10.0.0.0/33".to_string(),
+        ];
         validate_cidrs(&input, "allowed_cidrs", &mut v);
-        let all: Vec<_> = v.iter().map(|f| (f.field.clone(), f.description.clone())).collect();
+        let all: Vec<_> = v
+            .iter()
+            .map(|f| (f.field.clone(), f.description.clone()))
+            .collect();
         assert_eq!(all.len(), 3);
         assert_eq!(all[0].0, "allowed_cidrs[0]");
         assert!(all[0].1.contains("10.0.0.0/8"));

@@ -43,7 +43,13 @@ impl ApiKeys {
         invalidations: Invalidations,
         config: ApiKeyConfig,
     ) -> Self {
-        Self { store, hasher, verifier, invalidations, config }
+        Self {
+            store,
+            hasher,
+            verifier,
+            invalidations,
+            config,
+        }
     }
 
     pub fn verifier(&self) -> &Arc<KeyVerifier> {
@@ -55,7 +61,11 @@ impl ApiKeys {
     }
 
     /// Creates a key and returns it with its token (the only time the token exists in clear).
-    pub async fn create(&self, principal: &Principal, new: NewApiKey) -> Result<(ApiKey, NewToken), ApiKeyError> {
+    pub async fn create(
+        &self,
+        principal: &Principal,
+        new: NewApiKey,
+    ) -> Result<(ApiKey, NewToken), ApiKeyError> {
         let tenant = principal.tenant_with(Scope::ApiKeysWrite)?;
         ensure_covers(principal, &new.scopes, "create a key with")?;
         // A 71-bit random id practically never collides; retry once if it does.
@@ -92,10 +102,16 @@ impl ApiKeys {
     ) -> Result<Page, ApiKeyError> {
         let tenant = principal.tenant_with(Scope::ApiKeysRead)?;
         // One extra row tells whether another page follows.
-        let mut keys = self.store.list(tenant, filter, after.as_ref(), page_size + 1, Utc::now()).await?;
+        let mut keys = self
+            .store
+            .list(tenant, filter, after.as_ref(), page_size + 1, Utc::now())
+            .await?;
         let next = if keys.len() as i64 > page_size {
             keys.truncate(page_size as usize);
-            keys.last().map(|k| Cursor { create_time: k.create_time, id: k.id.to_string() })
+            keys.last().map(|k| Cursor {
+                create_time: k.create_time,
+                id: k.id.to_string(),
+            })
         } else {
             None
         };
@@ -107,7 +123,12 @@ impl ApiKeys {
         self.find(tenant, id).await
     }
 
-    pub async fn update(&self, principal: &Principal, id: &KeyId, changes: ApiKeyChanges) -> Result<ApiKey, ApiKeyError> {
+    pub async fn update(
+        &self,
+        principal: &Principal,
+        id: &KeyId,
+        changes: ApiKeyChanges,
+    ) -> Result<ApiKey, ApiKeyError> {
         let tenant = principal.tenant_with(Scope::ApiKeysWrite)?;
         let current = self.managed(principal, tenant, id).await?;
         if let Some(scopes) = &changes.scopes {
@@ -116,15 +137,28 @@ impl ApiKeys {
         if changes.is_empty() {
             return Ok(current);
         }
-        let key = self.store.update(tenant, id, &changes, Utc::now()).await.map_err(|e| not_found(e, id))?;
+        let key = self
+            .store
+            .update(tenant, id, &changes, Utc::now())
+            .await
+            .map_err(|e| not_found(e, id))?;
         self.broadcast(id).await;
         Ok(key)
     }
 
-    pub async fn revoke(&self, principal: &Principal, id: &KeyId, reason: &str) -> Result<ApiKey, ApiKeyError> {
+    pub async fn revoke(
+        &self,
+        principal: &Principal,
+        id: &KeyId,
+        reason: &str,
+    ) -> Result<ApiKey, ApiKeyError> {
         let tenant = principal.tenant_with(Scope::ApiKeysWrite)?;
         self.managed(principal, tenant, id).await?;
-        let key = self.store.revoke(tenant, id, reason, Utc::now()).await.map_err(|e| not_found(e, id))?;
+        let key = self
+            .store
+            .revoke(tenant, id, reason, Utc::now())
+            .await
+            .map_err(|e| not_found(e, id))?;
         self.broadcast(id).await;
         tracing::info!(tenant = %tenant, key_id = %id, actor = %principal.actor(), "api key revoked");
         Ok(key)
@@ -142,18 +176,33 @@ impl ApiKeys {
         let now = Utc::now();
         match current.state(now) {
             KeyState::Active => {}
-            KeyState::Revoked => return Err(ApiKeyError::FailedPrecondition(format!("api key {id} is revoked and cannot be rotated"))),
-            KeyState::Expired => return Err(ApiKeyError::FailedPrecondition(format!("api key {id} has expired and cannot be rotated"))),
+            KeyState::Revoked => {
+                return Err(ApiKeyError::FailedPrecondition(format!(
+                    "api key {id} is revoked and cannot be rotated"
+                )));
+            }
+            KeyState::Expired => {
+                return Err(ApiKeyError::FailedPrecondition(format!(
+                    "api key {id} has expired and cannot be rotated"
+                )));
+            }
         }
         let grace = grace.unwrap_or(self.config.rotation_grace_default);
-        let previous_until = (!grace.is_zero()).then(|| now + chrono::Duration::from_std(grace).expect("grace is bounded"));
+        let previous_until = (!grace.is_zero())
+            .then(|| now + chrono::Duration::from_std(grace).expect("grace is bounded"));
         let token = token::generate(current.environment, id);
         let hash = self.hasher.hash(token.secret()).await?;
-        let key = self.store.rotate(tenant, id, &hash, previous_until, now).await.map_err(|e| match e {
-            // Revoked between the check and the update.
-            StoreError::NotFound => ApiKeyError::FailedPrecondition(format!("api key {id} is revoked and cannot be rotated")),
-            other => other.into(),
-        })?;
+        let key = self
+            .store
+            .rotate(tenant, id, &hash, previous_until, now)
+            .await
+            .map_err(|e| match e {
+                // Revoked between the check and the update.
+                StoreError::NotFound => ApiKeyError::FailedPrecondition(format!(
+                    "api key {id} is revoked and cannot be rotated"
+                )),
+                other => other.into(),
+            })?;
         self.broadcast(id).await;
         tracing::info!(tenant = %tenant, key_id = %id, actor = %principal.actor(), grace_s = grace.as_secs(), "api key rotated");
         Ok((key, token))
@@ -162,19 +211,30 @@ impl ApiKeys {
     pub async fn delete(&self, principal: &Principal, id: &KeyId) -> Result<(), ApiKeyError> {
         let tenant = principal.tenant_with(Scope::ApiKeysWrite)?;
         self.managed(principal, tenant, id).await?;
-        self.store.delete(tenant, id).await.map_err(|e| not_found(e, id))?;
+        self.store
+            .delete(tenant, id)
+            .await
+            .map_err(|e| not_found(e, id))?;
         self.broadcast(id).await;
         tracing::info!(tenant = %tenant, key_id = %id, actor = %principal.actor(), "api key deleted");
         Ok(())
     }
 
     async fn find(&self, tenant: TenantId, id: &KeyId) -> Result<ApiKey, ApiKeyError> {
-        self.store.get(tenant, id).await.map_err(|e| not_found(e, id))
+        self.store
+            .get(tenant, id)
+            .await
+            .map_err(|e| not_found(e, id))
     }
 
     /// The key, if the principal may manage it: a key principal may only manage keys whose
     /// scopes it holds itself (else rotating a broader key would hand over its secret).
-    async fn managed(&self, principal: &Principal, tenant: TenantId, id: &KeyId) -> Result<ApiKey, ApiKeyError> {
+    async fn managed(
+        &self,
+        principal: &Principal,
+        tenant: TenantId,
+        id: &KeyId,
+    ) -> Result<ApiKey, ApiKeyError> {
         let key = self.find(tenant, id).await?;
         ensure_covers(principal, &key.scopes, "manage a key with")?;
         Ok(key)

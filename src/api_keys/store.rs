@@ -63,11 +63,13 @@ impl TryFrom<ApiKeyRow> for ApiKey {
 }
 
 fn parse_environment(s: &str) -> Result<Environment, StoreError> {
-    Environment::from_db(s).ok_or_else(|| StoreError::Unavailable(format!("unknown environment {s:?} in api_keys")))
+    Environment::from_db(s)
+        .ok_or_else(|| StoreError::Unavailable(format!("unknown environment {s:?} in api_keys")))
 }
 
 fn parse_scopes(names: &[String]) -> Result<Scopes, StoreError> {
-    Scopes::parse(names).map_err(|e| StoreError::Unavailable(format!("unknown scopes in api_keys: {e:?}")))
+    Scopes::parse(names)
+        .map_err(|e| StoreError::Unavailable(format!("unknown scopes in api_keys: {e:?}")))
 }
 
 /// What the verifier needs to decide on a token.
@@ -145,8 +147,11 @@ impl ApiKeyStore {
             revoke_reason: None,
         };
         let mut conn = self.pool.get().await?;
-        let stored: ApiKeyRow =
-            diesel::insert_into(api_keys::table).values(&row).returning(ApiKeyRow::as_returning()).get_result(&mut conn).await?;
+        let stored: ApiKeyRow = diesel::insert_into(api_keys::table)
+            .values(&row)
+            .returning(ApiKeyRow::as_returning())
+            .get_result(&mut conn)
+            .await?;
         stored.try_into()
     }
 
@@ -170,23 +175,31 @@ impl ApiKeyStore {
         limit: i64,
         now: DateTime<Utc>,
     ) -> Result<Vec<ApiKey>, StoreError> {
-        let mut query = api_keys::table.filter(api_keys::tenant_id.eq(tenant.0)).into_boxed();
+        let mut query = api_keys::table
+            .filter(api_keys::tenant_id.eq(tenant.0))
+            .into_boxed();
         if let Some(env) = filter.environment {
             query = query.filter(api_keys::environment.eq(env.as_str()));
         }
         query = match filter.state {
             None => query,
             Some(KeyState::Revoked) => query.filter(api_keys::revoke_time.is_not_null()),
-            Some(KeyState::Expired) => query.filter(api_keys::revoke_time.is_null()).filter(api_keys::expire_time.le(now)),
-            Some(KeyState::Active) => query
+            Some(KeyState::Expired) => query
                 .filter(api_keys::revoke_time.is_null())
-                .filter(api_keys::expire_time.is_null().or(api_keys::expire_time.gt(now))),
+                .filter(api_keys::expire_time.le(now)),
+            Some(KeyState::Active) => query.filter(api_keys::revoke_time.is_null()).filter(
+                api_keys::expire_time
+                    .is_null()
+                    .or(api_keys::expire_time.gt(now)),
+            ),
         };
         if let Some(c) = after {
             query = query.filter(
                 api_keys::create_time
                     .lt(c.create_time)
-                    .or(api_keys::create_time.eq(c.create_time).and(api_keys::id.lt(c.id.clone()))),
+                    .or(api_keys::create_time
+                        .eq(c.create_time)
+                        .and(api_keys::id.lt(c.id.clone()))),
             );
         }
         let mut conn = self.pool.get().await?;
@@ -199,7 +212,13 @@ impl ApiKeyStore {
         rows.into_iter().map(ApiKey::try_from).collect()
     }
 
-    pub async fn update(&self, tenant: TenantId, id: &KeyId, changes: &ApiKeyChanges, now: DateTime<Utc>) -> Result<ApiKey, StoreError> {
+    pub async fn update(
+        &self,
+        tenant: TenantId,
+        id: &KeyId,
+        changes: &ApiKeyChanges,
+        now: DateTime<Utc>,
+    ) -> Result<ApiKey, StoreError> {
         let set = Changeset {
             name: changes.name.clone(),
             description: changes.description.clone(),
@@ -220,7 +239,13 @@ impl ApiKeyStore {
     }
 
     /// Revokes an active key; a key revoked before keeps its first revoke time and reason.
-    pub async fn revoke(&self, tenant: TenantId, id: &KeyId, reason: &str, now: DateTime<Utc>) -> Result<ApiKey, StoreError> {
+    pub async fn revoke(
+        &self,
+        tenant: TenantId,
+        id: &KeyId,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<ApiKey, StoreError> {
         let mut conn = self.pool.get().await?;
         let updated: Option<ApiKeyRow> = diesel::update(api_keys::table)
             .filter(api_keys::tenant_id.eq(tenant.0))
@@ -288,10 +313,18 @@ impl ApiKeyStore {
 
     pub async fn delete(&self, tenant: TenantId, id: &KeyId) -> Result<(), StoreError> {
         let mut conn = self.pool.get().await?;
-        let n = diesel::delete(api_keys::table.filter(api_keys::tenant_id.eq(tenant.0)).filter(api_keys::id.eq(id.as_str())))
-            .execute(&mut conn)
-            .await?;
-        if n == 0 { Err(StoreError::NotFound) } else { Ok(()) }
+        let n = diesel::delete(
+            api_keys::table
+                .filter(api_keys::tenant_id.eq(tenant.0))
+                .filter(api_keys::id.eq(id.as_str())),
+        )
+        .execute(&mut conn)
+        .await?;
+        if n == 0 {
+            Err(StoreError::NotFound)
+        } else {
+            Ok(())
+        }
     }
 
     /// The verifier's lookup, by key id alone.
@@ -348,7 +381,10 @@ impl ApiKeyStore {
     }
 
     /// Writes a batch of last-use times in one statement; a time never moves backwards.
-    pub async fn touch_last_used(&self, batch: &[(KeyId, DateTime<Utc>)]) -> Result<usize, StoreError> {
+    pub async fn touch_last_used(
+        &self,
+        batch: &[(KeyId, DateTime<Utc>)],
+    ) -> Result<usize, StoreError> {
         use diesel::sql_types::{Array, Text, Timestamptz};
         if batch.is_empty() {
             return Ok(0);
@@ -367,14 +403,19 @@ impl ApiKeyStore {
     }
 
     /// Drops the hashes of rotated-out secrets whose grace period has ended.
-    pub async fn purge_expired_previous_secrets(&self, now: DateTime<Utc>) -> Result<usize, StoreError> {
+    pub async fn purge_expired_previous_secrets(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<usize, StoreError> {
         let mut conn = self.pool.get().await?;
-        Ok(diesel::update(api_keys::table.filter(api_keys::previous_secret_expire_time.le(now)))
-            .set((
-                api_keys::previous_secret_hash.eq(None::<String>),
-                api_keys::previous_secret_expire_time.eq(None::<DateTime<Utc>>),
-            ))
-            .execute(&mut conn)
-            .await?)
+        Ok(
+            diesel::update(api_keys::table.filter(api_keys::previous_secret_expire_time.le(now)))
+                .set((
+                    api_keys::previous_secret_hash.eq(None::<String>),
+                    api_keys::previous_secret_expire_time.eq(None::<DateTime<Utc>>),
+                ))
+                .execute(&mut conn)
+                .await?,
+        )
     }
 }

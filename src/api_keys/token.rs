@@ -50,7 +50,10 @@ impl NewToken {
 
 impl std::fmt::Debug for NewToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NewToken").field("key_id", &self.key_id).field("token", &"<redacted>").finish()
+        f.debug_struct("NewToken")
+            .field("key_id", &self.key_id)
+            .field("token", &"<redacted>")
+            .finish()
     }
 }
 
@@ -62,7 +65,9 @@ pub fn new_key_id() -> KeyId {
 /// A new token for `key_id` with a fresh random secret.
 pub fn generate(environment: Environment, key_id: &KeyId) -> NewToken {
     let mut bytes = [0u8; 32];
-    SystemRandom::new().fill(&mut bytes).expect("the OS random source failed");
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("the OS random source failed");
     let mut secret = String::with_capacity(SECRET_LEN);
     for half in bytes.chunks_exact(16) {
         let n = u128::from_be_bytes(half.try_into().expect("16 bytes"));
@@ -70,7 +75,10 @@ pub fn generate(environment: Environment, key_id: &KeyId) -> NewToken {
     }
     let body = format!("dg_{}_{}_{}", environment.as_str(), key_id, secret);
     let token = format!("{body}{}", checksum(&body));
-    NewToken { key_id: key_id.clone(), token }
+    NewToken {
+        key_id: key_id.clone(),
+        token,
+    }
 }
 
 /// Splits and checks a presented token. No I/O: a malformed token costs microseconds.
@@ -84,7 +92,11 @@ pub fn parse(token: &str) -> Result<ParsedToken<'_>, TokenError> {
         return Err(TokenError::Prefix);
     };
     let (key_id, tail) = rest.split_once('_').ok_or(TokenError::Shape)?;
-    if key_id.len() != KEY_ID_LEN || tail.len() != SECRET_LEN + CHECKSUM_LEN || !is_base62(key_id) || !is_base62(tail) {
+    if key_id.len() != KEY_ID_LEN
+        || tail.len() != SECRET_LEN + CHECKSUM_LEN
+        || !is_base62(key_id)
+        || !is_base62(tail)
+    {
         return Err(TokenError::Shape);
     }
     let (secret, sum) = tail.split_at(SECRET_LEN);
@@ -92,7 +104,11 @@ pub fn parse(token: &str) -> Result<ParsedToken<'_>, TokenError> {
     if checksum(body) != sum {
         return Err(TokenError::Checksum);
     }
-    Ok(ParsedToken { environment, key_id: KeyId::new_unchecked(key_id.to_string()), secret })
+    Ok(ParsedToken {
+        environment,
+        key_id: KeyId::new_unchecked(key_id.to_string()),
+        secret,
+    })
 }
 
 pub fn is_base62(s: &str) -> bool {
@@ -101,7 +117,11 @@ pub fn is_base62(s: &str) -> bool {
 
 fn checksum(body: &str) -> String {
     let mut out = String::with_capacity(CHECKSUM_LEN);
-    push_base62_fixed(&mut out, u128::from(crc32fast::hash(body.as_bytes())), CHECKSUM_LEN);
+    push_base62_fixed(
+        &mut out,
+        u128::from(crc32fast::hash(body.as_bytes())),
+        CHECKSUM_LEN,
+    );
     out
 }
 
@@ -147,7 +167,10 @@ mod tests {
             assert_eq!(parsed.environment, env);
             assert_eq!(parsed.key_id, id);
             assert_eq!(parsed.secret, t.secret());
-            assert!(!format!("{t:?}").contains(t.secret()), "Debug hides the token");
+            assert!(
+                !format!("{t:?}").contains(t.secret()),
+                "Debug hides the token"
+            );
         }
     }
 
@@ -176,7 +199,10 @@ mod tests {
         let t = generate(Environment::Test, &new_key_id()).token;
         assert_eq!(parse(""), Err(TokenError::Prefix));
         assert_eq!(parse("sk_live_abc"), Err(TokenError::Prefix));
-        assert_eq!(parse(&t.replacen("dg_test_", "dg_prod_", 1)), Err(TokenError::Prefix));
+        assert_eq!(
+            parse(&t.replacen("dg_test_", "dg_prod_", 1)),
+            Err(TokenError::Prefix)
+        );
         assert_eq!(parse(&t[..t.len() - 1]), Err(TokenError::Shape));
         assert_eq!(parse(&format!("{t}x")), Err(TokenError::Shape));
         assert_eq!(parse(&t.replacen('_', "-", 3)), Err(TokenError::Prefix));
@@ -184,7 +210,10 @@ mod tests {
         bad.replace_range(20..21, "!");
         assert!(parse(&bad).is_err());
         // Switching the environment changes the checksummed body.
-        assert_eq!(parse(&t.replacen("dg_test_", "dg_live_", 1)), Err(TokenError::Checksum));
+        assert_eq!(
+            parse(&t.replacen("dg_test_", "dg_live_", 1)),
+            Err(TokenError::Checksum)
+        );
     }
 
     #[test]

@@ -137,7 +137,10 @@ impl KeyVerifier {
             self.failures.record(&parsed.key_id).await;
             return Ok(Err(VerifyFailure::NotFound));
         };
-        let Some(valid_until) = self.match_secret(&record, parsed.environment, parsed.secret, now).await? else {
+        let Some(valid_until) = self
+            .match_secret(&record, parsed.environment, parsed.secret, now)
+            .await?
+        else {
             self.failures.record(&parsed.key_id).await;
             return Ok(Err(VerifyFailure::NotFound));
         };
@@ -156,7 +159,10 @@ impl KeyVerifier {
                 environment: record.environment,
             },
             allowed_cidrs: record.allowed_cidrs,
-            valid_until: [valid_until, record.expire_time].into_iter().flatten().min(),
+            valid_until: [valid_until, record.expire_time]
+                .into_iter()
+                .flatten()
+                .min(),
         });
         self.cache.insert(digest, entry.clone()).await;
         Ok(self.admit(&entry, client_ip, now))
@@ -177,7 +183,10 @@ impl KeyVerifier {
         if self.hasher.verify(secret, &record.secret_hash).await? {
             return Ok(Some(None));
         }
-        if let (Some(previous), Some(until)) = (&record.previous_secret_hash, record.previous_secret_expire_time) {
+        if let (Some(previous), Some(until)) = (
+            &record.previous_secret_hash,
+            record.previous_secret_expire_time,
+        ) {
             if until > now && self.hasher.verify(secret, previous).await? {
                 return Ok(Some(Some(until)));
             }
@@ -185,7 +194,12 @@ impl KeyVerifier {
         Ok(None)
     }
 
-    fn admit(&self, entry: &CachedKey, client_ip: Option<IpAddr>, now: DateTime<Utc>) -> Result<VerifiedKey, VerifyFailure> {
+    fn admit(
+        &self,
+        entry: &CachedKey,
+        client_ip: Option<IpAddr>,
+        now: DateTime<Utc>,
+    ) -> Result<VerifiedKey, VerifyFailure> {
         if !ip_allowed(&entry.allowed_cidrs, client_ip) {
             return Err(VerifyFailure::IpNotAllowed);
         }
@@ -196,7 +210,10 @@ impl KeyVerifier {
     /// Drops every cached token of `key_id` (revoked, rotated, updated or deleted).
     pub fn invalidate(&self, key_id: &KeyId) {
         let key_id = key_id.clone();
-        if let Err(e) = self.cache.invalidate_entries_if(move |_, entry| entry.key.key_id == key_id) {
+        if let Err(e) = self
+            .cache
+            .invalidate_entries_if(move |_, entry| entry.key.key_id == key_id)
+        {
             tracing::error!(error = %e, "cache invalidation failed; clearing the whole cache");
             self.cache.invalidate_all();
         }
@@ -241,7 +258,13 @@ impl FailureLimiter {
              if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end \
              return n",
         );
-        Self { redis, limit, window, script, degraded: AtomicBool::new(false) }
+        Self {
+            redis,
+            limit,
+            window,
+            script,
+            degraded: AtomicBool::new(false),
+        }
     }
 
     fn key(&self, id: &KeyId) -> String {
@@ -252,17 +275,27 @@ impl FailureLimiter {
     async fn locked(&self, id: &KeyId) -> Option<Duration> {
         let mut conn = self.redis.conn();
         let key = self.key(id);
-        let result: redis::RedisResult<(Option<u32>, i64)> = redis::pipe().get(&key).pttl(&key).query_async(&mut conn).await;
+        let result: redis::RedisResult<(Option<u32>, i64)> = redis::pipe()
+            .get(&key)
+            .pttl(&key)
+            .query_async(&mut conn)
+            .await;
         match self.observe(result) {
-            Some((Some(n), ttl_ms)) if n >= self.limit => Some(Duration::from_millis(ttl_ms.max(1000) as u64)),
+            Some((Some(n), ttl_ms)) if n >= self.limit => {
+                Some(Duration::from_millis(ttl_ms.max(1000) as u64))
+            }
             _ => None,
         }
     }
 
     async fn record(&self, id: &KeyId) {
         let mut conn = self.redis.conn();
-        let result: redis::RedisResult<u32> =
-            self.script.key(self.key(id)).arg(self.window.as_millis() as u64).invoke_async(&mut conn).await;
+        let result: redis::RedisResult<u32> = self
+            .script
+            .key(self.key(id))
+            .arg(self.window.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await;
         self.observe(result);
     }
 

@@ -39,11 +39,18 @@ impl JwtVerifier {
     pub fn from_config(config: &AuthConfig) -> anyhow::Result<Option<Self>> {
         let mut keys = Vec::new();
         if let Some(secret) = &config.jwt_hs256_secret {
-            keys.push((Algorithm::HS256, DecodingKey::from_secret(secret.expose_secret().as_bytes())));
+            keys.push((
+                Algorithm::HS256,
+                DecodingKey::from_secret(secret.expose_secret().as_bytes()),
+            ));
         }
         if let Some(path) = &config.jwt_public_key_path {
-            let pem = std::fs::read(path)
-                .map_err(|e| anyhow::anyhow!("DEVGATE_JWT_PUBLIC_KEY_PATH: cannot read {}: {e}", path.display()))?;
+            let pem = std::fs::read(path).map_err(|e| {
+                anyhow::anyhow!(
+                    "DEVGATE_JWT_PUBLIC_KEY_PATH: cannot read {}: {e}",
+                    path.display()
+                )
+            })?;
             if let Ok(key) = DecodingKey::from_ed_pem(&pem) {
                 keys.push((Algorithm::EdDSA, key));
             } else {
@@ -53,11 +60,16 @@ impl JwtVerifier {
                 keys.push((Algorithm::RS256, key));
             }
         }
-        Ok((!keys.is_empty()).then(|| Self { keys, issuer: config.jwt_issuer.clone(), audience: config.jwt_audience.clone() }))
+        Ok((!keys.is_empty()).then(|| Self {
+            keys,
+            issuer: config.jwt_issuer.clone(),
+            audience: config.jwt_audience.clone(),
+        }))
     }
 
     pub fn verify(&self, token: &str) -> Result<UserPrincipal, AuthError> {
-        let invalid = |why: String| AuthError::InvalidCredentials(format!("user token rejected: {why}"));
+        let invalid =
+            |why: String| AuthError::InvalidCredentials(format!("user token rejected: {why}"));
         let header = jsonwebtoken::decode_header(token).map_err(|e| invalid(e.to_string()))?;
         let (alg, key) = self
             .keys
@@ -74,7 +86,9 @@ impl JwtVerifier {
         if let Some(iss) = &self.issuer {
             validation.set_issuer(&[iss]);
         }
-        let claims = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| invalid(e.to_string()))?.claims;
+        let claims = jsonwebtoken::decode::<Claims>(token, key, &validation)
+            .map_err(|e| invalid(e.to_string()))?
+            .claims;
         if claims.sub.is_empty() || claims.sub.len() > 200 {
             return Err(invalid("sub must be 1 to 200 characters".into()));
         }
@@ -97,7 +111,13 @@ pub fn scopes_for_roles(roles: &[String]) -> Scopes {
 }
 
 /// Signs an HS256 user token (the `dev-token` command, tests).
-pub fn mint_hs256(secret: &str, tenant: Uuid, user: &str, roles: &[String], ttl: Duration) -> anyhow::Result<String> {
+pub fn mint_hs256(
+    secret: &str,
+    tenant: Uuid,
+    user: &str,
+    roles: &[String],
+    ttl: Duration,
+) -> anyhow::Result<String> {
     let now = chrono::Utc::now().timestamp();
     let claims = Claims {
         sub: user.to_string(),
@@ -108,7 +128,11 @@ pub fn mint_hs256(secret: &str, tenant: Uuid, user: &str, roles: &[String], ttl:
         iss: None,
         aud: None,
     };
-    Ok(jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes()))?)
+    Ok(jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )?)
 }
 
 #[cfg(test)]
@@ -131,7 +155,14 @@ mod tests {
     #[test]
     fn minted_tokens_verify_and_carry_roles() {
         let tenant = Uuid::new_v4();
-        let token = mint_hs256(SECRET, tenant, "alice", &["admin".into()], Duration::from_secs(60)).unwrap();
+        let token = mint_hs256(
+            SECRET,
+            tenant,
+            "alice",
+            &["admin".into()],
+            Duration::from_secs(60),
+        )
+        .unwrap();
         let user = verifier().verify(&token).unwrap();
         assert_eq!(user.tenant_id, TenantId(tenant));
         assert_eq!(user.user_id, "alice");
@@ -146,11 +177,31 @@ mod tests {
     #[test]
     fn wrong_secret_and_expired_tokens_fail() {
         let tenant = Uuid::new_v4();
-        let forged = mint_hs256("another-secret-another-secret-another-1", tenant, "eve", &[], Duration::from_secs(60)).unwrap();
+        let forged = mint_hs256(
+            "another-secret-another-secret-another-1",
+            tenant,
+            "eve",
+            &[],
+            Duration::from_secs(60),
+        )
+        .unwrap();
         assert!(verifier().verify(&forged).is_err());
         let now = chrono::Utc::now().timestamp();
-        let claims = Claims { sub: "a".into(), tenant_id: tenant, roles: vec![], iat: now - 7200, exp: now - 3600, iss: None, aud: None };
-        let expired = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap();
+        let claims = Claims {
+            sub: "a".into(),
+            tenant_id: tenant,
+            roles: vec![],
+            iat: now - 7200,
+            exp: now - 3600,
+            iss: None,
+            aud: None,
+        };
+        let expired = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap();
         assert!(verifier().verify(&expired).is_err());
         assert!(verifier().verify("not.a.jwt").is_err());
     }

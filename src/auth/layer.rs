@@ -17,7 +17,10 @@ use super::{Authenticator, Principal};
 #[derive(Clone)]
 pub enum Listener {
     /// Behind Envoy: API keys and user JWTs.
-    Public { authenticator: Arc<Authenticator>, trust_forwarded_for: bool },
+    Public {
+        authenticator: Arc<Authenticator>,
+        trust_forwarded_for: bool,
+    },
     /// Trusted network only: every caller is [`Principal::Service`].
     Internal,
 }
@@ -36,7 +39,10 @@ impl AuthLayer {
 impl<S> Layer<S> for AuthLayer {
     type Service = AuthService<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        AuthService { inner, listener: self.listener.clone() }
+        AuthService {
+            inner,
+            listener: self.listener.clone(),
+        }
     }
 }
 
@@ -48,7 +54,10 @@ pub struct AuthService<S> {
 
 impl<S, B> Service<http::Request<B>> for AuthService<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>> + Clone + Send + 'static,
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     B: Send + 'static,
 {
@@ -72,7 +81,10 @@ where
             }
             let principal = match &listener {
                 Listener::Internal => Ok(Principal::Service),
-                Listener::Public { authenticator, trust_forwarded_for } => {
+                Listener::Public {
+                    authenticator,
+                    trust_forwarded_for,
+                } => {
                     let ip = client_ip(&req, *trust_forwarded_for);
                     authenticator.authenticate(req.headers(), ip).await
                 }
@@ -107,12 +119,15 @@ fn client_ip<B>(req: &http::Request<B>, trust_forwarded_for: bool) -> Option<IpA
             return forwarded;
         }
     }
-    req.extensions().get::<TcpConnectInfo>().and_then(|info| info.remote_addr()).map(|a| a.ip())
+    req.extensions()
+        .get::<TcpConnectInfo>()
+        .and_then(|info| info.remote_addr())
+        .map(|a| a.ip())
 }
 
 /// The principal the layer resolved for this call.
 pub fn principal<T>(req: &tonic::Request<T>) -> Result<&Principal, Status> {
-    req.extensions()
-        .get::<Principal>()
-        .ok_or_else(|| Status::internal("no principal on the request: the auth layer is not installed"))
+    req.extensions().get::<Principal>().ok_or_else(|| {
+        Status::internal("no principal on the request: the auth layer is not installed")
+    })
 }

@@ -99,7 +99,9 @@ impl Principal {
         if self.scopes().grants(scope) {
             Ok(())
         } else {
-            Err(AuthError::PermissionDenied(format!("requires scope {scope}")))
+            Err(AuthError::PermissionDenied(format!(
+                "requires scope {scope}"
+            )))
         }
     }
 
@@ -135,22 +137,39 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    pub fn new(keys: Arc<KeyVerifier>, jwt: Option<jwt::JwtVerifier>, tenants: TenantDirectory) -> Self {
+    pub fn new(
+        keys: Arc<KeyVerifier>,
+        jwt: Option<jwt::JwtVerifier>,
+        tenants: TenantDirectory,
+    ) -> Self {
         Self { keys, jwt, tenants }
     }
 
-    pub async fn authenticate(&self, headers: &HeaderMap, client_ip: Option<IpAddr>) -> Result<Principal, AuthError> {
+    pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        client_ip: Option<IpAddr>,
+    ) -> Result<Principal, AuthError> {
         match credential(headers)? {
             Credential::ApiKey(token) => {
-                let key = self.keys.verify(token, client_ip).await.map_err(AuthError::from)?.map_err(|f| match f {
-                    VerifyFailure::TooManyAttempts { retry_after } => AuthError::TooManyAttempts { retry_after },
-                    other => AuthError::KeyRejected(other),
-                })?;
+                let key = self
+                    .keys
+                    .verify(token, client_ip)
+                    .await
+                    .map_err(AuthError::from)?
+                    .map_err(|f| match f {
+                        VerifyFailure::TooManyAttempts { retry_after } => {
+                            AuthError::TooManyAttempts { retry_after }
+                        }
+                        other => AuthError::KeyRejected(other),
+                    })?;
                 Ok(Principal::ApiKey(key.into_principal()))
             }
             Credential::Jwt(token) => {
                 let verifier = self.jwt.as_ref().ok_or_else(|| {
-                    AuthError::InvalidCredentials("user tokens are not accepted: no JWT key is configured".into())
+                    AuthError::InvalidCredentials(
+                        "user tokens are not accepted: no JWT key is configured".into(),
+                    )
                 })?;
                 let user = verifier.verify(token)?;
                 self.tenants.ensure(user.tenant_id).await?;
@@ -170,7 +189,11 @@ fn credential(headers: &HeaderMap) -> Result<Credential<'_>, AuthError> {
     let text = |name: &str| -> Result<Option<&str>, AuthError> {
         headers
             .get(name)
-            .map(|v| v.to_str().map(str::trim).map_err(|_| AuthError::InvalidCredentials(format!("{name} is not ASCII"))))
+            .map(|v| {
+                v.to_str()
+                    .map(str::trim)
+                    .map_err(|_| AuthError::InvalidCredentials(format!("{name} is not ASCII")))
+            })
             .transpose()
     };
     if let Some(key) = text("x-api-key")? {
@@ -181,8 +204,14 @@ fn credential(headers: &HeaderMap) -> Result<Credential<'_>, AuthError> {
     };
     let (scheme, token) = authorization.split_once(' ').unwrap_or((authorization, ""));
     if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
-        return Err(AuthError::InvalidCredentials("authorization must be `Bearer <token>`".into()));
+        return Err(AuthError::InvalidCredentials(
+            "authorization must be `Bearer <token>`".into(),
+        ));
     }
     let token = token.trim();
-    Ok(if token.starts_with("dg_") { Credential::ApiKey(token) } else { Credential::Jwt(token) })
+    Ok(if token.starts_with("dg_") {
+        Credential::ApiKey(token)
+    } else {
+        Credential::Jwt(token)
+    })
 }

@@ -68,7 +68,10 @@ pub struct UnknownScope(pub String);
 impl FromStr for Scope {
     type Err = UnknownScope;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Scope::EVERY.into_iter().find(|scope| scope.as_str() == s).ok_or_else(|| UnknownScope(s.to_string()))
+        Scope::EVERY
+            .into_iter()
+            .find(|scope| scope.as_str() == s)
+            .ok_or_else(|| UnknownScope(s.to_string()))
     }
 }
 
@@ -97,7 +100,12 @@ impl Scopes {
 
     /// The requested scopes `self` does not cover.
     pub fn missing_from(&self, requested: &Scopes) -> Vec<Scope> {
-        requested.0.iter().copied().filter(|s| !self.covers(&Scopes([*s].into()))).collect()
+        requested
+            .0
+            .iter()
+            .copied()
+            .filter(|s| !self.covers(&Scopes([*s].into())))
+            .collect()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -114,7 +122,10 @@ impl Scopes {
 
     /// Parses scope names, reporting every unknown one.
     pub fn parse<S: AsRef<str>>(names: &[S]) -> Result<Scopes, Vec<UnknownScope>> {
-        let (ok, bad): (Vec<_>, Vec<_>) = names.iter().map(|n| n.as_ref().parse::<Scope>()).partition(Result::is_ok);
+        let (ok, bad): (Vec<_>, Vec<_>) = names
+            .iter()
+            .map(|n| n.as_ref().parse::<Scope>())
+            .partition(Result::is_ok);
         if bad.is_empty() {
             Ok(Scopes(ok.into_iter().map(Result::unwrap).collect()))
         } else {
@@ -153,7 +164,10 @@ mod tests {
         assert!(own.covers(&scopes(&["api_keys:write", "generations:write"])));
         assert!(!own.covers(&scopes(&["webhooks:write"])));
         assert!(!own.covers(&scopes(&["*"])), "* only from *");
-        assert_eq!(own.missing_from(&scopes(&["usage:read", "teams:read", "*"])), vec![Scope::All, Scope::TeamsRead]);
+        assert_eq!(
+            own.missing_from(&scopes(&["usage:read", "teams:read", "*"])),
+            vec![Scope::All, Scope::TeamsRead]
+        );
         // write does not imply read: scopes are exact.
         assert!(!own.grants(Scope::ApiKeysRead));
     }
@@ -161,7 +175,13 @@ mod tests {
     #[test]
     fn unknown_scopes_are_all_reported() {
         let err = Scopes::parse(&["usage:read", "usage:write", "root"]).unwrap_err();
-        assert_eq!(err, vec![UnknownScope("usage:write".into()), UnknownScope("root".into())]);
+        assert_eq!(
+            err,
+            vec![
+                UnknownScope("usage:write".into()),
+                UnknownScope("root".into())
+            ]
+        );
     }
 
     #[test]

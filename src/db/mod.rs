@@ -48,9 +48,10 @@ impl From<diesel::result::Error> for StoreError {
                 StoreError::Conflict(info.constraint_name().unwrap_or("unique").to_string())
             }
             // diesel-async reports a lost connection as UnableToSendCommand.
-            Error::DatabaseError(DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand, info) => {
-                StoreError::Unavailable(info.message().to_string())
-            }
+            Error::DatabaseError(
+                DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
+                info,
+            ) => StoreError::Unavailable(info.message().to_string()),
             other => StoreError::Query(other),
         }
     }
@@ -65,7 +66,8 @@ impl From<bb8::RunError<PoolError>> for StoreError {
 /// Builds the pool without connecting: the process starts (and reports UNAVAILABLE per call)
 /// while Postgres is down, and the pool reconnects by itself when it is back.
 pub fn pool(config: &DatabaseConfig) -> PgPool {
-    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(config.url.expose_secret());
+    let manager =
+        AsyncDieselConnectionManager::<AsyncPgConnection>::new(config.url.expose_secret());
     bb8::Pool::builder()
         .max_size(config.pool_size)
         .connection_timeout(config.connect_timeout)
@@ -82,12 +84,14 @@ pub async fn migrate(url: &SecretString) -> anyhow::Result<Vec<String>> {
     // connection's sync wrapper (STACK-NOTES: block_in_place needs a multi-thread runtime).
     tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
         let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::establish(&url)?;
-        diesel::sql_query(format!("SELECT pg_advisory_lock({MIGRATION_LOCK_ID})")).execute(&mut conn)?;
+        diesel::sql_query(format!("SELECT pg_advisory_lock({MIGRATION_LOCK_ID})"))
+            .execute(&mut conn)?;
         let applied = conn
             .run_pending_migrations(MIGRATIONS)
             .map(|versions| versions.iter().map(ToString::to_string).collect())
             .map_err(|e| anyhow::anyhow!("migration failed: {e}"));
-        diesel::sql_query(format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_ID})")).execute(&mut conn)?;
+        diesel::sql_query(format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_ID})"))
+            .execute(&mut conn)?;
         applied
     })
     .await?

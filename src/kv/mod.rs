@@ -29,7 +29,11 @@ impl Redis {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(2));
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)?;
-        Ok(Self { client, conn, prefix: config.prefix.as_str().into() })
+        Ok(Self {
+            client,
+            conn,
+            prefix: config.prefix.as_str().into(),
+        })
     }
 
     /// A cheap clone of the shared multiplexed connection.
@@ -46,6 +50,8 @@ impl Redis {
     pub async fn pubsub(&self) -> redis::RedisResult<redis::aio::PubSub> {
         tokio::time::timeout(RESPONSE_TIMEOUT * 4, self.client.get_async_pubsub())
             .await
-            .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out connecting for pub/sub")))?
+            .map_err(|_| {
+                redis::RedisError::from((redis::ErrorKind::Io, "timed out connecting for pub/sub"))
+            })?
     }
 }

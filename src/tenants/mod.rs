@@ -57,7 +57,11 @@ impl FromStr for Plan {
             "professional" => Plan::Professional,
             "business" => Plan::Business,
             "enterprise" => Plan::Enterprise,
-            other => return Err(StoreError::Unavailable(format!("unknown plan {other:?} in tenants table"))),
+            other => {
+                return Err(StoreError::Unavailable(format!(
+                    "unknown plan {other:?} in tenants table"
+                )));
+            }
         })
     }
 }

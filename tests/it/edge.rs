@@ -18,7 +18,12 @@ impl Edge {
         let world = World::new().await;
         let envoy = Envoy::start(world.app.public).await;
         let base = envoy.base.clone();
-        Edge { _world: world, _envoy: envoy, base, http: Client::new() }
+        Edge {
+            _world: world,
+            _envoy: envoy,
+            base,
+            http: Client::new(),
+        }
     }
 
     fn url(&self, path: &str) -> String {
@@ -47,33 +52,62 @@ async fn rest_lifecycle_through_envoy() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    assert!(resp.headers().get("x-request-id").is_some(), "request id on REST responses");
-    assert!(resp.headers().get("grpc-status").is_none(), "grpc-status is not leaked on success");
+    assert!(
+        resp.headers().get("x-request-id").is_some(),
+        "request id on REST responses"
+    );
+    assert!(
+        resp.headers().get("grpc-status").is_none(),
+        "grpc-status is not leaked on success"
+    );
     let created = json_of(resp).await;
     let id = created["api_key"]["id"].as_str().unwrap().to_string();
     let secret = created["secret"].as_str().unwrap().to_string();
     assert!(secret.starts_with("dg_test_"));
     assert_eq!(created["api_key"]["state"], "API_KEY_STATE_ACTIVE");
     assert_eq!(created["api_key"]["environment"], "ENVIRONMENT_TEST");
-    assert!(created["api_key"]["create_time"].as_str().unwrap().ends_with('Z'), "RFC 3339 timestamps, snake_case fields");
+    assert!(
+        created["api_key"]["create_time"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z'),
+        "RFC 3339 timestamps, snake_case fields"
+    );
 
     // Use the key: list.
-    let resp = e.http.get(e.url("/v1/api-keys")).header("x-api-key", &secret).send().await.unwrap();
+    let resp = e
+        .http
+        .get(e.url("/v1/api-keys"))
+        .header("x-api-key", &secret)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let listed = json_of(resp).await;
     assert_eq!(listed["api_keys"][0]["id"], id.as_str());
-    assert!(!listed.to_string().contains(&secret), "secrets are never listed");
+    assert!(
+        !listed.to_string().contains(&secret),
+        "secrets are never listed"
+    );
 
     // Bearer form of the key, query filters, get.
     let resp = e
         .http
-        .get(e.url("/v1/api-keys?page_size=10&environment=ENVIRONMENT_TEST&state=API_KEY_STATE_ACTIVE"))
+        .get(e.url(
+            "/v1/api-keys?page_size=10&environment=ENVIRONMENT_TEST&state=API_KEY_STATE_ACTIVE",
+        ))
         .bearer_auth(&secret)
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    let resp = e.http.get(e.url(&format!("/v1/api-keys/{id}"))).bearer_auth(&secret).send().await.unwrap();
+    let resp = e
+        .http
+        .get(e.url(&format!("/v1/api-keys/{id}")))
+        .bearer_auth(&secret)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(json_of(resp).await["name"], "my first key");
 
     // Update (PATCH with the key's fields as the body).
@@ -98,7 +132,10 @@ async fn rest_lifecycle_through_envoy() {
         .await
         .unwrap();
     let updated = json_of(resp).await;
-    assert_eq!((updated["name"].as_str(), updated["description"].as_str()), (Some("ci key"), Some("only this")));
+    assert_eq!(
+        (updated["name"].as_str(), updated["description"].as_str()),
+        (Some("ci key"), Some("only this"))
+    );
 
     // Rotate: both secrets work during the grace period.
     let resp = e
@@ -114,7 +151,13 @@ async fn rest_lifecycle_through_envoy() {
     let new_secret = rotated["secret"].as_str().unwrap().to_string();
     assert_ne!(new_secret, secret);
     for s in [&secret, &new_secret] {
-        let resp = e.http.get(e.url("/v1/api-keys")).header("x-api-key", s).send().await.unwrap();
+        let resp = e
+            .http
+            .get(e.url("/v1/api-keys"))
+            .header("x-api-key", s)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
     }
 
@@ -128,18 +171,42 @@ async fn rest_lifecycle_through_envoy() {
         .await
         .unwrap();
     assert_eq!(json_of(resp).await["state"], "API_KEY_STATE_REVOKED");
-    let resp = e.http.get(e.url("/v1/api-keys")).header("x-api-key", &new_secret).send().await.unwrap();
+    let resp = e
+        .http
+        .get(e.url("/v1/api-keys"))
+        .header("x-api-key", &new_secret)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
-    assert!(resp.headers().get("x-request-id").is_some(), "request id on errors too");
+    assert!(
+        resp.headers().get("x-request-id").is_some(),
+        "request id on errors too"
+    );
     let body = json_of(resp).await;
     assert_eq!(body["code"], 16);
-    assert_eq!(body["details"][0]["@type"], "type.googleapis.com/google.rpc.ErrorInfo");
+    assert_eq!(
+        body["details"][0]["@type"],
+        "type.googleapis.com/google.rpc.ErrorInfo"
+    );
     assert_eq!(body["details"][0]["reason"], "API_KEY_REVOKED");
 
     // Delete.
-    let resp = e.http.delete(e.url(&format!("/v1/api-keys/{id}"))).bearer_auth(&token).send().await.unwrap();
+    let resp = e
+        .http
+        .delete(e.url(&format!("/v1/api-keys/{id}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    let resp = e.http.get(e.url(&format!("/v1/api-keys/{id}"))).bearer_auth(&token).send().await.unwrap();
+    let resp = e
+        .http
+        .get(e.url(&format!("/v1/api-keys/{id}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
 }
 
@@ -148,14 +215,21 @@ async fn rest_errors_are_precise() {
     let e = Edge::start().await;
     let token = admin_token(Uuid::new_v4());
     let post = |body: &str| {
-        e.http.post(e.url("/v1/api-keys")).bearer_auth(&token).header("content-type", "application/json").body(body.to_string()).send()
+        e.http
+            .post(e.url("/v1/api-keys"))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
     };
 
     // Bad JSON.
     let resp = post("{\"name\": ").await.unwrap();
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     // An unknown enum value.
-    let resp = post(r#"{"name":"x","scopes":["*"],"environment":"ENVIRONMENT_PROD"}"#).await.unwrap();
+    let resp = post(r#"{"name":"x","scopes":["*"],"environment":"ENVIRONMENT_PROD"}"#)
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     // Missing fields: every one named in google.rpc.BadRequest.
     let resp = post("{}").await.unwrap();
@@ -164,17 +238,32 @@ async fn rest_errors_are_precise() {
     assert_eq!(body["code"], 3);
     let detail = &body["details"][0];
     assert_eq!(detail["@type"], "type.googleapis.com/google.rpc.BadRequest");
-    let fields: Vec<&str> = detail["field_violations"].as_array().unwrap().iter().map(|v| v["field"].as_str().unwrap()).collect();
+    let fields: Vec<&str> = detail["field_violations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["field"].as_str().unwrap())
+        .collect();
     assert_eq!(fields, vec!["name", "scopes", "environment"]);
     // An unknown scope.
-    let resp = post(r#"{"name":"x","scopes":["root"],"environment":"ENVIRONMENT_LIVE"}"#).await.unwrap();
+    let resp = post(r#"{"name":"x","scopes":["root"],"environment":"ENVIRONMENT_LIVE"}"#)
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
-    assert!(json_of(resp).await["message"].as_str().unwrap().contains("unknown scope"));
+    assert!(
+        json_of(resp).await["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown scope")
+    );
 
     // No credentials.
     let resp = e.http.get(e.url("/v1/api-keys")).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(json_of(resp).await["details"][0]["reason"], "MISSING_CREDENTIALS");
+    assert_eq!(
+        json_of(resp).await["details"][0]["reason"],
+        "MISSING_CREDENTIALS"
+    );
 
     // Another tenant's key: 404, exactly like a missing one.
     let other = admin_token(Uuid::new_v4());
@@ -186,10 +275,25 @@ async fn rest_errors_are_precise() {
         .send()
         .await
         .unwrap();
-    let theirs = json_of(resp).await["api_key"]["id"].as_str().unwrap().to_string();
-    let resp = e.http.get(e.url(&format!("/v1/api-keys/{theirs}"))).bearer_auth(&token).send().await.unwrap();
+    let theirs = json_of(resp).await["api_key"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let resp = e
+        .http
+        .get(e.url(&format!("/v1/api-keys/{theirs}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
-    let resp = e.http.delete(e.url(&format!("/v1/api-keys/{theirs}"))).bearer_auth(&token).send().await.unwrap();
+    let resp = e
+        .http
+        .delete(e.url(&format!("/v1/api-keys/{theirs}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
 
     // Permission denied.
@@ -205,9 +309,21 @@ async fn rest_errors_are_precise() {
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
 
     // Unknown query parameters are rejected; unknown paths are 404.
-    let resp = e.http.get(e.url("/v1/api-keys?colour=blue")).bearer_auth(&token).send().await.unwrap();
+    let resp = e
+        .http
+        .get(e.url("/v1/api-keys?colour=blue"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
     assert!(resp.status().is_client_error(), "{}", resp.status());
-    let resp = e.http.get(e.url("/v1/nothing-here")).bearer_auth(&token).send().await.unwrap();
+    let resp = e
+        .http
+        .get(e.url("/v1/nothing-here"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
 }
 
@@ -225,17 +341,30 @@ async fn internal_rpcs_and_browsers() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     let addr: std::net::SocketAddr = e.base.trim_start_matches("http://").parse().unwrap();
-    let mut through_envoy = devgate::proto::v1::api_key_service_client::ApiKeyServiceClient::new(channel(addr).await);
+    let mut through_envoy =
+        devgate::proto::v1::api_key_service_client::ApiKeyServiceClient::new(channel(addr).await);
     let (_, token) = create_key(&e._world.app, Uuid::new_v4(), &["*"]).await;
     let err = through_envoy
-        .verify_api_key(devgate::proto::v1::VerifyApiKeyRequest { token: token.clone(), ..Default::default() })
+        .verify_api_key(devgate::proto::v1::VerifyApiKeyRequest {
+            token: token.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");
     // Public RPCs pass through Envoy as raw gRPC, with their status intact.
-    let listed = through_envoy.list_api_keys(api_key(devgate::proto::v1::ListApiKeysRequest::default(), &token)).await.unwrap();
+    let listed = through_envoy
+        .list_api_keys(api_key(
+            devgate::proto::v1::ListApiKeysRequest::default(),
+            &token,
+        ))
+        .await
+        .unwrap();
     assert_eq!(listed.into_inner().api_keys.len(), 1);
-    let err = through_envoy.list_api_keys(devgate::proto::v1::ListApiKeysRequest::default()).await.unwrap_err();
+    let err = through_envoy
+        .list_api_keys(devgate::proto::v1::ListApiKeysRequest::default())
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
 
     // CORS preflight for a browser client.
@@ -244,13 +373,24 @@ async fn internal_rpcs_and_browsers() {
         .request(reqwest::Method::OPTIONS, e.url("/v1/api-keys"))
         .header("origin", "https://portal.example")
         .header("access-control-request-method", "POST")
-        .header("access-control-request-headers", "authorization,content-type")
+        .header(
+            "access-control-request-headers",
+            "authorization,content-type",
+        )
         .send()
         .await
         .unwrap();
     assert!(resp.status().is_success());
-    assert_eq!(resp.headers().get("access-control-allow-origin").unwrap(), "https://portal.example");
-    let allowed = resp.headers().get("access-control-allow-headers").unwrap().to_str().unwrap();
+    assert_eq!(
+        resp.headers().get("access-control-allow-origin").unwrap(),
+        "https://portal.example"
+    );
+    let allowed = resp
+        .headers()
+        .get("access-control-allow-headers")
+        .unwrap()
+        .to_str()
+        .unwrap();
     assert!(allowed.contains("authorization"));
     // The actual response exposes the request id to the page.
     let resp = e
@@ -261,6 +401,11 @@ async fn internal_rpcs_and_browsers() {
         .send()
         .await
         .unwrap();
-    let exposed = resp.headers().get("access-control-expose-headers").unwrap().to_str().unwrap();
+    let exposed = resp
+        .headers()
+        .get("access-control-expose-headers")
+        .unwrap()
+        .to_str()
+        .unwrap();
     assert!(exposed.contains("x-request-id"));
 }

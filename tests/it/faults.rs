@@ -19,7 +19,10 @@ async fn redis_outage_degrades_then_recovers() {
     assert!(verify(&b, &token).await.valid);
 
     redis.stop();
-    wait_until(Duration::from_secs(5), || async { !w.app.invalidations_live() && !b.invalidations_live() }).await;
+    wait_until(Duration::from_secs(5), || async {
+        !w.app.invalidations_live() && !b.invalidations_live()
+    })
+    .await;
     // Without Redis: keys still verify (the failed-attempt limiter fails open) and can be managed.
     let (second, second_token) = create_key(&w.app, tenant, &["*"]).await;
     assert!(verify(&w.app, &second_token).await.valid);
@@ -28,7 +31,13 @@ async fn redis_outage_degrades_then_recovers() {
     w.app
         .public_client()
         .await
-        .revoke_api_key(bearer(v1::RevokeApiKeyRequest { id: second.id, reason: String::new() }, &admin_token(tenant)))
+        .revoke_api_key(bearer(
+            v1::RevokeApiKeyRequest {
+                id: second.id,
+                reason: String::new(),
+            },
+            &admin_token(tenant),
+        ))
         .await
         .expect("revoking works without redis");
     assert!(!verify(&w.app, &second_token).await.valid);
@@ -42,10 +51,19 @@ async fn redis_outage_degrades_then_recovers() {
     w.app
         .public_client()
         .await
-        .revoke_api_key(bearer(v1::RevokeApiKeyRequest { id: key.id, reason: String::new() }, &admin_token(tenant)))
+        .revoke_api_key(bearer(
+            v1::RevokeApiKeyRequest {
+                id: key.id,
+                reason: String::new(),
+            },
+            &admin_token(tenant),
+        ))
         .await
         .unwrap();
-    wait_until(Duration::from_secs(2), || async { !verify(&b, &token).await.valid }).await;
+    wait_until(Duration::from_secs(2), || async {
+        !verify(&b, &token).await.valid
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,9 +72,14 @@ async fn postgres_outage_answers_unavailable_then_recovers() {
     let db_addr: SocketAddr = "127.0.0.1:5432".parse().unwrap();
     let proxy = Proxy::start(db_addr).await;
     let proxied = db.url().replace("127.0.0.1:5432", &proxy.addr.to_string());
-    assert_ne!(proxied, db.url(), "the test database URL goes through 127.0.0.1:5432");
+    assert_ne!(
+        proxied,
+        db.url(),
+        "the test database URL goes through 127.0.0.1:5432"
+    );
     let prefix = format!("devgate-test:{}:", Uuid::new_v4().simple());
-    let app = TestApp::spawn(Settings::new(&db, &prefix).set("DEVGATE_DATABASE_URL", &proxied)).await;
+    let app =
+        TestApp::spawn(Settings::new(&db, &prefix).set("DEVGATE_DATABASE_URL", &proxied)).await;
     let tenant = Uuid::new_v4();
     let (_, cached) = create_key(&app, tenant, &["*"]).await;
     assert!(verify(&app, &cached).await.valid);
@@ -65,13 +88,25 @@ async fn postgres_outage_answers_unavailable_then_recovers() {
     proxy.cut();
     let mut c = app.public_client().await;
     let started = std::time::Instant::now();
-    let err = c.create_api_key(bearer(create_request("during outage", &["*"]), &admin_token(tenant))).await.unwrap_err();
+    let err = c
+        .create_api_key(bearer(
+            create_request("during outage", &["*"]),
+            &admin_token(tenant),
+        ))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(started.elapsed() < Duration::from_secs(10), "fails fast instead of hanging");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "fails fast instead of hanging"
+    );
     let err = app
         .internal_client()
         .await
-        .verify_api_key(v1::VerifyApiKeyRequest { token: uncached.clone(), ..Default::default() })
+        .verify_api_key(v1::VerifyApiKeyRequest {
+            token: uncached.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
@@ -81,7 +116,14 @@ async fn postgres_outage_answers_unavailable_then_recovers() {
     proxy.restore();
     wait_until(Duration::from_secs(15), || {
         let mut c = c.clone();
-        async move { c.create_api_key(bearer(create_request("after", &["*"]), &admin_token(tenant))).await.is_ok() }
+        async move {
+            c.create_api_key(bearer(
+                create_request("after", &["*"]),
+                &admin_token(tenant),
+            ))
+            .await
+            .is_ok()
+        }
     })
     .await;
     assert!(verify(&app, &uncached).await.valid);
@@ -103,11 +145,17 @@ async fn shutdown_flushes_pending_last_used_times() {
     let got = reader
         .public_client()
         .await
-        .get_api_key(bearer(v1::GetApiKeyRequest { id: key.id }, &admin_token(tenant)))
+        .get_api_key(bearer(
+            v1::GetApiKeyRequest { id: key.id },
+            &admin_token(tenant),
+        ))
         .await
         .unwrap()
         .into_inner();
-    assert!(got.last_used_time.is_some(), "the buffered use was written on shutdown");
+    assert!(
+        got.last_used_time.is_some(),
+        "the buffered use was written on shutdown"
+    );
     reader.stop().await;
     dbx::delete_redis_prefix(&prefix);
 }

@@ -8,9 +8,20 @@ use crate::harness::{envoy::grpcurl_binary, *};
 
 fn grpcurl(args: &[&str]) -> String {
     let binary = grpcurl_binary();
-    assert!(binary.exists(), "grpcurl not found at {} (deploy/local/test.sh installs it)", binary.display());
-    let out = Command::new(&binary).args(args).output().expect("run grpcurl");
-    assert!(out.status.success(), "grpcurl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        binary.exists(),
+        "grpcurl not found at {} (deploy/local/test.sh installs it)",
+        binary.display()
+    );
+    let out = Command::new(&binary)
+        .args(args)
+        .output()
+        .expect("run grpcurl");
+    assert!(
+        out.status.success(),
+        "grpcurl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -26,12 +37,25 @@ async fn list_describe_and_call() {
     })
     .await
     .unwrap();
-    assert!(services.lines().any(|l| l == "devgate.v1.ApiKeyService"), "{services}");
-    assert!(services.lines().any(|l| l == "grpc.health.v1.Health"), "{services}");
+    assert!(
+        services.lines().any(|l| l == "devgate.v1.ApiKeyService"),
+        "{services}"
+    );
+    assert!(
+        services.lines().any(|l| l == "grpc.health.v1.Health"),
+        "{services}"
+    );
 
     let described = tokio::task::spawn_blocking({
         let public = public.clone();
-        move || grpcurl(&["-plaintext", &public, "describe", "devgate.v1.ApiKeyService"])
+        move || {
+            grpcurl(&[
+                "-plaintext",
+                &public,
+                "describe",
+                "devgate.v1.ApiKeyService",
+            ])
+        }
     })
     .await
     .unwrap();
@@ -42,7 +66,10 @@ async fn list_describe_and_call() {
     })
     .await
     .unwrap();
-    assert!(message.contains("Public key id"), "field comments reach grpcurl: {message}");
+    assert!(
+        message.contains("Public key id"),
+        "field comments reach grpcurl: {message}"
+    );
 
     let tenant = Uuid::new_v4();
     let auth = format!("authorization: Bearer {}", admin_token(tenant));
@@ -68,7 +95,13 @@ async fn list_describe_and_call() {
 
     let verified = tokio::task::spawn_blocking(move || {
         let body = serde_json::json!({"token": secret, "requiredScope": "usage:read"}).to_string();
-        grpcurl(&["-plaintext", "-d", &body, &internal, "devgate.v1.ApiKeyService/VerifyApiKey"])
+        grpcurl(&[
+            "-plaintext",
+            "-d",
+            &body,
+            &internal,
+            "devgate.v1.ApiKeyService/VerifyApiKey",
+        ])
     })
     .await
     .unwrap();
@@ -76,6 +109,10 @@ async fn list_describe_and_call() {
     assert_eq!(verified["valid"], true);
     assert_eq!(verified["tenantId"], tenant.to_string());
 
-    let health = tokio::task::spawn_blocking(move || grpcurl(&["-plaintext", &public, "grpc.health.v1.Health/Check"])).await.unwrap();
+    let health = tokio::task::spawn_blocking(move || {
+        grpcurl(&["-plaintext", &public, "grpc.health.v1.Health/Check"])
+    })
+    .await
+    .unwrap();
     assert!(health.contains("SERVING"));
 }

@@ -7,7 +7,8 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 fn admin_url() -> String {
-    std::env::var("DEVGATE_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("DEVGATE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".into())
 }
 
 fn url_for(db: &str) -> String {
@@ -33,7 +34,11 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
-        if path.is_dir() { out.extend(walk(&path)) } else { out.push(path) }
+        if path.is_dir() {
+            out.extend(walk(&path))
+        } else {
+            out.push(path)
+        }
     }
     out
 }
@@ -54,29 +59,52 @@ pub struct TestDb {
 impl TestDb {
     pub async fn create() -> TestDb {
         let template = template_name();
-        let mut admin = AsyncPgConnection::establish(&admin_url()).await.expect("connect to the admin database");
+        let mut admin = AsyncPgConnection::establish(&admin_url())
+            .await
+            .expect("connect to the admin database");
         // Serialise template creation across parallel tests and test processes.
-        diesel::sql_query("SELECT pg_advisory_lock(727272)").execute(&mut admin).await.unwrap();
-        let exists: Vec<Name> = diesel::sql_query("SELECT datname FROM pg_database WHERE datname = $1")
-            .bind::<Text, _>(&template)
-            .load(&mut admin)
+        diesel::sql_query("SELECT pg_advisory_lock(727272)")
+            .execute(&mut admin)
             .await
             .unwrap();
+        let exists: Vec<Name> =
+            diesel::sql_query("SELECT datname FROM pg_database WHERE datname = $1")
+                .bind::<Text, _>(&template)
+                .load(&mut admin)
+                .await
+                .unwrap();
         if exists.is_empty() {
             let building = format!("{template}_building");
-            diesel::sql_query(format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)")).execute(&mut admin).await.unwrap();
-            diesel::sql_query(format!("CREATE DATABASE {building}")).execute(&mut admin).await.unwrap();
-            devgate::db::migrate(&url_for(&building).into()).await.expect("migrate the template");
-            diesel::sql_query(format!("ALTER DATABASE {building} RENAME TO {template}")).execute(&mut admin).await.unwrap();
+            diesel::sql_query(format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)"))
+                .execute(&mut admin)
+                .await
+                .unwrap();
+            diesel::sql_query(format!("CREATE DATABASE {building}"))
+                .execute(&mut admin)
+                .await
+                .unwrap();
+            devgate::db::migrate(&url_for(&building).into())
+                .await
+                .expect("migrate the template");
+            diesel::sql_query(format!("ALTER DATABASE {building} RENAME TO {template}"))
+                .execute(&mut admin)
+                .await
+                .unwrap();
         }
-        diesel::sql_query("SELECT pg_advisory_unlock(727272)").execute(&mut admin).await.unwrap();
+        diesel::sql_query("SELECT pg_advisory_unlock(727272)")
+            .execute(&mut admin)
+            .await
+            .unwrap();
 
         let name = format!("devgate_test_{}", Uuid::new_v4().simple());
         // CREATE DATABASE ... TEMPLATE fails while another session is connected to the
         // template (a concurrent clone); retry briefly.
         let mut attempts = 0;
         loop {
-            match diesel::sql_query(format!("CREATE DATABASE {name} TEMPLATE {template}")).execute(&mut admin).await {
+            match diesel::sql_query(format!("CREATE DATABASE {name} TEMPLATE {template}"))
+                .execute(&mut admin)
+                .await
+            {
                 Ok(_) => break,
                 Err(e) if attempts < 50 => {
                     attempts += 1;
@@ -86,7 +114,10 @@ impl TestDb {
                 Err(e) => panic!("cannot create test database: {e}"),
             }
         }
-        TestDb { url: url_for(&name), name }
+        TestDb {
+            url: url_for(&name),
+            name,
+        }
     }
 
     pub fn url(&self) -> &str {
@@ -99,10 +130,16 @@ impl Drop for TestDb {
         let name = self.name.clone();
         // Drop runs inside the test's runtime; do the async work on a thread of its own.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async move {
                 if let Ok(mut admin) = AsyncPgConnection::establish(&admin_url()).await {
-                    let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut admin).await;
+                    let _ =
+                        diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                            .execute(&mut admin)
+                            .await;
                 }
             });
         })
@@ -112,9 +149,16 @@ impl Drop for TestDb {
 
 /// Deletes every Redis key under `prefix`.
 pub fn delete_redis_prefix(prefix: &str) {
-    let Ok(client) = redis::Client::open(super::redis_url()) else { return };
-    let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_secs(1)) else { return };
-    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query(&mut conn).unwrap_or_default();
+    let Ok(client) = redis::Client::open(super::redis_url()) else {
+        return;
+    };
+    let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_secs(1)) else {
+        return;
+    };
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query(&mut conn)
+        .unwrap_or_default();
     if !keys.is_empty() {
         let _: redis::RedisResult<()> = redis::cmd("DEL").arg(keys).query(&mut conn);
     }

@@ -36,17 +36,34 @@ pub fn write_descriptor(dir: &std::path::Path) -> PathBuf {
 impl Envoy {
     pub async fn start(upstream: SocketAddr) -> Envoy {
         let binary = envoy_binary();
-        assert!(binary.exists(), "Envoy not found at {} (deploy/local/test.sh installs it)", binary.display());
+        assert!(
+            binary.exists(),
+            "Envoy not found at {} (deploy/local/test.sh installs it)",
+            binary.display()
+        );
         let dir = tempfile::tempdir().unwrap();
         let descriptor = write_descriptor(dir.path());
-        let committed = std::fs::read_to_string(super::manifest_dir().join("envoy/envoy.yaml")).unwrap();
-        for needle in ["port_value: 8080", "port_value: 9901", "port_value: 50051", "target/devgate.pb"] {
-            assert_eq!(committed.matches(needle).count(), 1, "envoy.yaml must contain {needle:?} exactly once");
+        let committed =
+            std::fs::read_to_string(super::manifest_dir().join("envoy/envoy.yaml")).unwrap();
+        for needle in [
+            "port_value: 8080",
+            "port_value: 9901",
+            "port_value: 50051",
+            "target/devgate.pb",
+        ] {
+            assert_eq!(
+                committed.matches(needle).count(),
+                1,
+                "envoy.yaml must contain {needle:?} exactly once"
+            );
         }
         let config = committed
             .replace("port_value: 8080", "port_value: 0")
             .replace("port_value: 9901", "port_value: 0")
-            .replace("port_value: 50051", &format!("port_value: {}", upstream.port()))
+            .replace(
+                "port_value: 50051",
+                &format!("port_value: {}", upstream.port()),
+            )
             .replace("target/devgate.pb", descriptor.to_str().unwrap());
         let config_path = dir.path().join("envoy.yaml");
         std::fs::write(&config_path, config).unwrap();
@@ -62,21 +79,40 @@ impl Envoy {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start envoy");
-        let mut envoy = Envoy { base: String::new(), child, _dir: dir };
+        let mut envoy = Envoy {
+            base: String::new(),
+            child,
+            _dir: dir,
+        };
         let http = reqwest::Client::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            assert!(tokio::time::Instant::now() < deadline, "envoy did not become ready");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "envoy did not become ready"
+            );
             if let Some(status) = envoy.child.try_wait().unwrap() {
                 panic!("envoy exited: {status}");
             }
             if let Ok(admin) = std::fs::read_to_string(&admin_path) {
                 let admin = admin.trim().to_string();
-                let ready = http.get(format!("http://{admin}/ready")).send().await.map(|r| r.status().is_success()).unwrap_or(false);
+                let ready = http
+                    .get(format!("http://{admin}/ready"))
+                    .send()
+                    .await
+                    .map(|r| r.status().is_success())
+                    .unwrap_or(false);
                 if ready {
-                    let listeners: serde_json::Value =
-                        http.get(format!("http://{admin}/listeners?format=json")).send().await.unwrap().json().await.unwrap();
-                    let port = listeners["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
+                    let listeners: serde_json::Value = http
+                        .get(format!("http://{admin}/listeners?format=json"))
+                        .send()
+                        .await
+                        .unwrap()
+                        .json()
+                        .await
+                        .unwrap();
+                    let port = listeners["listener_statuses"][0]["local_address"]["socket_address"]
+                        ["port_value"]
                         .as_u64()
                         .expect("listener port");
                     envoy.base = format!("http://127.0.0.1:{port}");

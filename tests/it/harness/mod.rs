@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, transport::Channel};
 use uuid::Uuid;
 
-pub use db::TestDb;
 pub use db as dbx;
+pub use db::TestDb;
 
 pub const JWT_SECRET: &str = "test-only-jwt-secret-for-devgate-integration-tests";
 
@@ -81,18 +81,30 @@ pub struct TestApp {
 impl TestApp {
     pub async fn spawn(settings: Settings) -> TestApp {
         init_logging();
-        let app = Application::build(settings.config(), Roles::ALL).await.expect("application builds");
+        let app = Application::build(settings.config(), Roles::ALL)
+            .await
+            .expect("application builds");
         let public = app.public_addr().unwrap();
         let internal = app.internal_addr().unwrap();
         let verifier = app.key_verifier();
         let shutdown = app.shutdown_token();
         let task = tokio::spawn(app.run());
-        TestApp { public, internal, settings, verifier, shutdown, task: Some(task) }
+        TestApp {
+            public,
+            internal,
+            settings,
+            verifier,
+            shutdown,
+            task: Some(task),
+        }
     }
 
     /// Waits until revocations from other instances reach this one (pub/sub subscribed).
     pub async fn wait_invalidations_live(&self) {
-        wait_until(Duration::from_secs(10), || async { self.verifier.invalidations_live() }).await;
+        wait_until(Duration::from_secs(10), || async {
+            self.verifier.invalidations_live()
+        })
+        .await;
     }
 
     pub fn invalidations_live(&self) -> bool {
@@ -123,7 +135,11 @@ impl Drop for TestApp {
 }
 
 pub async fn channel(addr: SocketAddr) -> Channel {
-    Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.expect("connect to devgate")
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to devgate")
 }
 
 /// A test's world: its database, Redis prefix and first instance.
@@ -144,7 +160,11 @@ impl World {
         let prefix = format!("devgate-test:{}:", Uuid::new_v4().simple());
         let app = TestApp::spawn(configure(Settings::new(&db, &prefix))).await;
         app.wait_invalidations_live().await;
-        World { _db: db, prefix, app }
+        World {
+            _db: db,
+            prefix,
+            app,
+        }
     }
 
     /// Another instance on the same database and Redis prefix (a second replica).
@@ -164,7 +184,8 @@ impl Drop for World {
 /// A user JWT for `tenant`.
 pub fn user_token(tenant: Uuid, user: &str, roles: &[&str]) -> String {
     let roles: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
-    devgate::auth::jwt::mint_hs256(JWT_SECRET, tenant, user, &roles, Duration::from_secs(3600)).unwrap()
+    devgate::auth::jwt::mint_hs256(JWT_SECRET, tenant, user, &roles, Duration::from_secs(3600))
+        .unwrap()
 }
 
 pub fn admin_token(tenant: Uuid) -> String {
@@ -174,7 +195,8 @@ pub fn admin_token(tenant: Uuid) -> String {
 /// `msg` with `authorization: Bearer <token>`.
 pub fn bearer<T>(msg: T, token: &str) -> Request<T> {
     let mut req = Request::new(msg);
-    req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
     req
 }
 
@@ -199,8 +221,18 @@ pub async fn create_key(app: &TestApp, tenant: Uuid, scopes: &[&str]) -> (v1::Ap
     create_key_with(app, tenant, create_request("test key", scopes)).await
 }
 
-pub async fn create_key_with(app: &TestApp, tenant: Uuid, req: v1::CreateApiKeyRequest) -> (v1::ApiKey, String) {
-    let resp = app.public_client().await.create_api_key(bearer(req, &admin_token(tenant))).await.expect("create key").into_inner();
+pub async fn create_key_with(
+    app: &TestApp,
+    tenant: Uuid,
+    req: v1::CreateApiKeyRequest,
+) -> (v1::ApiKey, String) {
+    let resp = app
+        .public_client()
+        .await
+        .create_api_key(bearer(req, &admin_token(tenant)))
+        .await
+        .expect("create key")
+        .into_inner();
     (resp.api_key.unwrap(), resp.secret)
 }
 
@@ -213,7 +245,11 @@ pub async fn verify(app: &TestApp, token: &str) -> v1::VerifyApiKeyResponse {
 pub async fn verify_from(app: &TestApp, token: &str, ip: &str) -> v1::VerifyApiKeyResponse {
     app.internal_client()
         .await
-        .verify_api_key(v1::VerifyApiKeyRequest { token: token.into(), client_ip: ip.into(), ..Default::default() })
+        .verify_api_key(v1::VerifyApiKeyRequest {
+            token: token.into(),
+            client_ip: ip.into(),
+            ..Default::default()
+        })
         .await
         .expect("verify answers")
         .into_inner()
@@ -231,7 +267,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + limit;
     while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "condition not met within {limit:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {limit:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -241,7 +280,10 @@ fn init_logging() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         if std::env::var_os("TEST_LOG").is_some() {
-            let _ = tracing_subscriber::fmt().with_env_filter("info,devgate=debug").with_test_writer().try_init();
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter("info,devgate=debug")
+                .with_test_writer()
+                .try_init();
         }
     });
 }
