@@ -267,7 +267,8 @@ async fn serve(
         .layer(AuthLayer::new(auth))
         .into_inner();
     let stop = shutdown.clone();
-    let result = Server::builder()
+
+    Server::builder()
         .tcp_nodelay(true)
         .trace_fn(|req| {
             let request_id = req
@@ -288,8 +289,7 @@ async fn serve(
                 .set_not_serving::<ApiKeyServiceServer<ApiKeyGrpc>>()
                 .await;
         })
-        .await;
-    result
+        .await
 }
 
 /// Worker housekeeping: rotated-out secret hashes are deleted once their grace has ended.

@@ -66,11 +66,11 @@ enum Command {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(path) = &cli.env_file {
-        if let Err(e) = dotenvy::from_path(path) {
-            eprintln!("devgate: cannot read env file {}: {e}", path.display());
-            return ExitCode::from(2);
-        }
+    if let Some(path) = &cli.env_file
+        && let Err(e) = dotenvy::from_path(path)
+    {
+        eprintln!("devgate: cannot read env file {}: {e}", path.display());
+        return ExitCode::from(2);
     }
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,

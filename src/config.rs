@@ -263,14 +263,14 @@ impl Config {
             }
         };
         let hs256 = env.optional("DEVGATE_JWT_HS256_SECRET");
-        if let Some(secret) = &hs256 {
-            if secret.len() < 32 {
-                return Err(env.invalid(
-                    "DEVGATE_JWT_HS256_SECRET",
-                    "<redacted>",
-                    "must be at least 32 bytes",
-                ));
-            }
+        if let Some(secret) = &hs256
+            && secret.len() < 32
+        {
+            return Err(env.invalid(
+                "DEVGATE_JWT_HS256_SECRET",
+                "<redacted>",
+                "must be at least 32 bytes",
+            ));
         }
         let hash_concurrency = match env.optional("DEVGATE_HASH_CONCURRENCY") {
             Some(v) => env.parse_value("DEVGATE_HASH_CONCURRENCY", &v)?,

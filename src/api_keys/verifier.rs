@@ -186,10 +186,10 @@ impl KeyVerifier {
         if let (Some(previous), Some(until)) = (
             &record.previous_secret_hash,
             record.previous_secret_expire_time,
-        ) {
-            if until > now && self.hasher.verify(secret, previous).await? {
-                return Ok(Some(Some(until)));
-            }
+        ) && until > now
+            && self.hasher.verify(secret, previous).await?
+        {
+            return Ok(Some(Some(until)));
         }
         Ok(None)
     }

@@ -107,16 +107,20 @@ where
 /// listener is behind Envoy, else the TCP peer.
 fn client_ip<B>(req: &http::Request<B>, trust_forwarded_for: bool) -> Option<IpAddr> {
     if trust_forwarded_for {
-        let forwarded = req
+        // Only the last hop: earlier ones were written by the client and can be forged.
+        let last_hop = req
             .headers()
             .get_all("x-forwarded-for")
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|hop| hop.trim().parse::<IpAddr>().ok())
-            .last();
-        if forwarded.is_some() {
-            return forwarded;
+            .next_back()
+            .map(|v| {
+                v.to_str()
+                    .ok()
+                    .and_then(|v| v.rsplit(',').next())
+                    .map(str::trim)
+            });
+        if let Some(hop) = last_hop {
+            return hop.and_then(|h| h.parse().ok());
         }
     }
     req.extensions()

@@ -131,7 +131,6 @@ async fn full_lifecycle() {
         .as_ref()
         .unwrap()
         .previous_secret_expire_time
-        .clone()
         .expect("grace end shown");
     let day = chrono::Utc::now().timestamp() + 86_400;
     assert!((grace_end.seconds - day).abs() < 60, "default grace is 24h");
