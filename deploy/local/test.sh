@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# deploy/local/test.sh — what CI runs (.ci/run): prepare the machine (common.sh), then
+# rustfmt, clippy and the whole test suite (debug build) against the local services.
+# Extra arguments go to `cargo test` (e.g. a test name filter).
+set -euo pipefail
+
+# shellcheck source=deploy/local/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh" # also cd's to the repository root
+
+if [ "${CI:-}" = "true" ]; then
+    export CARGO_TERM_COLOR=never
+fi
+
+# DEVGATE_TEST_ENVOY and DEVGATE_TEST_GRPCURL are exported by common.sh.
+export DEVGATE_TEST_DATABASE_URL="postgres://postgres:postgres@127.0.0.1:5432/postgres"
+export DEVGATE_TEST_REDIS_URL="redis://127.0.0.1:6379"
+
+cargo fmt --version >/dev/null 2>&1 || die "rustfmt is missing (rustup component add rustfmt)"
+cargo clippy --version >/dev/null 2>&1 || die "clippy is missing (rustup component add clippy)"
+
+log "cargo fmt --check"
+cargo fmt --check
+
+log "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
+
+log "cargo test --all-targets"
+cargo test --all-targets "$@"

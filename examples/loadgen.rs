@@ -1,0 +1,509 @@
+//! Load generator for the API-key hot path (`ApiKeyService/VerifyApiKey` on the internal
+//! listener), run against a local stack (`deploy/local/run.sh`):
+//!
+//! ```text
+//! cargo run --release --example loadgen -- verify --concurrency 64 --seconds 10
+//! cargo run --release --example loadgen -- verify-cold --keys 1500
+//! ```
+//!
+//! Setup mints an admin JWT for a tenant (a fresh random one per run unless `--tenant`),
+//! signed with `DEVGATE_JWT_HS256_SECRET` (the environment, else `--env-file`), and creates
+//! the keys it needs with `CreateApiKey` on the public listener. It fails with a non-zero
+//! exit status when the stack cannot be reached or a key cannot be created.
+//!
+//! Scenarios:
+//!
+//! * `verify`: one key, verified once to warm the server's cache; then `--concurrency`
+//!   tasks call `VerifyApiKey { token, required_scope: "usage:read" }` in a closed loop
+//!   (each task sends its next call as soon as the previous answer arrives) for
+//!   `--seconds`. Every call is a cache hit: this measures the per-call overhead of the
+//!   gRPC stack, the auth layer and the cache lookup.
+//! * `verify-cold`: `--keys` keys are created first (16 `CreateApiKey` calls in flight);
+//!   then every call presents a token that was never verified, so each one misses the
+//!   cache and pays the database lookup and an argon2id verification. The run ends when
+//!   the keys are used up or `--seconds` have passed, whichever comes first.
+//!
+//! The calls share a few HTTP/2 connections (`--channels`; by default one per
+//! [`TASKS_PER_CHANNEL`] tasks). The client and the server share this machine's cores, so
+//! the numbers are a lower bound for the server alone.
+//!
+//! Output: exactly one JSON line on stdout (progress and diagnostics go to stderr):
+//!
+//! ```text
+//! {"scenario":"verify","rps":…,"p50_ms":…,"p99_ms":…,"errors":…,"calls":…,"concurrency":…,"seconds":…}
+//! ```
+//!
+//! * `calls`: calls completed, errors included; `errors`: calls that failed at the gRPC
+//!   level or answered `valid: false` (each call's token is valid, so both are failures).
+//! * `rps`: `calls` divided by the measured wall time from the first call to the end of
+//!   the last one (for `verify-cold` possibly shorter than `--seconds`).
+//! * `p50_ms`, `p99_ms`: per-call latency percentiles (microsecond resolution, all tasks'
+//!   histograms merged, errors included), from sending the request to the full answer.
+//! * `concurrency`, `seconds`: the options the run was started with.
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, anyhow, bail};
+use clap::{Parser, Subcommand};
+use devgate::proto::v1::{
+    CreateApiKeyRequest, Environment, VerifyApiKeyRequest,
+    api_key_service_client::ApiKeyServiceClient,
+};
+use futures_util::{StreamExt, TryStreamExt, stream};
+use hdrhistogram::Histogram;
+use tonic::{
+    metadata::MetadataValue,
+    transport::{Channel, Endpoint},
+};
+use uuid::Uuid;
+
+/// The scope every verify call requires; keys are created with `*`, which grants it.
+const REQUIRED_SCOPE: &str = "usage:read";
+/// Tasks per HTTP/2 connection when `--channels` is not given.
+const TASKS_PER_CHANNEL: usize = 8;
+/// `CreateApiKey` calls in flight while preparing `verify-cold`.
+const CREATE_CONCURRENCY: usize = 16;
+/// A call that takes longer than this counts as an error (and cannot stall the run).
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Histogram range: 1 µs to 60 s, 3 significant digits.
+const MAX_LATENCY_US: u64 = 60_000_000;
+/// How many distinct error messages the run prints to stderr.
+const ERRORS_SHOWN: usize = 5;
+const STACK_HINT: &str = "is the stack running? start deploy/local/run.sh";
+
+#[derive(Parser)]
+#[command(
+    name = "loadgen",
+    about = "Load generator for devgate's API-key hot path (VerifyApiKey)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+    #[command(flatten)]
+    opts: Opts,
+}
+
+/// The scenarios. A new one (e.g. `authorize`: VerifyApiKey with `consume = true`) is a
+/// variant here, an arm in [`Scenario::name`] and one in [`run_scenario`].
+#[derive(Subcommand, Clone, Copy)]
+enum Scenario {
+    /// Closed-loop VerifyApiKey of one warmed-up key: the cache-hit path.
+    Verify,
+    /// VerifyApiKey of a never-seen token per call: cache miss, database and argon2id.
+    VerifyCold {
+        /// How many keys to create beforehand; the run stops when they are used up.
+        #[arg(long, default_value_t = 1500)]
+        keys: usize,
+    },
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Verify => "verify",
+            Scenario::VerifyCold { .. } => "verify-cold",
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct Opts {
+    /// Concurrent callers (tasks), each in a closed loop.
+    #[arg(long, global = true, default_value_t = 64)]
+    concurrency: usize,
+    /// How long to send calls.
+    #[arg(long, global = true, default_value_t = 10)]
+    seconds: u64,
+    /// HTTP/2 connections the callers share (default: one per 8 callers).
+    #[arg(long, global = true)]
+    channels: Option<usize>,
+    /// devgate's public gRPC listener (key creation).
+    #[arg(long, global = true, default_value = "http://127.0.0.1:50051")]
+    public: String,
+    /// devgate's internal gRPC listener (VerifyApiKey).
+    #[arg(long, global = true, default_value = "http://127.0.0.1:50052")]
+    internal: String,
+    /// Where DEVGATE_JWT_HS256_SECRET is read when it is not in the environment.
+    #[arg(long, global = true, default_value = "deploy/local/devgate.env")]
+    env_file: PathBuf,
+    /// The tenant whose keys are created (default: a fresh random UUID per run).
+    #[arg(long, global = true)]
+    tenant: Option<Uuid>,
+}
+
+/// What the callers share in a run.
+struct Run {
+    clients: Vec<ApiKeyServiceClient<Channel>>,
+    concurrency: usize,
+    deadline: Instant,
+}
+
+/// What the callers measured, merged.
+struct Tally {
+    histogram: Histogram<u64>,
+    calls: u64,
+    errors: u64,
+    first_errors: Vec<String>,
+}
+
+impl Tally {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            histogram: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)?,
+            calls: 0,
+            errors: 0,
+            first_errors: Vec::new(),
+        })
+    }
+
+    fn record(&mut self, latency: Duration, outcome: Result<(), String>) {
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.histogram.saturating_record(us.max(1));
+        self.calls += 1;
+        if let Err(e) = outcome {
+            self.errors += 1;
+            self.note_error(e);
+        }
+    }
+
+    fn note_error(&mut self, e: String) {
+        if self.first_errors.len() < ERRORS_SHOWN && !self.first_errors.contains(&e) {
+            self.first_errors.push(e);
+        }
+    }
+
+    fn merge(&mut self, other: Tally) -> anyhow::Result<()> {
+        self.histogram.add(&other.histogram)?;
+        self.calls += other.calls;
+        self.errors += other.errors;
+        for e in other.first_errors {
+            self.note_error(e);
+        }
+        Ok(())
+    }
+}
+
+/// The one line on stdout.
+#[derive(serde::Serialize)]
+struct Report {
+    scenario: &'static str,
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+    calls: u64,
+    concurrency: usize,
+    seconds: u64,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("loadgen: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let opts = &cli.opts;
+    if opts.concurrency == 0 {
+        bail!("--concurrency must be at least 1");
+    }
+    let channels = opts
+        .channels
+        .unwrap_or_else(|| opts.concurrency.div_ceil(TASKS_PER_CHANNEL))
+        .clamp(1, opts.concurrency);
+    let tenant = opts.tenant.unwrap_or_else(Uuid::new_v4);
+    let secret = jwt_secret(&opts.env_file)?;
+    let jwt = devgate::auth::jwt::mint_hs256(
+        &secret,
+        tenant,
+        "loadgen",
+        &["admin".into()],
+        Duration::from_secs(3600),
+    )
+    .context("cannot sign the admin JWT")?;
+    let bearer: MetadataValue<_> = format!("Bearer {jwt}")
+        .parse()
+        .context("the JWT is not a valid metadata value")?;
+    let admin = ApiKeyServiceClient::new(connect(&opts.public, "public").await?);
+
+    let mut internal = Vec::with_capacity(channels);
+    for _ in 0..channels {
+        internal.push(ApiKeyServiceClient::new(
+            connect(&opts.internal, "internal").await?,
+        ));
+    }
+    eprintln!(
+        "loadgen: {} tenant={tenant} concurrency={} channels={channels} seconds={}",
+        cli.scenario.name(),
+        opts.concurrency,
+        opts.seconds
+    );
+
+    let (tally, elapsed) = run_scenario(cli.scenario, opts, admin, bearer, internal).await?;
+
+    let secs = elapsed.as_secs_f64();
+    let rps = if secs > 0.0 {
+        tally.calls as f64 / secs
+    } else {
+        0.0
+    };
+    let ms = |q: f64| {
+        if tally.calls == 0 {
+            0.0
+        } else {
+            round(tally.histogram.value_at_quantile(q) as f64 / 1000.0, 2)
+        }
+    };
+    eprintln!(
+        "loadgen: {} calls, {} errors in {secs:.2}s; p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",
+        tally.calls,
+        tally.errors,
+        ms(0.5),
+        ms(0.9),
+        ms(0.99),
+        round(tally.histogram.max() as f64 / 1000.0, 2),
+    );
+    for e in &tally.first_errors {
+        eprintln!("loadgen: error: {e}");
+    }
+    let report = Report {
+        scenario: cli.scenario.name(),
+        rps: round(rps, 1),
+        p50_ms: ms(0.5),
+        p99_ms: ms(0.99),
+        errors: tally.errors,
+        calls: tally.calls,
+        concurrency: opts.concurrency,
+        seconds: opts.seconds,
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// Prepares and runs one scenario: the merged tally and the measured wall time.
+async fn run_scenario(
+    scenario: Scenario,
+    opts: &Opts,
+    mut admin: ApiKeyServiceClient<Channel>,
+    bearer: MetadataValue<tonic::metadata::Ascii>,
+    clients: Vec<ApiKeyServiceClient<Channel>>,
+) -> anyhow::Result<(Tally, Duration)> {
+    let tokens: Vec<String> = match scenario {
+        Scenario::Verify => {
+            let token = create_key(&mut admin, &bearer).await?;
+            let mut client = clients[0].clone();
+            verify(&mut client, &token)
+                .await
+                .map_err(|e| anyhow!("warm-up VerifyApiKey failed: {e}"))?;
+            vec![token]
+        }
+        Scenario::VerifyCold { keys } => {
+            if keys == 0 {
+                bail!("--keys must be at least 1");
+            }
+            create_keys(&admin, &bearer, keys).await?
+        }
+    };
+    let start = Instant::now();
+    let run = Arc::new(Run {
+        clients,
+        concurrency: opts.concurrency,
+        deadline: start + Duration::from_secs(opts.seconds),
+    });
+    let tally = match scenario {
+        Scenario::Verify => {
+            let token: Arc<str> = tokens.into_iter().next().expect("one key").into();
+            spawn_callers(&run, || {
+                let token = token.clone();
+                move || Some(token.clone())
+            })
+            .await?
+        }
+        Scenario::VerifyCold { .. } => {
+            let tokens: Arc<[Arc<str>]> = tokens.into_iter().map(Arc::from).collect();
+            let next = Arc::new(AtomicUsize::new(0));
+            spawn_callers(&run, || {
+                let (tokens, next) = (tokens.clone(), next.clone());
+                move || tokens.get(next.fetch_add(1, Ordering::Relaxed)).cloned()
+            })
+            .await?
+        }
+    };
+    Ok((tally, start.elapsed()))
+}
+
+/// Runs `run.concurrency` closed-loop callers until the deadline or until their token
+/// source (`tokens()` builds one per task) runs dry, and merges what they measured.
+async fn spawn_callers<F, S>(run: &Arc<Run>, tokens: F) -> anyhow::Result<Tally>
+where
+    F: Fn() -> S,
+    S: FnMut() -> Option<Arc<str>> + Send + 'static,
+{
+    let mut tasks = Vec::with_capacity(run.concurrency);
+    for task in 0..run.concurrency {
+        let run = run.clone();
+        let mut next_token = tokens();
+        tasks.push(tokio::spawn(async move {
+            let mut tally = Tally::new()?;
+            let mut client = run.clients[task % run.clients.len()].clone();
+            while Instant::now() < run.deadline {
+                let Some(token) = next_token() else { break };
+                let sent = Instant::now();
+                let outcome = verify(&mut client, &token).await;
+                tally.record(sent.elapsed(), outcome);
+            }
+            anyhow::Ok(tally)
+        }));
+    }
+    let mut total = Tally::new()?;
+    for task in tasks {
+        total.merge(task.await.context("a caller task panicked")??)?;
+    }
+    Ok(total)
+}
+
+/// One VerifyApiKey call; `Err` says why it does not count as a success.
+async fn verify(client: &mut ApiKeyServiceClient<Channel>, token: &str) -> Result<(), String> {
+    let request = VerifyApiKeyRequest {
+        token: token.to_string(),
+        required_scope: REQUIRED_SCOPE.to_string(),
+        ..Default::default()
+    };
+    match client.verify_api_key(request).await {
+        Ok(response) => {
+            let response = response.into_inner();
+            if response.valid {
+                Ok(())
+            } else {
+                Err(format!(
+                    "valid=false, failure_reason={}",
+                    response.failure_reason().as_str_name()
+                ))
+            }
+        }
+        Err(status) => Err(Status(&status).to_string()),
+    }
+}
+
+/// Creates one key (scopes `*`, test environment) and returns its token.
+async fn create_key(
+    admin: &mut ApiKeyServiceClient<Channel>,
+    bearer: &MetadataValue<tonic::metadata::Ascii>,
+) -> anyhow::Result<String> {
+    let mut request = tonic::Request::new(CreateApiKeyRequest {
+        name: "loadgen".into(),
+        scopes: vec!["*".into()],
+        environment: Environment::Test.into(),
+        ..Default::default()
+    });
+    request
+        .metadata_mut()
+        .insert("authorization", bearer.clone());
+    let response = admin
+        .create_api_key(request)
+        .await
+        .map_err(|s| anyhow!("CreateApiKey failed: {}", Status(&s)))?
+        .into_inner();
+    if response.secret.is_empty() {
+        bail!("CreateApiKey answered without a secret");
+    }
+    Ok(response.secret)
+}
+
+/// Creates `count` keys, [`CREATE_CONCURRENCY`] at a time, with progress on stderr.
+async fn create_keys(
+    admin: &ApiKeyServiceClient<Channel>,
+    bearer: &MetadataValue<tonic::metadata::Ascii>,
+    count: usize,
+) -> anyhow::Result<Vec<String>> {
+    eprintln!("loadgen: creating {count} keys ({CREATE_CONCURRENCY} in flight)");
+    let started = Instant::now();
+    let step = (count / 10).max(1);
+    let mut tokens = Vec::with_capacity(count);
+    let mut created = stream::iter(0..count)
+        .map(|_| {
+            let mut admin = admin.clone();
+            async move { create_key(&mut admin, bearer).await }
+        })
+        .buffer_unordered(CREATE_CONCURRENCY)
+        .into_stream();
+    while let Some(token) = created.try_next().await? {
+        tokens.push(token);
+        if tokens.len() % step == 0 || tokens.len() == count {
+            eprintln!(
+                "loadgen: created {}/{count} keys ({:.1}s)",
+                tokens.len(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    Ok(tokens)
+}
+
+/// Connects eagerly so that an unreachable stack fails the setup, not the run.
+async fn connect(url: &str, which: &str) -> anyhow::Result<Channel> {
+    Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("--{which} {url:?} is not a valid URL"))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(CALL_TIMEOUT)
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to the {which} listener {url} ({STACK_HINT})"))
+}
+
+/// DEVGATE_JWT_HS256_SECRET from the environment, else from the env file.
+fn jwt_secret(env_file: &Path) -> anyhow::Result<String> {
+    const NAME: &str = "DEVGATE_JWT_HS256_SECRET";
+    if let Ok(secret) = std::env::var(NAME)
+        && !secret.is_empty()
+    {
+        return Ok(secret);
+    }
+    let lines = dotenvy::from_path_iter(env_file).with_context(|| {
+        format!(
+            "{NAME} is not set and the env file {} cannot be read",
+            env_file.display()
+        )
+    })?;
+    for line in lines {
+        let (key, value) = line.with_context(|| format!("cannot parse {}", env_file.display()))?;
+        if key == NAME && !value.is_empty() {
+            return Ok(value);
+        }
+    }
+    bail!("{NAME} is neither set nor in {}", env_file.display())
+}
+
+/// A gRPC status on one line: code and message (binary error details are left out).
+struct Status<'a>(&'a tonic::Status);
+
+impl fmt::Display for Status<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hint = match self.0.code() {
+            tonic::Code::Unavailable => format!(" ({STACK_HINT})"),
+            _ => String::new(),
+        };
+        write!(f, "{:?}: {}{hint}", self.0.code(), self.0.message())
+    }
+}
+
+fn round(x: f64, decimals: i32) -> f64 {
+    let scale = 10f64.powi(decimals);
+    (x * scale).round() / scale
+}
