@@ -221,20 +221,7 @@ async fn rotation_grace_ends_then_old_secret_is_refused() {
     let mut client = w.app.public_client().await;
     // The old token is cached before the rotation; the cache must still honour the grace end.
     assert!(verify(&w.app, &old).await.valid);
-    let rotated = client
-        .rotate_api_key(bearer(
-            v1::RotateApiKeyRequest {
-                id: key.id.clone(),
-                grace_period: Some(prost_types::Duration {
-                    seconds: 2,
-                    nanos: 0,
-                }),
-            },
-            &admin_token(tenant),
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let rotated = rotate(&w.app, tenant, &key.id, Some(2)).await.unwrap();
     assert!(
         verify(&w.app, &old).await.valid,
         "old secret works during the grace period"
@@ -257,36 +244,13 @@ async fn rotation_grace_ends_then_old_secret_is_refused() {
     assert!(verify(&w.app, &rotated.secret).await.valid);
 
     // Zero grace: the previous secret stops at once.
-    let again = client
-        .rotate_api_key(bearer(
-            v1::RotateApiKeyRequest {
-                id: key.id.clone(),
-                grace_period: Some(prost_types::Duration {
-                    seconds: 0,
-                    nanos: 0,
-                }),
-            },
-            &admin_token(tenant),
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let again = rotate(&w.app, tenant, &key.id, Some(0)).await.unwrap();
     assert!(again.api_key.unwrap().previous_secret_expire_time.is_none());
     assert!(!verify(&w.app, &rotated.secret).await.valid);
     assert!(verify(&w.app, &again.secret).await.valid);
 
     // Longer than 7 days is refused.
-    let err = client
-        .rotate_api_key(bearer(
-            v1::RotateApiKeyRequest {
-                id: key.id.clone(),
-                grace_period: Some(prost_types::Duration {
-                    seconds: 8 * 86_400,
-                    nanos: 0,
-                }),
-            },
-            &admin_token(tenant),
-        ))
+    let err = rotate(&w.app, tenant, &key.id, Some(8 * 86_400))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -446,18 +410,7 @@ async fn revocation_on_one_instance_is_seen_by_another_at_once() {
     assert!(verify(&b, &token).await.valid);
     assert!(verify(&b, &token).await.valid);
     // A revokes.
-    w.app
-        .public_client()
-        .await
-        .revoke_api_key(bearer(
-            v1::RevokeApiKeyRequest {
-                id: key.id,
-                reason: String::new(),
-            },
-            &admin_token(tenant),
-        ))
-        .await
-        .unwrap();
+    revoke(&w.app, tenant, &key.id).await.unwrap();
     // B refuses well before its cache TTL (30 s) would have expired the entry.
     wait_until(Duration::from_secs(2), || async {
         !verify(&b, &token).await.valid

@@ -1,6 +1,6 @@
 //! End to end through the real Envoy (the committed envoy/envoy.yaml) with an HTTP client.
 
-use reqwest::{Client, StatusCode};
+use reqwest::{Client, Method, StatusCode};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -29,6 +29,42 @@ impl Edge {
     fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
+
+    /// `method path` with `authorization: Bearer <credential>` and an optional JSON body.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        credential: &str,
+        body: Option<Value>,
+    ) -> reqwest::Response {
+        let mut req = self
+            .http
+            .request(method, self.url(path))
+            .bearer_auth(credential);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        req.send().await.unwrap()
+    }
+
+    async fn get(&self, path: &str, credential: &str) -> reqwest::Response {
+        self.call(Method::GET, path, credential, None).await
+    }
+
+    /// GET with the key in `x-api-key` (the other credential header).
+    async fn get_with_key(&self, path: &str, key: &str) -> reqwest::Response {
+        self.http
+            .get(self.url(path))
+            .header("x-api-key", key)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn post(&self, path: &str, credential: &str, body: Value) -> reqwest::Response {
+        self.call(Method::POST, path, credential, Some(body)).await
+    }
 }
 
 async fn json_of(resp: reqwest::Response) -> Value {
@@ -44,13 +80,12 @@ async fn rest_lifecycle_through_envoy() {
 
     // Create.
     let resp = e
-        .http
-        .post(e.url("/v1/api-keys"))
-        .bearer_auth(&token)
-        .json(&json!({"name": "my first key", "scopes": ["*"], "environment": "ENVIRONMENT_TEST"}))
-        .send()
-        .await
-        .unwrap();
+        .post(
+            "/v1/api-keys",
+            &token,
+            json!({"name": "my first key", "scopes": ["*"], "environment": "ENVIRONMENT_TEST"}),
+        )
+        .await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert!(
         resp.headers().get("x-request-id").is_some(),
@@ -75,13 +110,7 @@ async fn rest_lifecycle_through_envoy() {
     );
 
     // Use the key: list.
-    let resp = e
-        .http
-        .get(e.url("/v1/api-keys"))
-        .header("x-api-key", &secret)
-        .send()
-        .await
-        .unwrap();
+    let resp = e.get_with_key("/v1/api-keys", &secret).await;
     assert_eq!(resp.status(), StatusCode::OK);
     let listed = json_of(resp).await;
     assert_eq!(listed["api_keys"][0]["id"], id.as_str());
@@ -92,45 +121,36 @@ async fn rest_lifecycle_through_envoy() {
 
     // Bearer form of the key, query filters, get.
     let resp = e
-        .http
-        .get(e.url(
+        .get(
             "/v1/api-keys?page_size=10&environment=ENVIRONMENT_TEST&state=API_KEY_STATE_ACTIVE",
-        ))
-        .bearer_auth(&secret)
-        .send()
-        .await
-        .unwrap();
+            &secret,
+        )
+        .await;
     assert_eq!(resp.status(), StatusCode::OK);
-    let resp = e
-        .http
-        .get(e.url(&format!("/v1/api-keys/{id}")))
-        .bearer_auth(&secret)
-        .send()
-        .await
-        .unwrap();
+    let resp = e.get(&format!("/v1/api-keys/{id}"), &secret).await;
     assert_eq!(json_of(resp).await["name"], "my first key");
 
     // Update (PATCH with the key's fields as the body).
     let resp = e
-        .http
-        .patch(e.url(&format!("/v1/api-keys/{id}")))
-        .bearer_auth(&token)
-        .json(&json!({"name": "ci key", "description": "deploys"}))
-        .send()
-        .await
-        .unwrap();
+        .call(
+            Method::PATCH,
+            &format!("/v1/api-keys/{id}"),
+            &token,
+            Some(json!({"name": "ci key", "description": "deploys"})),
+        )
+        .await;
     assert_eq!(resp.status(), StatusCode::OK);
     let updated = json_of(resp).await;
     assert_eq!(updated["name"], "ci key");
     assert_eq!(updated["description"], "deploys");
     let resp = e
-        .http
-        .patch(e.url(&format!("/v1/api-keys/{id}?update_mask=description")))
-        .bearer_auth(&token)
-        .json(&json!({"name": "ignored", "description": "only this"}))
-        .send()
-        .await
-        .unwrap();
+        .call(
+            Method::PATCH,
+            &format!("/v1/api-keys/{id}?update_mask=description"),
+            &token,
+            Some(json!({"name": "ignored", "description": "only this"})),
+        )
+        .await;
     let updated = json_of(resp).await;
     assert_eq!(
         (updated["name"].as_str(), updated["description"].as_str()),
@@ -139,45 +159,31 @@ async fn rest_lifecycle_through_envoy() {
 
     // Rotate: both secrets work during the grace period.
     let resp = e
-        .http
-        .post(e.url(&format!("/v1/api-keys/{id}:rotate")))
-        .bearer_auth(&token)
-        .json(&json!({"grace_period": "3600s"}))
-        .send()
-        .await
-        .unwrap();
+        .post(
+            &format!("/v1/api-keys/{id}:rotate"),
+            &token,
+            json!({"grace_period": "3600s"}),
+        )
+        .await;
     assert_eq!(resp.status(), StatusCode::OK);
     let rotated = json_of(resp).await;
     let new_secret = rotated["secret"].as_str().unwrap().to_string();
     assert_ne!(new_secret, secret);
     for s in [&secret, &new_secret] {
-        let resp = e
-            .http
-            .get(e.url("/v1/api-keys"))
-            .header("x-api-key", s)
-            .send()
-            .await
-            .unwrap();
+        let resp = e.get_with_key("/v1/api-keys", s).await;
         assert_eq!(resp.status(), StatusCode::OK);
     }
 
     // Revoke, then 401 with a JSON error.
     let resp = e
-        .http
-        .post(e.url(&format!("/v1/api-keys/{id}:revoke")))
-        .bearer_auth(&token)
-        .json(&json!({"reason": "rotating out"}))
-        .send()
-        .await
-        .unwrap();
+        .post(
+            &format!("/v1/api-keys/{id}:revoke"),
+            &token,
+            json!({"reason": "rotating out"}),
+        )
+        .await;
     assert_eq!(json_of(resp).await["state"], "API_KEY_STATE_REVOKED");
-    let resp = e
-        .http
-        .get(e.url("/v1/api-keys"))
-        .header("x-api-key", &new_secret)
-        .send()
-        .await
-        .unwrap();
+    let resp = e.get_with_key("/v1/api-keys", &new_secret).await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     assert!(
         resp.headers().get("x-request-id").is_some(),
@@ -193,20 +199,10 @@ async fn rest_lifecycle_through_envoy() {
 
     // Delete.
     let resp = e
-        .http
-        .delete(e.url(&format!("/v1/api-keys/{id}")))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+        .call(Method::DELETE, &format!("/v1/api-keys/{id}"), &token, None)
+        .await;
     assert_eq!(resp.status(), StatusCode::OK);
-    let resp = e
-        .http
-        .get(e.url(&format!("/v1/api-keys/{id}")))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let resp = e.get(&format!("/v1/api-keys/{id}"), &token).await;
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
 }
 
@@ -268,62 +264,43 @@ async fn rest_errors_are_precise() {
     // Another tenant's key: 404, exactly like a missing one.
     let other = admin_token(Uuid::new_v4());
     let resp = e
-        .http
-        .post(e.url("/v1/api-keys"))
-        .bearer_auth(&other)
-        .json(&json!({"name": "theirs", "scopes": ["*"], "environment": "ENVIRONMENT_LIVE"}))
-        .send()
-        .await
-        .unwrap();
+        .post(
+            "/v1/api-keys",
+            &other,
+            json!({"name": "theirs", "scopes": ["*"], "environment": "ENVIRONMENT_LIVE"}),
+        )
+        .await;
     let theirs = json_of(resp).await["api_key"]["id"]
         .as_str()
         .unwrap()
         .to_string();
-    let resp = e
-        .http
-        .get(e.url(&format!("/v1/api-keys/{theirs}")))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let resp = e.get(&format!("/v1/api-keys/{theirs}"), &token).await;
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     let resp = e
-        .http
-        .delete(e.url(&format!("/v1/api-keys/{theirs}")))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+        .call(
+            Method::DELETE,
+            &format!("/v1/api-keys/{theirs}"),
+            &token,
+            None,
+        )
+        .await;
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
 
     // Permission denied.
     let member = user_token(Uuid::new_v4(), "bob", &[]);
     let resp = e
-        .http
-        .post(e.url("/v1/api-keys"))
-        .bearer_auth(&member)
-        .json(&json!({"name": "x", "scopes": ["*"], "environment": "ENVIRONMENT_LIVE"}))
-        .send()
-        .await
-        .unwrap();
+        .post(
+            "/v1/api-keys",
+            &member,
+            json!({"name": "x", "scopes": ["*"], "environment": "ENVIRONMENT_LIVE"}),
+        )
+        .await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
 
     // Unknown query parameters are rejected; unknown paths are 404.
-    let resp = e
-        .http
-        .get(e.url("/v1/api-keys?colour=blue"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let resp = e.get("/v1/api-keys?colour=blue", &token).await;
     assert!(resp.status().is_client_error(), "{}", resp.status());
-    let resp = e
-        .http
-        .get(e.url("/v1/nothing-here"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let resp = e.get("/v1/nothing-here", &token).await;
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
 }
 

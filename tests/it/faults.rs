@@ -28,16 +28,7 @@ async fn redis_outage_degrades_then_recovers() {
     assert!(verify(&w.app, &second_token).await.valid);
     assert!(verify(&b, &token).await.valid);
     // A revocation still takes effect at once on the instance that made it.
-    w.app
-        .public_client()
-        .await
-        .revoke_api_key(bearer(
-            v1::RevokeApiKeyRequest {
-                id: second.id,
-                reason: String::new(),
-            },
-            &admin_token(tenant),
-        ))
+    revoke(&w.app, tenant, &second.id)
         .await
         .expect("revoking works without redis");
     assert!(!verify(&w.app, &second_token).await.valid);
@@ -48,18 +39,7 @@ async fn redis_outage_degrades_then_recovers() {
     w.app.wait_invalidations_live().await;
     b.wait_invalidations_live().await;
     assert!(verify(&b, &token).await.valid);
-    w.app
-        .public_client()
-        .await
-        .revoke_api_key(bearer(
-            v1::RevokeApiKeyRequest {
-                id: key.id,
-                reason: String::new(),
-            },
-            &admin_token(tenant),
-        ))
-        .await
-        .unwrap();
+    revoke(&w.app, tenant, &key.id).await.unwrap();
     wait_until(Duration::from_secs(2), || async {
         !verify(&b, &token).await.valid
     })

@@ -236,6 +236,38 @@ pub async fn create_key_with(
     (resp.api_key.unwrap(), resp.secret)
 }
 
+/// Revokes key `id` as the tenant's admin.
+pub async fn revoke(app: &TestApp, tenant: Uuid, id: &str) -> Result<v1::ApiKey, tonic::Status> {
+    let req = v1::RevokeApiKeyRequest {
+        id: id.into(),
+        reason: String::new(),
+    };
+    app.public_client()
+        .await
+        .revoke_api_key(bearer(req, &admin_token(tenant)))
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Rotates key `id` as the tenant's admin, with a grace period in seconds (None: default).
+pub async fn rotate(
+    app: &TestApp,
+    tenant: Uuid,
+    id: &str,
+    grace_secs: Option<i64>,
+) -> Result<v1::RotateApiKeyResponse, tonic::Status> {
+    let grace_period = grace_secs.map(|seconds| prost_types::Duration { seconds, nanos: 0 });
+    let req = v1::RotateApiKeyRequest {
+        id: id.into(),
+        grace_period,
+    };
+    app.public_client()
+        .await
+        .rotate_api_key(bearer(req, &admin_token(tenant)))
+        .await
+        .map(|r| r.into_inner())
+}
+
 /// Verifies `token` on the internal listener.
 pub async fn verify(app: &TestApp, token: &str) -> v1::VerifyApiKeyResponse {
     verify_from(app, token, "").await
