@@ -7,7 +7,10 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::{
+    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
+    trace::TraceLayer,
+};
 
 use crate::{
     api_keys::{
@@ -264,20 +267,30 @@ async fn serve(
     let layers = tower::ServiceBuilder::new()
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(PropagateRequestIdLayer::x_request_id())
+        // After SetRequestId, so the span carries the generated id too. Only the span: a log
+        // line per call would cost the hot path; refusals and failures log where they happen.
+        .layer(
+            TraceLayer::new_for_grpc()
+                .make_span_with(|req: &http::Request<_>| {
+                    let request_id = req
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    tracing::info_span!("rpc", path = %req.uri().path(), request_id = %request_id)
+                })
+                .on_request(())
+                .on_response(())
+                .on_body_chunk(())
+                .on_eos(())
+                .on_failure(()),
+        )
         .layer(AuthLayer::new(auth))
         .into_inner();
     let stop = shutdown.clone();
 
     Server::builder()
         .tcp_nodelay(true)
-        .trace_fn(|req| {
-            let request_id = req
-                .headers()
-                .get("x-request-id")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            tracing::info_span!("rpc", path = %req.uri().path(), request_id = %request_id)
-        })
         .layer(layers)
         .add_service(health_service)
         .add_service(reflection_v1)
