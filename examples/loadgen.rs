@@ -4,6 +4,8 @@
 //! ```text
 //! cargo run --release --example loadgen -- verify --concurrency 64 --seconds 10
 //! cargo run --release --example loadgen -- verify-cold --keys 1500
+//! cargo run --release --example loadgen -- health      # the ceiling of `verify`
+//! cargo run --release --example loadgen -- argon2      # the ceiling of `verify-cold`
 //! ```
 //!
 //! Setup mints an admin JWT for a tenant (a fresh random one per run unless `--tenant`),
@@ -22,6 +24,11 @@
 //!   then every call presents a token that was never verified, so each one misses the
 //!   cache and pays the database lookup and an argon2id verification. The run ends when
 //!   the keys are used up or `--seconds` have passed, whichever comes first.
+//! * `health`: the baseline of `verify`: `grpc.health.v1.Health/Check` on the same internal
+//!   listener, same channels and concurrency: the server's transport with no work.
+//! * `argon2`: the baseline of `verify-cold`: argon2id verifications through the server's
+//!   own hasher (default parameters, one blocking thread per CPU) in this process; needs no
+//!   stack.
 //!
 //! The callers share a few HTTP/2 connections (`--channels`, default
 //! [`DEFAULT_CHANNELS`]; tonic multiplexes the calls of one channel over one connection).
@@ -55,6 +62,7 @@ use std::{
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand};
+use devgate::api_keys::hashing::SecretHasher;
 use devgate::proto::v1::{
     CreateApiKeyRequest, Environment, VerifyApiKeyRequest,
     api_key_service_client::ApiKeyServiceClient,
@@ -64,6 +72,9 @@ use hdrhistogram::Histogram;
 use tonic::{
     metadata::MetadataValue,
     transport::{Channel, Endpoint},
+};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 use uuid::Uuid;
 
@@ -108,6 +119,13 @@ enum Scenario {
         #[arg(long, default_value_t = 1500)]
         keys: usize,
     },
+    /// Baseline of `verify`: closed-loop `grpc.health.v1.Health/Check` on the same internal
+    /// listener. Same server, transport and auth layer, no work: the ceiling for `verify`.
+    Health,
+    /// Baseline of `verify-cold`: argon2id verifications in this process with the server's
+    /// default parameters, on as many blocking threads as the server uses (one per CPU):
+    /// the ceiling for a cold verification. Needs no stack.
+    Argon2,
 }
 
 impl Scenario {
@@ -115,6 +133,8 @@ impl Scenario {
         match self {
             Scenario::Verify => "verify",
             Scenario::VerifyCold { .. } => "verify-cold",
+            Scenario::Health => "health",
+            Scenario::Argon2 => "argon2",
         }
     }
 }
@@ -146,7 +166,7 @@ struct Opts {
 
 /// What the callers share in a run.
 struct Run {
-    clients: Vec<ApiKeyServiceClient<Channel>>,
+    channels: Vec<Channel>,
     concurrency: usize,
     deadline: Instant,
 }
@@ -230,35 +250,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .channels
         .unwrap_or(DEFAULT_CHANNELS)
         .clamp(1, opts.concurrency);
-    let tenant = opts.tenant.unwrap_or_else(Uuid::new_v4);
-    let secret = jwt_secret(&opts.env_file)?;
-    let jwt = devgate::auth::jwt::mint_hs256(
-        &secret,
-        tenant,
-        "loadgen",
-        &["admin".into()],
-        Duration::from_secs(3600),
-    )
-    .context("cannot sign the admin JWT")?;
-    let bearer: MetadataValue<_> = format!("Bearer {jwt}")
-        .parse()
-        .context("the JWT is not a valid metadata value")?;
-    let admin = ApiKeyServiceClient::new(connect(&opts.public, "public").await?);
-
-    let mut internal = Vec::with_capacity(channels);
-    for _ in 0..channels {
-        internal.push(ApiKeyServiceClient::new(
-            connect(&opts.internal, "internal").await?,
-        ));
-    }
     eprintln!(
-        "loadgen: {} tenant={tenant} concurrency={} channels={channels} seconds={}",
+        "loadgen: {} concurrency={} channels={channels} seconds={}",
         cli.scenario.name(),
         opts.concurrency,
         opts.seconds
     );
-
-    let (tally, elapsed) = run_scenario(cli.scenario, opts, admin, bearer, internal).await?;
+    let (tally, elapsed) = run_scenario(cli.scenario, opts, channels).await?;
 
     let secs = elapsed.as_secs_f64();
     let rps = if secs > 0.0 {
@@ -303,72 +301,124 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn run_scenario(
     scenario: Scenario,
     opts: &Opts,
-    mut admin: ApiKeyServiceClient<Channel>,
-    bearer: MetadataValue<tonic::metadata::Ascii>,
-    clients: Vec<ApiKeyServiceClient<Channel>>,
+    channels: usize,
 ) -> anyhow::Result<(Tally, Duration)> {
+    if let Scenario::Argon2 = scenario {
+        return argon2_baseline(opts).await;
+    }
+    let mut internal = Vec::with_capacity(channels);
+    for _ in 0..channels {
+        internal.push(connect(&opts.internal, "internal").await?);
+    }
     let tokens: Vec<String> = match scenario {
         Scenario::Verify => {
+            let (mut admin, bearer) = admin(opts).await?;
             let token = create_key(&mut admin, &bearer).await?;
-            let mut client = clients[0].clone();
-            verify(&mut client, &token)
-                .await
-                .map_err(|e| anyhow!("warm-up VerifyApiKey failed: {e}"))?;
+            verify(
+                ApiKeyServiceClient::new(internal[0].clone()),
+                token.as_str().into(),
+            )
+            .await
+            .map_err(|e| anyhow!("warm-up VerifyApiKey failed: {e}"))?;
             vec![token]
         }
         Scenario::VerifyCold { keys } => {
             if keys == 0 {
                 bail!("--keys must be at least 1");
             }
+            let (admin, bearer) = admin(opts).await?;
             create_keys(&admin, &bearer, keys).await?
         }
+        Scenario::Health | Scenario::Argon2 => Vec::new(),
     };
     let start = Instant::now();
     let run = Arc::new(Run {
-        clients,
+        channels: internal,
         concurrency: opts.concurrency,
         deadline: start + Duration::from_secs(opts.seconds),
     });
     let tally = match scenario {
         Scenario::Verify => {
             let token: Arc<str> = tokens.into_iter().next().expect("one key").into();
-            spawn_callers(&run, || {
-                let token = token.clone();
-                move || Some(token.clone())
+            spawn_callers(&run, |channel| {
+                let (client, token) = (ApiKeyServiceClient::new(channel), token.clone());
+                move || Some(verify(client.clone(), token.clone()))
             })
             .await?
         }
         Scenario::VerifyCold { .. } => {
             let tokens: Arc<[Arc<str>]> = tokens.into_iter().map(Arc::from).collect();
             let next = Arc::new(AtomicUsize::new(0));
-            spawn_callers(&run, || {
-                let (tokens, next) = (tokens.clone(), next.clone());
-                move || tokens.get(next.fetch_add(1, Ordering::Relaxed)).cloned()
+            spawn_callers(&run, |channel| {
+                let (client, tokens, next) = (
+                    ApiKeyServiceClient::new(channel),
+                    tokens.clone(),
+                    next.clone(),
+                );
+                move || {
+                    let token = tokens.get(next.fetch_add(1, Ordering::Relaxed))?.clone();
+                    Some(verify(client.clone(), token))
+                }
             })
             .await?
         }
+        Scenario::Health => {
+            spawn_callers(&run, |channel| {
+                let client = HealthClient::new(channel);
+                move || Some(health(client.clone()))
+            })
+            .await?
+        }
+        Scenario::Argon2 => unreachable!("handled above"),
     };
     Ok((tally, start.elapsed()))
 }
 
-/// Runs `run.concurrency` closed-loop callers until the deadline or until their token
-/// source (`tokens()` builds one per task) runs dry, and merges what they measured.
-async fn spawn_callers<F, S>(run: &Arc<Run>, tokens: F) -> anyhow::Result<Tally>
+/// An admin client of the public listener and its `authorization` value.
+async fn admin(
+    opts: &Opts,
+) -> anyhow::Result<(
+    ApiKeyServiceClient<Channel>,
+    MetadataValue<tonic::metadata::Ascii>,
+)> {
+    let tenant = opts.tenant.unwrap_or_else(Uuid::new_v4);
+    let secret = jwt_secret(&opts.env_file)?;
+    let jwt = devgate::auth::jwt::mint_hs256(
+        &secret,
+        tenant,
+        "loadgen",
+        &["admin".into()],
+        Duration::from_secs(3600),
+    )
+    .context("cannot sign the admin JWT")?;
+    let bearer = format!("Bearer {jwt}")
+        .parse()
+        .context("the JWT is not a valid metadata value")?;
+    eprintln!("loadgen: tenant={tenant}");
+    Ok((
+        ApiKeyServiceClient::new(connect(&opts.public, "public").await?),
+        bearer,
+    ))
+}
+
+/// Runs `run.concurrency` closed-loop callers until the deadline or until their call source
+/// (`per_task(channel)` builds one per task) runs dry, and merges what they measured.
+async fn spawn_callers<F, S, Fut>(run: &Arc<Run>, per_task: F) -> anyhow::Result<Tally>
 where
-    F: Fn() -> S,
-    S: FnMut() -> Option<Arc<str>> + Send + 'static,
+    F: Fn(Channel) -> S,
+    S: FnMut() -> Option<Fut> + Send + 'static,
+    Fut: Future<Output = Result<(), String>> + Send,
 {
     let mut tasks = Vec::with_capacity(run.concurrency);
     for task in 0..run.concurrency {
         let run = run.clone();
-        let mut next_token = tokens();
+        let mut next_call = per_task(run.channels[task % run.channels.len()].clone());
         tasks.push(tokio::spawn(async move {
             let mut tally = Tally::new()?;
-            let mut client = run.clients[task % run.clients.len()].clone();
             while Instant::now() < run.deadline {
-                let Some(token) = next_token() else { break };
+                let Some(call) = next_call() else { break };
                 let sent = Instant::now();
-                let outcome = verify(&mut client, &token).await;
+                let outcome = call.await;
                 tally.record(sent.elapsed(), outcome);
             }
             anyhow::Ok(tally)
@@ -381,8 +431,59 @@ where
     Ok(total)
 }
 
+/// `--concurrency` tasks verifying one argon2id hash through the server's own hasher (same
+/// parameters, same bounded blocking pool) for `--seconds`.
+async fn argon2_baseline(opts: &Opts) -> anyhow::Result<(Tally, Duration)> {
+    let defaults = devgate::Config::from_lookup(|_| None)
+        .context("default configuration")?
+        .api_keys;
+    let hasher = Arc::new(SecretHasher::new(
+        defaults.argon2,
+        defaults.hash_concurrency,
+    ));
+    let phc: Arc<str> = hasher.hash("loadgen-baseline-secret").await?.into();
+    let deadline = Instant::now() + Duration::from_secs(opts.seconds);
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(opts.concurrency);
+    for _ in 0..opts.concurrency {
+        let (hasher, phc) = (hasher.clone(), phc.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut tally = Tally::new()?;
+            while Instant::now() < deadline {
+                let sent = Instant::now();
+                let outcome = match hasher.verify("loadgen-baseline-secret", &phc).await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err("no match".to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                tally.record(sent.elapsed(), outcome);
+            }
+            anyhow::Ok(tally)
+        }));
+    }
+    let mut total = Tally::new()?;
+    for task in tasks {
+        total.merge(task.await.context("a hashing task panicked")??)?;
+    }
+    Ok((total, start.elapsed()))
+}
+
+/// One Health/Check call of the whole server.
+async fn health(mut client: HealthClient<Channel>) -> Result<(), String> {
+    match client
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+    {
+        Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => Ok(()),
+        Ok(r) => Err(format!("status {}", r.get_ref().status)),
+        Err(status) => Err(Status(&status).to_string()),
+    }
+}
+
 /// One VerifyApiKey call; `Err` says why it does not count as a success.
-async fn verify(client: &mut ApiKeyServiceClient<Channel>, token: &str) -> Result<(), String> {
+async fn verify(mut client: ApiKeyServiceClient<Channel>, token: Arc<str>) -> Result<(), String> {
     let request = VerifyApiKeyRequest {
         token: token.to_string(),
         required_scope: REQUIRED_SCOPE.to_string(),

@@ -110,9 +110,10 @@ impl ApiKey {
         format!("dg_{}_{}", self.environment.as_str(), self.id)
     }
 
-    /// The previous secret's end, if it is still in its grace period.
+    /// The previous secret's end, while it still works (in its grace period, key active).
     pub fn live_previous_secret_expire_time(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        self.previous_secret_expire_time.filter(|t| *t > now)
+        self.previous_secret_expire_time
+            .filter(|t| *t > now && self.state(now) == KeyState::Active)
     }
 }
 
