@@ -31,8 +31,16 @@ use crate::{
     db::{self, PgPool},
     kv::Redis,
     proto::{self, v1::api_key_service_server::ApiKeyServiceServer},
+    ratelimit::RateLimiter,
     tenants::TenantDirectory,
 };
+
+/// The feature services both listeners serve (cheap to clone).
+#[derive(Clone)]
+struct Services {
+    keys: Arc<ApiKeys>,
+    limiter: Arc<RateLimiter>,
+}
 
 /// Which parts run in this process: `serve` = api, `worker` = worker, `all` = both.
 #[derive(Debug, Clone, Copy)]
@@ -63,7 +71,7 @@ pub struct Application {
     config: Config,
     roles: Roles,
     listeners: Option<(TcpListener, TcpListener)>,
-    keys: Arc<ApiKeys>,
+    services: Services,
     authenticator: Arc<Authenticator>,
     store: ApiKeyStore,
     last_used_flusher: LastUsedFlusher,
@@ -90,6 +98,11 @@ impl Application {
             redis.clone(),
             last_used,
             &config.api_keys,
+            config.rate_limits.plans,
+        ));
+        let limiter = Arc::new(RateLimiter::new(
+            redis.clone(),
+            config.rate_limits.fail_closed,
         ));
         let invalidations = Invalidations::new(redis);
         let keys = Arc::new(ApiKeys::new(
@@ -123,7 +136,7 @@ impl Application {
             config,
             roles,
             listeners,
-            keys,
+            services: Services { keys, limiter },
             authenticator,
             store,
             last_used_flusher,
@@ -147,7 +160,7 @@ impl Application {
     }
 
     pub fn key_verifier(&self) -> Arc<KeyVerifier> {
-        self.keys.verifier().clone()
+        self.services.keys.verifier().clone()
     }
 
     pub fn pool(&self) -> PgPool {
@@ -192,19 +205,25 @@ impl Application {
                 tasks.spawn(
                     self.invalidations
                         .clone()
-                        .listen(self.keys.verifier().clone(), background.clone()),
+                        .listen(self.services.keys.verifier().clone(), background.clone()),
                 );
                 tracing::info!(public = %public.local_addr()?, internal = %internal.local_addr()?, "devgate listening");
                 let public_listener = Listener::Public {
                     authenticator: self.authenticator.clone(),
+                    limiter: self.services.limiter.clone(),
                     trust_forwarded_for: self.config.auth.trust_forwarded_for,
                 };
                 Some(futures_util::future::try_join(
-                    serve(public, public_listener, self.keys.clone(), shutdown.clone()),
+                    serve(
+                        public,
+                        public_listener,
+                        self.services.clone(),
+                        shutdown.clone(),
+                    ),
                     serve(
                         internal,
                         Listener::Internal,
-                        self.keys.clone(),
+                        self.services.clone(),
                         shutdown.clone(),
                     ),
                 ))
@@ -245,7 +264,7 @@ impl Application {
 async fn serve(
     listener: TcpListener,
     auth: Listener,
-    keys: Arc<ApiKeys>,
+    services: Services,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -295,7 +314,10 @@ async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(ApiKeyServiceServer::new(ApiKeyGrpc::new(keys)))
+        .add_service(ApiKeyServiceServer::new(ApiKeyGrpc::new(
+            services.keys,
+            services.limiter,
+        )))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             stop.cancelled().await;
             health

@@ -8,6 +8,8 @@ use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use secrecy::SecretString;
 
+use crate::ratelimit::{Limits, PlanLimits};
+
 /// `(name, default, meaning)` of every variable devgate reads. An empty default means
 /// "unset unless given".
 pub const VARIABLES: &[(&str, &str, &str)] = &[
@@ -129,6 +131,36 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "Longest grace period a rotation may ask for.",
     ),
     (
+        "DEVGATE_PLAN_FREE",
+        "30/500/5000/5",
+        "Default limits of the free plan: calls per minute/hour/day/burst.",
+    ),
+    (
+        "DEVGATE_PLAN_STANDARD",
+        "100/2000/20000/10",
+        "Default limits of the standard plan (per minute/hour/day/burst).",
+    ),
+    (
+        "DEVGATE_PLAN_PROFESSIONAL",
+        "300/10000/100000/20",
+        "Default limits of the professional plan (per minute/hour/day/burst).",
+    ),
+    (
+        "DEVGATE_PLAN_BUSINESS",
+        "1000/50000/500000/50",
+        "Default limits of the business plan (per minute/hour/day/burst).",
+    ),
+    (
+        "DEVGATE_PLAN_ENTERPRISE",
+        "1000/50000/500000/50",
+        "Limits of an enterprise tenant until SetPlan gives it its own (per minute/hour/day/burst).",
+    ),
+    (
+        "DEVGATE_RATE_LIMIT_FAIL_CLOSED",
+        "false",
+        "When Redis is down: false limits per replica in process (fail open); true refuses API-key calls with UNAVAILABLE.",
+    ),
+    (
         "DEVGATE_SHUTDOWN_GRACE",
         "30s",
         "On SIGINT/SIGTERM, how long in-flight calls may take to finish.",
@@ -172,6 +204,7 @@ pub struct Config {
     pub redis: RedisConfig,
     pub auth: AuthConfig,
     pub api_keys: ApiKeyConfig,
+    pub rate_limits: RateLimitConfig,
     pub log: LogConfig,
     pub shutdown_grace: Duration,
 }
@@ -217,6 +250,12 @@ pub struct ApiKeyConfig {
     pub last_used_flush_interval: Duration,
     pub rotation_grace_default: Duration,
     pub rotation_grace_max: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RateLimitConfig {
+    pub plans: PlanLimits,
+    pub fail_closed: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -351,6 +390,16 @@ impl Config {
                 trust_forwarded_for: env.parse("DEVGATE_TRUST_FORWARDED_FOR")?,
             },
             api_keys,
+            rate_limits: RateLimitConfig {
+                plans: PlanLimits {
+                    free: env.parse::<Limits>("DEVGATE_PLAN_FREE")?,
+                    standard: env.parse("DEVGATE_PLAN_STANDARD")?,
+                    professional: env.parse("DEVGATE_PLAN_PROFESSIONAL")?,
+                    business: env.parse("DEVGATE_PLAN_BUSINESS")?,
+                    enterprise: env.parse("DEVGATE_PLAN_ENTERPRISE")?,
+                },
+                fail_closed: env.parse("DEVGATE_RATE_LIMIT_FAIL_CLOSED")?,
+            },
             log: LogConfig {
                 filter: env.string("DEVGATE_LOG"),
                 format: log_format,
@@ -449,6 +498,11 @@ mod tests {
         );
         assert!(c.auth.jwt_hs256_secret.is_none());
         assert_eq!(c.environment, RunEnvironment::Production);
+        assert_eq!(
+            c.rate_limits.plans.standard.to_string(),
+            "100/2000/20000/10"
+        );
+        assert!(!c.rate_limits.fail_closed);
     }
 
     #[test]
@@ -460,6 +514,8 @@ mod tests {
         let err = config(&[("DEVGATE_JWT_HS256_SECRET", "short")]).unwrap_err();
         assert_eq!(err.variable, "DEVGATE_JWT_HS256_SECRET");
         assert!(!err.to_string().contains("short"), "secrets are not echoed");
+        let err = config(&[("DEVGATE_PLAN_FREE", "30/500")]).unwrap_err();
+        assert_eq!(err.variable, "DEVGATE_PLAN_FREE");
         let err = config(&[("DEVGATE_ROTATION_GRACE_DEFAULT", "8d")]).unwrap_err();
         assert_eq!(err.variable, "DEVGATE_ROTATION_GRACE_DEFAULT");
     }

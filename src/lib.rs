@@ -14,6 +14,7 @@ pub mod db;
 pub mod kv;
 pub mod pagination;
 pub mod proto;
+pub mod ratelimit;
 pub mod status;
 pub mod telemetry;
 pub mod tenants;

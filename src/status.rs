@@ -12,6 +12,7 @@ use crate::{
     api_keys::{ApiKeyError, verifier::VerifyFailure},
     auth::AuthError,
     db::StoreError,
+    ratelimit::{RateLimitError, model::retry_after_secs},
     validation::Violations,
 };
 
@@ -135,6 +136,49 @@ impl From<AuthError> for Status {
                     Duration::from_secs(1),
                 )
             }
+        }
+    }
+}
+
+impl From<RateLimitError> for Status {
+    fn from(e: RateLimitError) -> Self {
+        match e {
+            RateLimitError::Exceeded { key_id, decision } => {
+                let tight = decision
+                    .windows
+                    .iter()
+                    .find(|w| w.remaining == 0)
+                    .unwrap_or(decision.tightest());
+                let what = format!(
+                    "{} calls per {} s ({} window)",
+                    tight.window.limit, tight.window.seconds, tight.window.name
+                );
+                let retry = decision.retry_after.unwrap_or_default();
+                let mut details = ErrorDetails::with_retry_info(Some(retry));
+                details.set_error_info("RATE_LIMITED", DOMAIN, HashMap::new());
+                details.add_quota_failure_violation(format!("api_key:{key_id}"), what.clone());
+                let mut status = Status::with_error_details(
+                    Code::ResourceExhausted,
+                    format!(
+                        "rate limit exceeded: {what}; retry in {} s",
+                        retry_after_secs(retry)
+                    ),
+                    details,
+                );
+                for (name, value) in decision.headers() {
+                    if let Ok(value) = MetadataValue::try_from(value.as_str()) {
+                        status.metadata_mut().insert(name, value);
+                    }
+                }
+                status
+            }
+            RateLimitError::Unavailable => retry_later(
+                Code::Unavailable,
+                "rate limiting temporarily unavailable",
+                "RATE_LIMIT_UNAVAILABLE",
+                Duration::from_secs(1),
+            ),
+            e @ RateLimitError::Script(_) => internal(&e),
         }
     }
 }

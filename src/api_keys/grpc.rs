@@ -19,19 +19,24 @@ use crate::{
         convert::{from_duration, from_timestamp, opt_timestamp, timestamp},
         v1::{self, api_key_service_server::ApiKeyService},
     },
+    ratelimit::{LimitOverrides, RateLimiter, model::retry_after_secs},
     tenants::Plan,
     validation::Violations,
 };
 
 pub struct ApiKeyGrpc {
     keys: Arc<ApiKeys>,
+    limiter: Arc<RateLimiter>,
 }
 
 impl ApiKeyGrpc {
-    pub fn new(keys: Arc<ApiKeys>) -> Self {
-        Self { keys }
+    pub fn new(keys: Arc<ApiKeys>, limiter: Arc<RateLimiter>) -> Self {
+        Self { keys, limiter }
     }
 }
+
+/// The most a consuming verification may cost.
+const MAX_COST: u32 = 1000;
 
 type RpcResult<T> = Result<Response<T>, Status>;
 
@@ -183,34 +188,65 @@ impl ApiKeyService for ApiKeyGrpc {
                 .map_err(|_| v.add("client_ip", "not an IPv4 or IPv6 address"))
                 .ok(),
         };
+        let cost = match r.cost {
+            0 => 1,
+            c => c,
+        };
+        v.check(cost <= MAX_COST, "cost", format!("at most {MAX_COST}"));
         v.into_result(()).map_err(ApiKeyError::from)?;
 
-        let outcome = self.keys.verifier().verify(&r.token, client_ip).await?;
-        let response = match outcome {
-            Ok(key) => {
-                let allowed = required.is_none_or(|s| key.scopes.grants(s));
-                let reason = if allowed {
-                    v1::VerifyFailureReason::Unspecified
-                } else {
-                    v1::VerifyFailureReason::InsufficientScope
-                };
-                v1::VerifyApiKeyResponse {
-                    valid: allowed,
-                    failure_reason: reason as i32,
-                    tenant_id: key.tenant_id.to_string(),
-                    key_id: key.key_id.to_string(),
-                    scopes: key.scopes.to_strings(),
-                    plan: plan_to_proto(key.plan) as i32,
-                    environment: environment_to_proto(key.environment) as i32,
-                }
+        let key = match self.keys.verifier().verify(&r.token, client_ip).await? {
+            Ok(key) => key,
+            Err(failure) => {
+                return Ok(Response::new(v1::VerifyApiKeyResponse {
+                    valid: false,
+                    failure_reason: failure_to_proto(failure) as i32,
+                    ..Default::default()
+                }));
             }
-            Err(failure) => v1::VerifyApiKeyResponse {
-                valid: false,
-                failure_reason: failure_to_proto(failure) as i32,
-                ..Default::default()
-            },
         };
-        Ok(Response::new(response))
+        let mut reason = match required {
+            Some(scope) if !key.scopes.grants(scope) => v1::VerifyFailureReason::InsufficientScope,
+            _ => v1::VerifyFailureReason::Unspecified,
+        };
+        // Consuming: the same limiter, buckets and headers as the key's own calls.
+        let mut rate_limit = None;
+        let mut headers = Vec::new();
+        if r.consume && reason == v1::VerifyFailureReason::Unspecified {
+            let decision = self
+                .limiter
+                .check(key.key_id.as_str(), &key.limits, cost)
+                .await
+                .map_err(Status::from)?;
+            if !decision.allowed {
+                reason = v1::VerifyFailureReason::RateLimited;
+            }
+            let tight = decision.tightest();
+            rate_limit = Some(v1::RateLimitStatus {
+                window: tight.window.name.to_string(),
+                limit: tight.window.limit,
+                remaining: tight.remaining,
+                reset_seconds: tight.reset,
+                retry_after_seconds: decision.retry_after.map(retry_after_secs).unwrap_or(0),
+            });
+            headers = decision.headers();
+        }
+        let mut response = Response::new(v1::VerifyApiKeyResponse {
+            valid: reason == v1::VerifyFailureReason::Unspecified,
+            failure_reason: reason as i32,
+            tenant_id: key.tenant_id.to_string(),
+            key_id: key.key_id.to_string(),
+            scopes: key.scopes.to_strings(),
+            plan: plan_to_proto(key.plan) as i32,
+            environment: environment_to_proto(key.environment) as i32,
+            rate_limit,
+        });
+        for (name, value) in headers {
+            if let Ok(value) = value.parse() {
+                response.metadata_mut().insert(name, value);
+            }
+        }
+        Ok(response)
     }
 }
 
@@ -233,6 +269,7 @@ fn new_api_key(r: &v1::CreateApiKeyRequest, now: DateTime<Utc>) -> Result<NewApi
     }
     let expire_time = expire_time(r.expire_time.as_ref(), now, "expire_time", &mut v);
     let allowed_cidrs = model::validate_cidrs(&r.allowed_cidrs, "allowed_cidrs", &mut v);
+    let rate_limits = rate_limits(r.rate_limits.as_ref(), "rate_limits", &mut v);
     v.into_result(NewApiKey {
         name,
         description,
@@ -240,6 +277,40 @@ fn new_api_key(r: &v1::CreateApiKeyRequest, now: DateTime<Utc>) -> Result<NewApi
         environment: environment.unwrap_or(Environment::Test),
         expire_time,
         allowed_cidrs,
+        rate_limits,
+    })
+}
+
+/// The most calls any window may allow (keeps the columns and the Lua arithmetic sane).
+const MAX_LIMIT: u32 = 100_000_000;
+
+/// 0 fields inherit; others must be at most [`MAX_LIMIT`].
+fn rate_limits(r: Option<&v1::RateLimits>, field: &str, v: &mut Violations) -> LimitOverrides {
+    let Some(r) = r else {
+        return LimitOverrides::default();
+    };
+    let mut get = |value: u32, name: &str| {
+        v.check(
+            value <= MAX_LIMIT,
+            format!("{field}.{name}"),
+            format!("at most {MAX_LIMIT}"),
+        );
+        (value > 0).then_some(value)
+    };
+    LimitOverrides {
+        per_minute: get(r.per_minute, "per_minute"),
+        per_hour: get(r.per_hour, "per_hour"),
+        per_day: get(r.per_day, "per_day"),
+        burst: get(r.burst, "burst"),
+    }
+}
+
+fn rate_limits_to_proto(o: &LimitOverrides) -> Option<v1::RateLimits> {
+    (!o.is_empty()).then(|| v1::RateLimits {
+        per_minute: o.per_minute.unwrap_or(0),
+        per_hour: o.per_hour.unwrap_or(0),
+        per_day: o.per_day.unwrap_or(0),
+        burst: o.burst.unwrap_or(0),
     })
 }
 
@@ -249,12 +320,13 @@ fn changes(
     paths: &[String],
     now: DateTime<Utc>,
 ) -> Result<ApiKeyChanges, Violations> {
-    const UPDATABLE: [&str; 5] = [
+    const UPDATABLE: [&str; 6] = [
         "name",
         "description",
         "scopes",
         "expire_time",
         "allowed_cidrs",
+        "rate_limits",
     ];
     let mut v = Violations::new();
     let named: Vec<&str> = if paths.is_empty() {
@@ -264,6 +336,7 @@ fn changes(
             !patch.scopes.is_empty(),
             patch.expire_time.is_some(),
             !patch.allowed_cidrs.is_empty(),
+            patch.rate_limits.is_some(),
         ];
         UPDATABLE
             .iter()
@@ -292,6 +365,9 @@ fn changes(
             }
             "allowed_cidrs" => {
                 c.allowed_cidrs = Some(model::validate_cidrs(&patch.allowed_cidrs, &field, &mut v))
+            }
+            "rate_limits" => {
+                c.rate_limits = Some(rate_limits(patch.rate_limits.as_ref(), &field, &mut v))
             }
             other => v.add(
                 "update_mask",
@@ -372,6 +448,7 @@ pub fn to_proto(key: &ApiKey) -> v1::ApiKey {
         revoke_reason: key.revoke_reason.clone().unwrap_or_default(),
         previous_secret_expire_time: opt_timestamp(key.live_previous_secret_expire_time(now)),
         created_by: key.created_by.clone(),
+        rate_limits: rate_limits_to_proto(&key.rate_limits),
     }
 }
 

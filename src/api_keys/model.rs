@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use ipnetwork::IpNetwork;
 
 use super::token;
-use crate::{auth::Scopes, tenants::TenantId, validation::Violations};
+use crate::{auth::Scopes, ratelimit::LimitOverrides, tenants::TenantId, validation::Violations};
 
 pub const MAX_NAME_CHARS: usize = 100;
 pub const MAX_DESCRIPTION_CHARS: usize = 1000;
@@ -98,6 +98,8 @@ pub struct ApiKey {
     pub revoke_time: Option<DateTime<Utc>>,
     pub revoke_reason: Option<String>,
     pub previous_secret_expire_time: Option<DateTime<Utc>>,
+    /// The key's own limits; unset fields follow the tenant's plan.
+    pub rate_limits: LimitOverrides,
 }
 
 impl ApiKey {
@@ -155,6 +157,7 @@ pub struct NewApiKey {
     pub environment: Environment,
     pub expire_time: Option<DateTime<Utc>>,
     pub allowed_cidrs: Vec<IpNetwork>,
+    pub rate_limits: LimitOverrides,
 }
 
 /// A validated UpdateApiKey request: `None` leaves a field as it is.
@@ -166,6 +169,8 @@ pub struct ApiKeyChanges {
     /// `Some(None)` removes the expiry.
     pub expire_time: Option<Option<DateTime<Utc>>>,
     pub allowed_cidrs: Option<Vec<IpNetwork>>,
+    /// Replaces all four overrides (unset ones inherit again).
+    pub rate_limits: Option<LimitOverrides>,
 }
 
 impl ApiKeyChanges {
@@ -175,6 +180,7 @@ impl ApiKeyChanges {
             && self.scopes.is_none()
             && self.expire_time.is_none()
             && self.allowed_cidrs.is_none()
+            && self.rate_limits.is_none()
     }
 }
 

@@ -8,6 +8,7 @@ use ipnetwork::IpNetwork;
 use uuid::Uuid;
 
 use super::model::{ApiKey, ApiKeyChanges, Environment, KeyId, KeyState, ListFilter};
+use crate::ratelimit::LimitOverrides;
 use crate::{
     auth::Scopes,
     db::{
@@ -37,6 +38,10 @@ struct ApiKeyRow {
     expire_time: Option<DateTime<Utc>>,
     revoke_time: Option<DateTime<Utc>>,
     revoke_reason: Option<String>,
+    rate_limit_per_minute: Option<i32>,
+    rate_limit_per_hour: Option<i32>,
+    rate_limit_per_day: Option<i32>,
+    rate_limit_burst: Option<i32>,
 }
 
 impl TryFrom<ApiKeyRow> for ApiKey {
@@ -58,8 +63,41 @@ impl TryFrom<ApiKeyRow> for ApiKey {
             revoke_time: row.revoke_time,
             revoke_reason: row.revoke_reason,
             previous_secret_expire_time: row.previous_secret_expire_time,
+            rate_limits: overrides(
+                row.rate_limit_per_minute,
+                row.rate_limit_per_hour,
+                row.rate_limit_per_day,
+                row.rate_limit_burst,
+            ),
         })
     }
+}
+
+/// Limit columns (NULL or positive, by CHECK) as overrides.
+pub(crate) fn overrides(
+    m: Option<i32>,
+    h: Option<i32>,
+    d: Option<i32>,
+    b: Option<i32>,
+) -> LimitOverrides {
+    let positive = |v: Option<i32>| v.and_then(|v| u32::try_from(v).ok());
+    LimitOverrides {
+        per_minute: positive(m),
+        per_hour: positive(h),
+        per_day: positive(d),
+        burst: positive(b),
+    }
+}
+
+/// Overrides as limit columns.
+fn columns(o: &LimitOverrides) -> [Option<i32>; 4] {
+    let col = |v: Option<u32>| v.map(|v| i32::try_from(v).unwrap_or(i32::MAX));
+    [
+        col(o.per_minute),
+        col(o.per_hour),
+        col(o.per_day),
+        col(o.burst),
+    ]
 }
 
 fn parse_environment(s: &str) -> Result<Environment, StoreError> {
@@ -86,6 +124,8 @@ pub struct AuthRecord {
     pub expire_time: Option<DateTime<Utc>>,
     pub revoke_time: Option<DateTime<Utc>>,
     pub plan: Plan,
+    pub key_limits: LimitOverrides,
+    pub tenant_limits: LimitOverrides,
 }
 
 /// A key to insert, with the hash of its first secret.
@@ -113,6 +153,10 @@ struct Changeset {
     scopes: Option<Vec<String>>,
     expire_time: Option<Option<DateTime<Utc>>>,
     allowed_cidrs: Option<Vec<IpNetwork>>,
+    rate_limit_per_minute: Option<Option<i32>>,
+    rate_limit_per_hour: Option<Option<i32>>,
+    rate_limit_per_day: Option<Option<i32>>,
+    rate_limit_burst: Option<Option<i32>>,
     update_time: DateTime<Utc>,
 }
 
@@ -127,6 +171,7 @@ impl ApiKeyStore {
     }
 
     pub async fn insert(&self, key: InsertKey<'_>) -> Result<ApiKey, StoreError> {
+        let [per_minute, per_hour, per_day, burst] = columns(&key.new.rate_limits);
         let row = ApiKeyRow {
             id: key.id.to_string(),
             tenant_id: key.tenant_id.0,
@@ -145,6 +190,10 @@ impl ApiKeyStore {
             expire_time: key.new.expire_time,
             revoke_time: None,
             revoke_reason: None,
+            rate_limit_per_minute: per_minute,
+            rate_limit_per_hour: per_hour,
+            rate_limit_per_day: per_day,
+            rate_limit_burst: burst,
         };
         let mut conn = self.pool.get().await?;
         let stored: ApiKeyRow = diesel::insert_into(api_keys::table)
@@ -219,12 +268,17 @@ impl ApiKeyStore {
         changes: &ApiKeyChanges,
         now: DateTime<Utc>,
     ) -> Result<ApiKey, StoreError> {
+        let limits = changes.rate_limits.as_ref().map(columns);
         let set = Changeset {
             name: changes.name.clone(),
             description: changes.description.clone(),
             scopes: changes.scopes.as_ref().map(Scopes::to_strings),
             expire_time: changes.expire_time,
             allowed_cidrs: changes.allowed_cidrs.clone(),
+            rate_limit_per_minute: limits.map(|l| l[0]),
+            rate_limit_per_hour: limits.map(|l| l[1]),
+            rate_limit_per_day: limits.map(|l| l[2]),
+            rate_limit_burst: limits.map(|l| l[3]),
             update_time: now,
         };
         let mut conn = self.pool.get().await?;
@@ -327,21 +381,24 @@ impl ApiKeyStore {
         }
     }
 
-    /// The verifier's lookup, by key id alone.
+    /// The verifier's lookup, by key id alone, with the tenant's plan and limits.
     pub async fn find_for_auth(&self, id: &KeyId) -> Result<Option<AuthRecord>, StoreError> {
-        type Row = (
-            String,
-            Uuid,
-            String,
-            Vec<String>,
-            Vec<IpNetwork>,
-            String,
-            Option<String>,
-            Option<DateTime<Utc>>,
-            Option<DateTime<Utc>>,
-            Option<DateTime<Utc>>,
-            String,
-        );
+        #[derive(Queryable)]
+        struct Row {
+            id: String,
+            tenant_id: Uuid,
+            environment: String,
+            scopes: Vec<String>,
+            allowed_cidrs: Vec<IpNetwork>,
+            secret_hash: String,
+            previous_secret_hash: Option<String>,
+            previous_secret_expire_time: Option<DateTime<Utc>>,
+            expire_time: Option<DateTime<Utc>>,
+            revoke_time: Option<DateTime<Utc>>,
+            key_limits: (Option<i32>, Option<i32>, Option<i32>, Option<i32>),
+            plan: String,
+            tenant_limits: (Option<i32>, Option<i32>, Option<i32>, Option<i32>),
+        }
         let mut conn = self.pool.get().await?;
         let row: Option<Row> = api_keys::table
             .inner_join(tenants::table)
@@ -357,24 +414,40 @@ impl ApiKeyStore {
                 api_keys::previous_secret_expire_time,
                 api_keys::expire_time,
                 api_keys::revoke_time,
+                (
+                    api_keys::rate_limit_per_minute,
+                    api_keys::rate_limit_per_hour,
+                    api_keys::rate_limit_per_day,
+                    api_keys::rate_limit_burst,
+                ),
                 tenants::plan,
+                (
+                    tenants::rate_limit_per_minute,
+                    tenants::rate_limit_per_hour,
+                    tenants::rate_limit_per_day,
+                    tenants::rate_limit_burst,
+                ),
             ))
             .first(&mut conn)
             .await
             .optional()?;
         row.map(|r| {
+            let (km, kh, kd, kb) = r.key_limits;
+            let (tm, th, td, tb) = r.tenant_limits;
             Ok(AuthRecord {
-                key_id: KeyId::new_unchecked(r.0),
-                tenant_id: TenantId(r.1),
-                environment: parse_environment(&r.2)?,
-                scopes: parse_scopes(&r.3)?,
-                allowed_cidrs: r.4,
-                secret_hash: r.5,
-                previous_secret_hash: r.6,
-                previous_secret_expire_time: r.7,
-                expire_time: r.8,
-                revoke_time: r.9,
-                plan: r.10.parse()?,
+                key_id: KeyId::new_unchecked(r.id),
+                tenant_id: TenantId(r.tenant_id),
+                environment: parse_environment(&r.environment)?,
+                scopes: parse_scopes(&r.scopes)?,
+                allowed_cidrs: r.allowed_cidrs,
+                secret_hash: r.secret_hash,
+                previous_secret_hash: r.previous_secret_hash,
+                previous_secret_expire_time: r.previous_secret_expire_time,
+                expire_time: r.expire_time,
+                revoke_time: r.revoke_time,
+                plan: r.plan.parse()?,
+                key_limits: overrides(km, kh, kd, kb),
+                tenant_limits: overrides(tm, th, td, tb),
             })
         })
         .transpose()

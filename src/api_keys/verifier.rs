@@ -25,7 +25,8 @@ use super::{
 use crate::{
     auth::{KeyPrincipal, Scopes},
     config::ApiKeyConfig,
-    kv::Redis,
+    kv::{OutageLog, Redis},
+    ratelimit::{Limits, PlanLimits},
     tenants::{Plan, TenantId},
 };
 
@@ -54,6 +55,8 @@ pub struct VerifiedKey {
     pub scopes: Scopes,
     pub plan: Plan,
     pub environment: Environment,
+    /// Effective limits: the key's overrides over the tenant's over the plan's defaults.
+    pub limits: Limits,
 }
 
 impl VerifiedKey {
@@ -64,6 +67,7 @@ impl VerifiedKey {
             scopes: self.scopes,
             plan: self.plan,
             environment: self.environment,
+            limits: self.limits,
         }
     }
 }
@@ -83,6 +87,7 @@ pub struct KeyVerifier {
     cache: moka::future::Cache<TokenDigest, Arc<CachedKey>>,
     failures: FailureLimiter,
     last_used: LastUsedRecorder,
+    plans: PlanLimits,
     /// Whether the pub/sub invalidation listener is subscribed right now.
     invalidations_live: AtomicBool,
 }
@@ -94,6 +99,7 @@ impl KeyVerifier {
         redis: Redis,
         last_used: LastUsedRecorder,
         config: &ApiKeyConfig,
+        plans: PlanLimits,
     ) -> Self {
         let cache = moka::future::Cache::builder()
             .max_capacity(config.cache_capacity)
@@ -106,6 +112,7 @@ impl KeyVerifier {
             cache,
             failures: FailureLimiter::new(redis, config.failure_limit, config.failure_window),
             last_used,
+            plans,
             invalidations_live: AtomicBool::new(false),
         }
     }
@@ -157,6 +164,9 @@ impl KeyVerifier {
                 scopes: record.scopes,
                 plan: record.plan,
                 environment: record.environment,
+                limits: record
+                    .key_limits
+                    .apply(record.tenant_limits.apply(self.plans.of(record.plan))),
             },
             allowed_cidrs: record.allowed_cidrs,
             valid_until: [valid_until, record.expire_time]
@@ -248,7 +258,7 @@ struct FailureLimiter {
     limit: u32,
     window: Duration,
     script: redis::Script,
-    degraded: AtomicBool,
+    outage: OutageLog,
 }
 
 impl FailureLimiter {
@@ -263,7 +273,7 @@ impl FailureLimiter {
             limit,
             window,
             script,
-            degraded: AtomicBool::new(false),
+            outage: OutageLog::new("failed-attempt limiting"),
         }
     }
 
@@ -280,7 +290,7 @@ impl FailureLimiter {
             .pttl(&key)
             .query_async(&mut conn)
             .await;
-        match self.observe(result) {
+        match self.outage.observe(result) {
             Some((Some(n), ttl_ms)) if n >= self.limit => {
                 Some(Duration::from_millis(ttl_ms.max(1000) as u64))
             }
@@ -296,23 +306,6 @@ impl FailureLimiter {
             .arg(self.window.as_millis() as u64)
             .invoke_async(&mut conn)
             .await;
-        self.observe(result);
-    }
-
-    fn observe<T>(&self, result: redis::RedisResult<T>) -> Option<T> {
-        match result {
-            Ok(v) => {
-                if self.degraded.swap(false, Ordering::Relaxed) {
-                    tracing::info!("redis is back: failed-attempt limiting restored");
-                }
-                Some(v)
-            }
-            Err(e) => {
-                if !self.degraded.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(error = %e, "redis unavailable: failed-attempt limiting is off until it returns");
-                }
-                None
-            }
-        }
+        self.outage.observe(result);
     }
 }

@@ -12,6 +12,7 @@ use tonic::{Status, transport::server::TcpConnectInfo};
 use tower::{Layer, Service};
 
 use super::{Authenticator, Principal};
+use crate::ratelimit::{RateLimitError, RateLimiter};
 
 /// Which listener the layer guards.
 #[derive(Clone)]
@@ -19,6 +20,7 @@ pub enum Listener {
     /// Behind Envoy: API keys and user JWTs.
     Public {
         authenticator: Arc<Authenticator>,
+        limiter: Arc<RateLimiter>,
         trust_forwarded_for: bool,
     },
     /// Trusted network only: every caller is [`Principal::Service`].
@@ -79,26 +81,50 @@ where
             if req.uri().path().starts_with("/grpc.") {
                 return inner.call(req).await;
             }
-            let principal = match &listener {
-                Listener::Internal => Ok(Principal::Service),
+            let (principal, limiter) = match &listener {
+                Listener::Internal => (Ok(Principal::Service), None),
                 Listener::Public {
                     authenticator,
+                    limiter,
                     trust_forwarded_for,
                 } => {
                     let ip = client_ip(&req, *trust_forwarded_for);
-                    authenticator.authenticate(req.headers(), ip).await
+                    (
+                        authenticator.authenticate(req.headers(), ip).await,
+                        Some(limiter),
+                    )
                 }
             };
-            match principal {
-                Ok(principal) => {
-                    req.extensions_mut().insert(principal);
-                    inner.call(req).await
-                }
+            let principal = match principal {
+                Ok(p) => p,
                 Err(e) => {
                     tracing::debug!(error = %e, path = req.uri().path(), "call not authenticated");
-                    Ok(Status::from(e).into_http())
+                    return Ok(Status::from(e).into_http());
+                }
+            };
+            // Every API-key call pays one token, before the handler runs.
+            let mut rate_headers = Vec::new();
+            if let (Principal::ApiKey(key), Some(limiter)) = (&principal, limiter) {
+                match limiter.check(key.key_id.as_str(), &key.limits, 1).await {
+                    Ok(decision) if decision.allowed => rate_headers = decision.headers(),
+                    Ok(decision) => {
+                        let refused = RateLimitError::Exceeded {
+                            key_id: key.key_id.to_string(),
+                            decision,
+                        };
+                        return Ok(Status::from(refused).into_http());
+                    }
+                    Err(e) => return Ok(Status::from(e).into_http()),
                 }
             }
+            req.extensions_mut().insert(principal);
+            let mut response = inner.call(req).await?;
+            for (name, value) in rate_headers {
+                if let Ok(value) = http::HeaderValue::from_str(&value) {
+                    response.headers_mut().insert(name, value);
+                }
+            }
+            Ok(response)
         })
     }
 }

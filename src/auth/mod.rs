@@ -38,6 +38,7 @@ pub struct KeyPrincipal {
     pub scopes: Scopes,
     pub plan: Plan,
     pub environment: Environment,
+    pub limits: crate::ratelimit::Limits,
 }
 
 #[derive(Debug, Clone)]

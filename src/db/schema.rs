@@ -20,6 +20,10 @@ diesel::table! {
         expire_time -> Nullable<Timestamptz>,
         revoke_time -> Nullable<Timestamptz>,
         revoke_reason -> Nullable<Text>,
+        rate_limit_per_minute -> Nullable<Int4>,
+        rate_limit_per_hour -> Nullable<Int4>,
+        rate_limit_per_day -> Nullable<Int4>,
+        rate_limit_burst -> Nullable<Int4>,
     }
 }
 
@@ -29,6 +33,11 @@ diesel::table! {
         name -> Text,
         plan -> Text,
         create_time -> Timestamptz,
+        rate_limit_per_minute -> Nullable<Int4>,
+        rate_limit_per_hour -> Nullable<Int4>,
+        rate_limit_per_day -> Nullable<Int4>,
+        rate_limit_burst -> Nullable<Int4>,
+        update_time -> Timestamptz,
     }
 }
 

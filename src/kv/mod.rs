@@ -55,3 +55,43 @@ impl Redis {
             })?
     }
 }
+
+/// Logs a Redis outage once when it starts and once when it ends, however many calls fail
+/// in between (a log line per failed call would flood the logs exactly when they matter).
+pub struct OutageLog {
+    what: &'static str,
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl OutageLog {
+    /// `what` names the feature that degrades, e.g. "rate limiting".
+    pub fn new(what: &'static str) -> Self {
+        Self {
+            what,
+            down: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The value on success; `None` (after logging a start of outage) on failure.
+    pub fn observe<T>(&self, result: redis::RedisResult<T>) -> Option<T> {
+        use std::sync::atomic::Ordering;
+        match result {
+            Ok(v) => {
+                if self.down.swap(false, Ordering::Relaxed) {
+                    tracing::info!(feature = self.what, "redis is back");
+                }
+                Some(v)
+            }
+            Err(e) => {
+                if !self.down.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(feature = self.what, error = %e, "redis unavailable: degraded until it returns");
+                }
+                None
+            }
+        }
+    }
+
+    pub fn is_down(&self) -> bool {
+        self.down.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}

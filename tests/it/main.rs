@@ -10,3 +10,4 @@ mod edge;
 mod faults;
 mod grpcurl;
 mod quickstart;
+mod ratelimit;

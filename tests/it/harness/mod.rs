@@ -51,6 +51,9 @@ impl Settings {
             ("DEVGATE_JWT_HS256_SECRET", JWT_SECRET),
             ("DEVGATE_LAST_USED_FLUSH_INTERVAL", "200ms"),
             ("DEVGATE_SHUTDOWN_GRACE", "2s"),
+            // Generous plan defaults, so tests that are not about rate limits never meet
+            // them; rate-limit tests set small per-key limits.
+            ("DEVGATE_PLAN_FREE", "100000/1000000/10000000/10000"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -1,0 +1,134 @@
+//! The limiter: one Lua script, one Redis round trip per call, every window of the key
+//! decided atomically; an in-process token bucket while Redis is down (fail open), or
+//! UNAVAILABLE when configured to fail closed.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use super::{
+    RateLimitError,
+    model::{Decision, Limits, Window, WindowState},
+};
+use crate::kv::{OutageLog, Redis};
+
+/// The script, also run by `benches/redis_limit_baseline.sh` for the physical limit.
+pub const SCRIPT: &str = include_str!("token_bucket.lua");
+
+pub struct RateLimiter {
+    redis: Redis,
+    script: redis::Script,
+    fail_closed: bool,
+    outage: OutageLog,
+    /// Fallback buckets while Redis is down: per key id, per window (tokens, at ms).
+    local: moka::sync::Cache<String, Arc<Mutex<[(f64, u64); 3]>>>,
+}
+
+impl RateLimiter {
+    pub fn new(redis: Redis, fail_closed: bool) -> Self {
+        Self {
+            redis,
+            script: redis::Script::new(SCRIPT),
+            fail_closed,
+            outage: OutageLog::new("rate limiting"),
+            local: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(Duration::from_secs(86_400))
+                .build(),
+        }
+    }
+
+    /// Takes `cost` tokens from every window of `key_id`, or none if any window lacks them.
+    pub async fn check(
+        &self,
+        key_id: &str,
+        limits: &Limits,
+        cost: u32,
+    ) -> Result<Decision, RateLimitError> {
+        let windows = limits.windows();
+        let mut invocation = self.script.key(self.redis.key(&format!("rl:{{{key_id}}}")));
+        invocation.arg(cost);
+        for w in &windows {
+            invocation.arg(w.capacity).arg(rate_per_ms(w));
+        }
+        let mut conn = self.redis.conn();
+        let reply: redis::RedisResult<Vec<i64>> = invocation.invoke_async(&mut conn).await;
+        match self.outage.observe(reply) {
+            Some(reply) => decision_from_reply(&windows, &reply),
+            None if self.fail_closed => Err(RateLimitError::Unavailable),
+            None => Ok(self.check_locally(key_id, &windows, cost)),
+        }
+    }
+
+    /// The same buckets in this process: limits hold per replica until Redis is back.
+    fn check_locally(&self, key_id: &str, windows: &[Window; 3], cost: u32) -> Decision {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let state = self.local.get_with(key_id.to_string(), || {
+            Arc::new(Mutex::new(windows.map(|w| (f64::from(w.capacity), now))))
+        });
+        let mut buckets = state.lock().expect("local bucket lock");
+        let cost = f64::from(cost);
+        let mut left = [0f64; 3];
+        for (i, w) in windows.iter().enumerate() {
+            let (tokens, at) = buckets[i];
+            left[i] =
+                f64::from(w.capacity).min(tokens + now.saturating_sub(at) as f64 * rate_per_ms(w));
+        }
+        let allowed = left.iter().all(|t| *t >= cost);
+        let mut states = Vec::with_capacity(3);
+        let mut retry_ms = 0f64;
+        for (i, w) in windows.iter().enumerate() {
+            if allowed {
+                left[i] -= cost;
+            } else if left[i] < cost {
+                retry_ms = retry_ms.max((cost - left[i]) / rate_per_ms(w));
+            }
+            buckets[i] = (left[i], now);
+            states.push(WindowState {
+                window: *w,
+                remaining: left[i].max(0.0).floor() as u64,
+                reset: ((f64::from(w.capacity) - left[i]) / rate_per_ms(w) / 1000.0).ceil() as u64,
+            });
+        }
+        Decision {
+            allowed,
+            windows: states,
+            retry_after: (!allowed).then(|| Duration::from_millis(retry_ms.ceil() as u64)),
+        }
+    }
+}
+
+fn rate_per_ms(w: &Window) -> f64 {
+    f64::from(w.limit) / (w.seconds as f64 * 1000.0)
+}
+
+fn decision_from_reply(windows: &[Window; 3], reply: &[i64]) -> Result<Decision, RateLimitError> {
+    if reply.len() != 1 + 3 * windows.len() {
+        return Err(RateLimitError::Script(format!(
+            "unexpected reply {reply:?}"
+        )));
+    }
+    let allowed = reply[0] == 1;
+    let mut retry_ms = 0i64;
+    let states = windows
+        .iter()
+        .zip(reply[1..].chunks_exact(3))
+        .map(|(w, r)| {
+            retry_ms = retry_ms.max(r[2]);
+            WindowState {
+                window: *w,
+                remaining: r[0].max(0) as u64,
+                reset: (r[1].max(0) as u64).div_ceil(1000),
+            }
+        })
+        .collect();
+    Ok(Decision {
+        allowed,
+        windows: states,
+        retry_after: (!allowed).then(|| Duration::from_millis(retry_ms.max(0) as u64)),
+    })
+}

@@ -1,0 +1,278 @@
+//! Limits, windows and decisions, and the response headers that report them.
+
+use std::{fmt, str::FromStr, time::Duration};
+
+use crate::tenants::Plan;
+
+/// A key's effective limits: calls per minute, hour and day, and the burst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub per_minute: u32,
+    pub per_hour: u32,
+    pub per_day: u32,
+    pub burst: u32,
+}
+
+/// Optional overrides of some fields (a key's or a tenant's); `None` inherits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitOverrides {
+    pub per_minute: Option<u32>,
+    pub per_hour: Option<u32>,
+    pub per_day: Option<u32>,
+    pub burst: Option<u32>,
+}
+
+impl LimitOverrides {
+    pub fn apply(&self, base: Limits) -> Limits {
+        Limits {
+            per_minute: self.per_minute.unwrap_or(base.per_minute),
+            per_hour: self.per_hour.unwrap_or(base.per_hour),
+            per_day: self.per_day.unwrap_or(base.per_day),
+            burst: self.burst.unwrap_or(base.burst),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// One token bucket of a key.
+///
+/// It refills `limit` tokens per `seconds`. Its capacity is the burst for the minute window
+/// and the next shorter window's limit for the hour and the day: a client may spend its
+/// burst at once, a minute's allowance at the minute rate, an hour's at the hour rate.
+/// Over any span of one window, at most `limit + capacity` calls are admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub name: &'static str,
+    pub seconds: u64,
+    pub limit: u32,
+    pub capacity: u32,
+}
+
+impl Limits {
+    pub fn windows(&self) -> [Window; 3] {
+        [
+            Window {
+                name: "minute",
+                seconds: 60,
+                limit: self.per_minute,
+                capacity: self.burst.max(1),
+            },
+            Window {
+                name: "hour",
+                seconds: 3_600,
+                limit: self.per_hour,
+                capacity: self.per_minute.max(1),
+            },
+            Window {
+                name: "day",
+                seconds: 86_400,
+                limit: self.per_day,
+                capacity: self.per_hour.max(1),
+            },
+        ]
+    }
+}
+
+/// `per_minute/per_hour/per_day/burst`, e.g. `100/2000/20000/10` (the config syntax).
+impl FromStr for Limits {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parts: Vec<u32> = s
+            .split('/')
+            .map(|p| {
+                p.trim()
+                    .parse::<u32>()
+                    .map_err(|_| format!("{p:?} is not a whole number"))
+            })
+            .collect::<Result<_, _>>()?;
+        match parts[..] {
+            [m, h, d, b] if m > 0 && h > 0 && d > 0 && b > 0 => Ok(Limits {
+                per_minute: m,
+                per_hour: h,
+                per_day: d,
+                burst: b,
+            }),
+            [_, _, _, _] => Err("every limit must be at least 1".into()),
+            _ => Err("expected per_minute/per_hour/per_day/burst, e.g. 100/2000/20000/10".into()),
+        }
+    }
+}
+
+impl fmt::Display for Limits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}/{}/{}/{}",
+            self.per_minute, self.per_hour, self.per_day, self.burst
+        )
+    }
+}
+
+/// Default limits of every plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanLimits {
+    pub free: Limits,
+    pub standard: Limits,
+    pub professional: Limits,
+    pub business: Limits,
+    /// Enterprise tenants get theirs through SetPlan; this is what they have until then.
+    pub enterprise: Limits,
+}
+
+impl PlanLimits {
+    pub fn of(&self, plan: Plan) -> Limits {
+        match plan {
+            Plan::Free => self.free,
+            Plan::Standard => self.standard,
+            Plan::Professional => self.professional,
+            Plan::Business => self.business,
+            Plan::Enterprise => self.enterprise,
+        }
+    }
+}
+
+/// The state of one window after a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowState {
+    pub window: Window,
+    /// Whole tokens left after this call.
+    pub remaining: u64,
+    /// Seconds until the bucket is full again.
+    pub reset: u64,
+}
+
+/// The answer for one call: allowed or not, and every window's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    pub windows: Vec<WindowState>,
+    /// When refused: how long until every window has room for the call.
+    pub retry_after: Option<Duration>,
+}
+
+impl Decision {
+    /// The window closest to refusing: the fewest remaining calls (the shorter window on a tie).
+    pub fn tightest(&self) -> &WindowState {
+        self.windows
+            .iter()
+            .min_by_key(|w| (w.remaining, w.window.seconds))
+            .expect("a decision has windows")
+    }
+
+    /// The headers every API-key response carries: `ratelimit-policy` and `ratelimit`
+    /// (draft-ietf-httpapi-ratelimit-headers structured fields), the common
+    /// `x-ratelimit-*` trio for the tightest window and, when refused, `retry-after`.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let policy: Vec<String> = self
+            .windows
+            .iter()
+            .map(|w| {
+                format!(
+                    "\"{}\";q={};w={}",
+                    w.window.name, w.window.limit, w.window.seconds
+                )
+            })
+            .collect();
+        let t = self.tightest();
+        let mut headers = vec![
+            ("ratelimit-policy", policy.join(", ")),
+            (
+                "ratelimit",
+                format!("\"{}\";r={};t={}", t.window.name, t.remaining, t.reset),
+            ),
+            ("x-ratelimit-limit", t.window.limit.to_string()),
+            ("x-ratelimit-remaining", t.remaining.to_string()),
+            ("x-ratelimit-reset", t.reset.to_string()),
+        ];
+        if let Some(after) = self.retry_after {
+            headers.push(("retry-after", retry_after_secs(after).to_string()));
+        }
+        headers
+    }
+}
+
+/// Whole seconds, rounded up, at least 1 (a client told 0 would retry at once).
+pub fn retry_after_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0).max(u64::from(d.is_zero()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_config_syntax() {
+        let l: Limits = "100/2000/20000/10".parse().unwrap();
+        assert_eq!(
+            l,
+            Limits {
+                per_minute: 100,
+                per_hour: 2000,
+                per_day: 20000,
+                burst: 10
+            }
+        );
+        assert_eq!(l.to_string(), "100/2000/20000/10");
+        assert!("100/2000/20000".parse::<Limits>().is_err());
+        assert!("100/0/20000/10".parse::<Limits>().is_err());
+        assert!("a/b/c/d".parse::<Limits>().is_err());
+    }
+
+    #[test]
+    fn overrides_inherit_what_they_do_not_set() {
+        let base: Limits = "100/2000/20000/10".parse().unwrap();
+        let o = LimitOverrides {
+            per_minute: Some(5),
+            burst: Some(1),
+            ..Default::default()
+        };
+        assert_eq!(o.apply(base), "5/2000/20000/1".parse().unwrap());
+    }
+
+    #[test]
+    fn headers_follow_the_draft() {
+        let limits: Limits = "100/2000/20000/10".parse().unwrap();
+        let [m, h, d] = limits.windows();
+        let decision = Decision {
+            allowed: false,
+            windows: vec![
+                WindowState {
+                    window: m,
+                    remaining: 0,
+                    reset: 6,
+                },
+                WindowState {
+                    window: h,
+                    remaining: 90,
+                    reset: 18,
+                },
+                WindowState {
+                    window: d,
+                    remaining: 1990,
+                    reset: 40,
+                },
+            ],
+            retry_after: Some(Duration::from_millis(600)),
+        };
+        let headers: std::collections::HashMap<_, _> = decision.headers().into_iter().collect();
+        assert_eq!(
+            headers["ratelimit-policy"],
+            "\"minute\";q=100;w=60, \"hour\";q=2000;w=3600, \"day\";q=20000;w=86400"
+        );
+        assert_eq!(headers["ratelimit"], "\"minute\";r=0;t=6");
+        assert_eq!(headers["x-ratelimit-limit"], "100");
+        assert_eq!(headers["x-ratelimit-remaining"], "0");
+        assert_eq!(headers["retry-after"], "1");
+    }
+
+    #[test]
+    fn retry_after_rounds_up() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(2)), 2);
+        assert_eq!(retry_after_secs(Duration::from_millis(2001)), 3);
+    }
+}
