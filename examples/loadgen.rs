@@ -24,6 +24,9 @@
 //!   then every call presents a token that was never verified, so each one misses the
 //!   cache and pays the database lookup and an argon2id verification. The run ends when
 //!   the keys are used up or `--seconds` have passed, whichever comes first.
+//! * `authorize`: like `verify` with `consume = true`: the rate-limit script runs in Redis
+//!   and the call is recorded in the key's usage. Baseline: `benches/redis_limit_baseline.sh`
+//!   (redis-benchmark EVALSHA of the same script, same concurrency).
 //! * `health`: the baseline of `verify`: `grpc.health.v1.Health/Check` on the same internal
 //!   listener, same channels and concurrency: the server's transport with no work.
 //! * `argon2`: the baseline of `verify-cold`: argon2id verifications through the server's
@@ -64,7 +67,7 @@ use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand};
 use devgate::api_keys::hashing::SecretHasher;
 use devgate::proto::v1::{
-    CreateApiKeyRequest, Environment, VerifyApiKeyRequest,
+    CreateApiKeyRequest, Environment, RateLimits, VerifyApiKeyRequest,
     api_key_service_client::ApiKeyServiceClient,
 };
 use futures_util::{StreamExt, TryStreamExt, stream};
@@ -78,6 +81,8 @@ use tonic_health::pb::{
 };
 use uuid::Uuid;
 
+/// Every window's limit of the loadgen's keys (the most a key may have).
+const KEY_LIMIT: u32 = 100_000_000;
 /// The scope every verify call requires; keys are created with `*`, which grants it.
 const REQUIRED_SCOPE: &str = "usage:read";
 /// HTTP/2 connections when `--channels` is not given. Measured on a 2-core machine that
@@ -119,6 +124,10 @@ enum Scenario {
         #[arg(long, default_value_t = 1500)]
         keys: usize,
     },
+    /// VerifyApiKey with `consume = true` on one warmed-up key: verification, the Redis
+    /// rate-limit script and the usage record, i.e. what a gateway pays per gated call.
+    /// The key's own limits are set high enough that no call is refused.
+    Authorize,
     /// Baseline of `verify`: closed-loop `grpc.health.v1.Health/Check` on the same internal
     /// listener. Same server, transport and auth layer, no work: the ceiling for `verify`.
     Health,
@@ -133,6 +142,7 @@ impl Scenario {
         match self {
             Scenario::Verify => "verify",
             Scenario::VerifyCold { .. } => "verify-cold",
+            Scenario::Authorize => "authorize",
             Scenario::Health => "health",
             Scenario::Argon2 => "argon2",
         }
@@ -311,12 +321,13 @@ async fn run_scenario(
         internal.push(connect(&opts.internal, "internal").await?);
     }
     let tokens: Vec<String> = match scenario {
-        Scenario::Verify => {
+        Scenario::Verify | Scenario::Authorize => {
             let (mut admin, bearer) = admin(opts).await?;
             let token = create_key(&mut admin, &bearer).await?;
             verify(
                 ApiKeyServiceClient::new(internal[0].clone()),
                 token.as_str().into(),
+                false,
             )
             .await
             .map_err(|e| anyhow!("warm-up VerifyApiKey failed: {e}"))?;
@@ -338,11 +349,12 @@ async fn run_scenario(
         deadline: start + Duration::from_secs(opts.seconds),
     });
     let tally = match scenario {
-        Scenario::Verify => {
+        Scenario::Verify | Scenario::Authorize => {
+            let consume = matches!(scenario, Scenario::Authorize);
             let token: Arc<str> = tokens.into_iter().next().expect("one key").into();
             spawn_callers(&run, |channel| {
                 let (client, token) = (ApiKeyServiceClient::new(channel), token.clone());
-                move || Some(verify(client.clone(), token.clone()))
+                move || Some(verify(client.clone(), token.clone(), consume))
             })
             .await?
         }
@@ -357,7 +369,7 @@ async fn run_scenario(
                 );
                 move || {
                     let token = tokens.get(next.fetch_add(1, Ordering::Relaxed))?.clone();
-                    Some(verify(client.clone(), token))
+                    Some(verify(client.clone(), token, false))
                 }
             })
             .await?
@@ -483,10 +495,15 @@ async fn health(mut client: HealthClient<Channel>) -> Result<(), String> {
 }
 
 /// One VerifyApiKey call; `Err` says why it does not count as a success.
-async fn verify(mut client: ApiKeyServiceClient<Channel>, token: Arc<str>) -> Result<(), String> {
+async fn verify(
+    mut client: ApiKeyServiceClient<Channel>,
+    token: Arc<str>,
+    consume: bool,
+) -> Result<(), String> {
     let request = VerifyApiKeyRequest {
         token: token.to_string(),
         required_scope: REQUIRED_SCOPE.to_string(),
+        consume,
         ..Default::default()
     };
     match client.verify_api_key(request).await {
@@ -514,6 +531,13 @@ async fn create_key(
         name: "loadgen".into(),
         scopes: vec!["*".into()],
         environment: Environment::Test.into(),
+        // So high that no loadgen call is ever refused: the runs measure cost, not limits.
+        rate_limits: Some(RateLimits {
+            per_minute: KEY_LIMIT,
+            per_hour: KEY_LIMIT,
+            per_day: KEY_LIMIT,
+            burst: KEY_LIMIT,
+        }),
         ..Default::default()
     });
     request

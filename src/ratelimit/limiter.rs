@@ -16,13 +16,16 @@ use crate::kv::{OutageLog, Redis};
 /// The script, also run by `benches/redis_limit_baseline.sh` for the physical limit.
 pub const SCRIPT: &str = include_str!("token_bucket.lua");
 
+/// Per window: tokens left and when they were counted (ms since the epoch).
+type LocalBuckets = [(f64, u64); 3];
+
 pub struct RateLimiter {
     redis: Redis,
     script: redis::Script,
     fail_closed: bool,
     outage: OutageLog,
     /// Fallback buckets while Redis is down: per key id, per window (tokens, at ms).
-    local: moka::sync::Cache<String, Arc<Mutex<[(f64, u64); 3]>>>,
+    local: moka::sync::Cache<String, Arc<Mutex<LocalBuckets>>>,
 }
 
 impl RateLimiter {
