@@ -15,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos: Vec<PathBuf> = [
         "proto/devgate/v1/common.proto",
         "proto/devgate/v1/api_keys.proto",
+        "proto/devgate/v1/usage.proto",
         // Compiled only so their types are in the descriptor: Envoy then prints error
         // details as typed JSON. The Rust types come from tonic-types (extern_path).
         "proto/google/rpc/status.proto",

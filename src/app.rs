@@ -28,11 +28,17 @@ use crate::{
         layer::{AuthLayer, Listener},
     },
     config::Config,
+    credits::Credits,
     db::{self, PgPool},
     kv::Redis,
+    proto::v1::usage_service_server::UsageServiceServer,
     proto::{self, v1::api_key_service_server::ApiKeyServiceServer},
     ratelimit::RateLimiter,
     tenants::TenantDirectory,
+    usage::{
+        RequestLog, RequestLogWriter, UsageStore, grpc::UsageGrpc, layer::UsageLayer,
+        service::Usage,
+    },
 };
 
 /// The feature services both listeners serve (cheap to clone).
@@ -40,6 +46,8 @@ use crate::{
 struct Services {
     keys: Arc<ApiKeys>,
     limiter: Arc<RateLimiter>,
+    usage: Arc<Usage>,
+    request_log: RequestLog,
 }
 
 /// Which parts run in this process: `serve` = api, `worker` = worker, `all` = both.
@@ -75,6 +83,7 @@ pub struct Application {
     authenticator: Arc<Authenticator>,
     store: ApiKeyStore,
     last_used_flusher: LastUsedFlusher,
+    request_log_writer: RequestLogWriter,
     invalidations: Invalidations,
     pool: PgPool,
     shutdown: CancellationToken,
@@ -113,10 +122,17 @@ impl Application {
             config.api_keys.clone(),
         ));
         let jwt = JwtVerifier::from_config(&config.auth)?;
-        let authenticator = Arc::new(Authenticator::new(
+        let tenants = TenantDirectory::new(pool.clone());
+        let authenticator = Arc::new(Authenticator::new(verifier.clone(), jwt, tenants.clone()));
+        let (request_log, request_log_writer) = RequestLog::with_capacity(config.usage.buffer);
+        let usage = Arc::new(Usage::new(
+            UsageStore::new(pool.clone()),
+            Credits::new(pool.clone()),
+            tenants,
+            limiter.clone(),
+            config.rate_limits.plans,
             verifier,
-            jwt,
-            TenantDirectory::new(pool.clone()),
+            invalidations.clone(),
         ));
 
         let listeners = if roles.api {
@@ -136,10 +152,16 @@ impl Application {
             config,
             roles,
             listeners,
-            services: Services { keys, limiter },
+            services: Services {
+                keys,
+                limiter,
+                usage,
+                request_log,
+            },
             authenticator,
             store,
             last_used_flusher,
+            request_log_writer,
             invalidations,
             pool,
             shutdown: CancellationToken::new(),
@@ -194,9 +216,30 @@ impl Application {
             let store = self.store.clone();
             let stop = background.clone();
             tasks.spawn(async move { maintenance(store, stop).await });
+            let (pool, stop, retention) = (
+                self.pool.clone(),
+                background.clone(),
+                self.config.usage.retention,
+            );
+            tasks.spawn(async move { partition_maintenance(pool, retention, stop).await });
         }
         let servers = match self.listeners {
             Some((public, internal)) => {
+                let usage = &self.config.usage;
+                let writer = self.request_log_writer.run(
+                    self.pool.clone(),
+                    usage.flush_interval,
+                    usage.batch_size,
+                    background.clone(),
+                );
+                tasks.spawn(async move {
+                    let stats = writer.await;
+                    tracing::info!(
+                        rows = stats.rows_written,
+                        dropped = stats.rows_dropped,
+                        "request log writer stopped"
+                    );
+                });
                 tasks.spawn(self.last_used_flusher.run(
                     self.store.clone(),
                     self.config.api_keys.last_used_flush_interval,
@@ -267,6 +310,13 @@ async fn serve(
     services: Services,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
+    let trust_forwarded_for = matches!(
+        &auth,
+        Listener::Public {
+            trust_forwarded_for: true,
+            ..
+        }
+    );
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<ApiKeyServiceServer<ApiKeyGrpc>>()
@@ -304,6 +354,10 @@ async fn serve(
                 .on_eos(())
                 .on_failure(()),
         )
+        .layer(UsageLayer::new(
+            services.request_log.clone(),
+            trust_forwarded_for,
+        ))
         .layer(AuthLayer::new(auth))
         .into_inner();
     let stop = shutdown.clone();
@@ -317,7 +371,9 @@ async fn serve(
         .add_service(ApiKeyServiceServer::new(ApiKeyGrpc::new(
             services.keys,
             services.limiter,
+            services.request_log,
         )))
+        .add_service(UsageServiceServer::new(UsageGrpc::new(services.usage)))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             stop.cancelled().await;
             health
@@ -338,6 +394,29 @@ async fn maintenance(store: ApiKeyStore, stop: CancellationToken) {
                 Ok(n) => tracing::info!(keys = n, "cleared rotated-out secrets past their grace period"),
                 Err(e) => tracing::warn!(error = %e, "maintenance failed; will retry"),
             },
+        }
+    }
+}
+
+/// How often the worker creates request-log partitions ahead and drops expired ones.
+const PARTITION_INTERVAL: Duration = Duration::from_secs(3600);
+/// Months of request-log partitions kept ready ahead of time.
+const PARTITIONS_AHEAD: i32 = 2;
+
+async fn partition_maintenance(pool: PgPool, retention: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(PARTITION_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {
+                if let Err(e) = crate::usage::log::maintain_partitions(&pool, PARTITIONS_AHEAD, retention).await {
+                    tracing::warn!(error = %e, "request-log partition maintenance failed; will retry");
+                }
+                match crate::usage::log::rows_in_default_partition(&pool).await {
+                    Ok(0) | Err(_) => {}
+                    Ok(n) => tracing::error!(rows = n, "request logs landed in the default partition: a month partition is missing"),
+                }
+            }
         }
     }
 }

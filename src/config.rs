@@ -161,6 +161,26 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "When Redis is down: false limits per replica in process (fail open); true refuses API-key calls with UNAVAILABLE.",
     ),
     (
+        "DEVGATE_USAGE_RETENTION",
+        "90d",
+        "Request logs older than this are dropped, a month partition at a time, by the worker.",
+    ),
+    (
+        "DEVGATE_USAGE_FLUSH_INTERVAL",
+        "1s",
+        "The request-log writer writes at least this often (and whenever a batch is full).",
+    ),
+    (
+        "DEVGATE_USAGE_BATCH_SIZE",
+        "500",
+        "Rows per request-log INSERT (clamped to what fits in 65 535 bind parameters).",
+    ),
+    (
+        "DEVGATE_USAGE_BUFFER",
+        "65536",
+        "Request records waiting to be written; when full, calls still succeed and the record is counted as dropped.",
+    ),
+    (
         "DEVGATE_SHUTDOWN_GRACE",
         "30s",
         "On SIGINT/SIGTERM, how long in-flight calls may take to finish.",
@@ -205,6 +225,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub api_keys: ApiKeyConfig,
     pub rate_limits: RateLimitConfig,
+    pub usage: UsageConfig,
     pub log: LogConfig,
     pub shutdown_grace: Duration,
 }
@@ -256,6 +277,14 @@ pub struct ApiKeyConfig {
 pub struct RateLimitConfig {
     pub plans: PlanLimits,
     pub fail_closed: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct UsageConfig {
+    pub retention: Duration,
+    pub flush_interval: Duration,
+    pub batch_size: usize,
+    pub buffer: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -399,6 +428,12 @@ impl Config {
                     enterprise: env.parse("DEVGATE_PLAN_ENTERPRISE")?,
                 },
                 fail_closed: env.parse("DEVGATE_RATE_LIMIT_FAIL_CLOSED")?,
+            },
+            usage: UsageConfig {
+                retention: env.duration("DEVGATE_USAGE_RETENTION")?,
+                flush_interval: env.duration("DEVGATE_USAGE_FLUSH_INTERVAL")?,
+                batch_size: env.parse("DEVGATE_USAGE_BATCH_SIZE")?,
+                buffer: env.parse("DEVGATE_USAGE_BUFFER")?,
             },
             log: LogConfig {
                 filter: env.string("DEVGATE_LOG"),

@@ -10,6 +10,7 @@ pub mod app;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod credits;
 pub mod db;
 pub mod kv;
 pub mod pagination;
@@ -18,6 +19,7 @@ pub mod ratelimit;
 pub mod status;
 pub mod telemetry;
 pub mod tenants;
+pub mod usage;
 pub mod validation;
 
 pub use app::Application;

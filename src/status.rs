@@ -11,8 +11,10 @@ use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 use crate::{
     api_keys::{ApiKeyError, verifier::VerifyFailure},
     auth::AuthError,
+    credits::CreditError,
     db::StoreError,
     ratelimit::{RateLimitError, model::retry_after_secs},
+    usage::service::UsageError,
     validation::Violations,
 };
 
@@ -179,6 +181,41 @@ impl From<RateLimitError> for Status {
                 Duration::from_secs(1),
             ),
             e @ RateLimitError::Script(_) => internal(&e),
+        }
+    }
+}
+
+impl From<CreditError> for Status {
+    fn from(e: CreditError) -> Self {
+        match e {
+            CreditError::Invalid(v) => bad_request(&v),
+            CreditError::InsufficientCredits { balance, requested } => {
+                let metadata = HashMap::from([
+                    ("balance".to_string(), balance.to_string()),
+                    ("requested".to_string(), requested.to_string()),
+                ]);
+                Status::with_error_details(
+                    Code::FailedPrecondition,
+                    format!("insufficient credits: balance {balance}, requested {requested}"),
+                    ErrorDetails::with_error_info("INSUFFICIENT_CREDITS", DOMAIN, metadata),
+                )
+            }
+            CreditError::Conflict(_) => {
+                error_info(Code::AlreadyExists, e.to_string(), "IDEMPOTENCY_KEY_REUSED")
+            }
+            CreditError::Store(s) => s.into(),
+        }
+    }
+}
+
+impl From<UsageError> for Status {
+    fn from(e: UsageError) -> Self {
+        match e {
+            UsageError::Invalid(v) => bad_request(&v),
+            UsageError::Auth(a) => a.into(),
+            UsageError::Store(s) => s.into(),
+            UsageError::Credits(c) => c.into(),
+            UsageError::RateLimit(r) => r.into(),
         }
     }
 }

@@ -21,17 +21,23 @@ use crate::{
     },
     ratelimit::{LimitOverrides, RateLimiter, model::retry_after_secs},
     tenants::Plan,
+    usage::{RequestLog, RequestRecord},
     validation::Violations,
 };
 
 pub struct ApiKeyGrpc {
     keys: Arc<ApiKeys>,
     limiter: Arc<RateLimiter>,
+    request_log: RequestLog,
 }
 
 impl ApiKeyGrpc {
-    pub fn new(keys: Arc<ApiKeys>, limiter: Arc<RateLimiter>) -> Self {
-        Self { keys, limiter }
+    pub fn new(keys: Arc<ApiKeys>, limiter: Arc<RateLimiter>, request_log: RequestLog) -> Self {
+        Self {
+            keys,
+            limiter,
+            request_log,
+        }
     }
 }
 
@@ -230,6 +236,26 @@ impl ApiKeyService for ApiKeyGrpc {
                 retry_after_seconds: decision.retry_after.map(retry_after_secs).unwrap_or(0),
             });
             headers = decision.headers();
+            // The gated call is the key's usage: record it under the caller's operation name.
+            let operation = match r.operation.trim() {
+                "" => "/devgate.v1.ApiKeyService/VerifyApiKey",
+                op => op,
+            };
+            let code = if decision.allowed {
+                0
+            } else {
+                tonic::Code::ResourceExhausted as i16
+            };
+            let mut record = RequestRecord::new(
+                key.tenant_id,
+                operation.chars().take(200).collect::<String>(),
+                code,
+            );
+            record.api_key_id = Some(key.key_id.to_string());
+            record.client_ip = client_ip;
+            record.cost = if decision.allowed { i64::from(cost) } else { 0 };
+            record.error_code = (!decision.allowed).then(|| "RATE_LIMITED".to_string());
+            self.request_log.record(record);
         }
         let mut response = Response::new(v1::VerifyApiKeyResponse {
             valid: reason == v1::VerifyFailureReason::Unspecified,
@@ -269,7 +295,7 @@ fn new_api_key(r: &v1::CreateApiKeyRequest, now: DateTime<Utc>) -> Result<NewApi
     }
     let expire_time = expire_time(r.expire_time.as_ref(), now, "expire_time", &mut v);
     let allowed_cidrs = model::validate_cidrs(&r.allowed_cidrs, "allowed_cidrs", &mut v);
-    let rate_limits = rate_limits(r.rate_limits.as_ref(), "rate_limits", &mut v);
+    let rate_limits = rate_limits_from_proto(r.rate_limits.as_ref(), "rate_limits", &mut v);
     v.into_result(NewApiKey {
         name,
         description,
@@ -285,7 +311,11 @@ fn new_api_key(r: &v1::CreateApiKeyRequest, now: DateTime<Utc>) -> Result<NewApi
 const MAX_LIMIT: u32 = 100_000_000;
 
 /// 0 fields inherit; others must be at most [`MAX_LIMIT`].
-fn rate_limits(r: Option<&v1::RateLimits>, field: &str, v: &mut Violations) -> LimitOverrides {
+pub fn rate_limits_from_proto(
+    r: Option<&v1::RateLimits>,
+    field: &str,
+    v: &mut Violations,
+) -> LimitOverrides {
     let Some(r) = r else {
         return LimitOverrides::default();
     };
@@ -305,7 +335,7 @@ fn rate_limits(r: Option<&v1::RateLimits>, field: &str, v: &mut Violations) -> L
     }
 }
 
-fn rate_limits_to_proto(o: &LimitOverrides) -> Option<v1::RateLimits> {
+pub fn rate_limits_to_proto(o: &LimitOverrides) -> Option<v1::RateLimits> {
     (!o.is_empty()).then(|| v1::RateLimits {
         per_minute: o.per_minute.unwrap_or(0),
         per_hour: o.per_hour.unwrap_or(0),
@@ -367,7 +397,11 @@ fn changes(
                 c.allowed_cidrs = Some(model::validate_cidrs(&patch.allowed_cidrs, &field, &mut v))
             }
             "rate_limits" => {
-                c.rate_limits = Some(rate_limits(patch.rate_limits.as_ref(), &field, &mut v))
+                c.rate_limits = Some(rate_limits_from_proto(
+                    patch.rate_limits.as_ref(),
+                    &field,
+                    &mut v,
+                ))
             }
             other => v.add(
                 "update_mask",

@@ -7,7 +7,10 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::{model::KeyId, verifier::KeyVerifier};
-use crate::kv::Redis;
+use crate::{kv::Redis, tenants::TenantId};
+
+/// Messages that name a tenant instead of a key id start with this.
+const TENANT_PREFIX: &str = "tenant:";
 
 #[derive(Clone)]
 pub struct Invalidations {
@@ -24,10 +27,20 @@ impl Invalidations {
     /// Tells every replica (this one included) to drop `key_id`. If Redis is down the other
     /// replicas learn it when their cache entries expire (DEVGATE_KEY_CACHE_TTL).
     pub async fn publish(&self, key_id: &KeyId) {
+        self.send(key_id.as_str()).await;
+    }
+
+    /// Tells every replica to drop the cached keys of `tenant` (plan or limits changed).
+    pub async fn publish_tenant(&self, tenant: TenantId) {
+        self.send(&format!("{TENANT_PREFIX}{tenant}")).await;
+    }
+
+    async fn send(&self, payload: &str) {
+        let key_id = payload;
         let mut conn = self.redis.conn();
         let result: redis::RedisResult<i64> = redis::cmd("PUBLISH")
             .arg(&self.channel)
-            .arg(key_id.as_str())
+            .arg(payload)
             .query_async(&mut conn)
             .await;
         if let Err(e) = result {
@@ -50,13 +63,16 @@ impl Invalidations {
                 tracing::debug!(channel = %self.channel, "subscribed to key invalidations");
                 let mut messages = pubsub.on_message();
                 while let Some(msg) = messages.next().await {
-                    match msg
-                        .get_payload::<String>()
-                        .ok()
-                        .and_then(|id| id.parse::<KeyId>().ok())
+                    let payload: String = msg.get_payload().unwrap_or_default();
+                    if let Some(tenant) = payload
+                        .strip_prefix(TENANT_PREFIX)
+                        .and_then(|t| t.parse::<TenantId>().ok())
                     {
-                        Some(id) => verifier.invalidate(&id),
-                        None => verifier.invalidate_all(),
+                        verifier.invalidate_tenant(tenant);
+                    } else if let Ok(id) = payload.parse::<KeyId>() {
+                        verifier.invalidate(&id);
+                    } else {
+                        verifier.invalidate_all();
                     }
                 }
                 Ok::<(), redis::RedisError>(())

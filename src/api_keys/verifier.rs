@@ -229,6 +229,17 @@ impl KeyVerifier {
         }
     }
 
+    /// Drops every cached token of a tenant's keys (its plan or limits changed).
+    pub fn invalidate_tenant(&self, tenant: TenantId) {
+        if let Err(e) = self
+            .cache
+            .invalidate_entries_if(move |_, entry| entry.key.tenant_id == tenant)
+        {
+            tracing::error!(error = %e, "cache invalidation failed; clearing the whole cache");
+            self.cache.invalidate_all();
+        }
+    }
+
     /// Drops everything: after a pub/sub gap, messages may have been missed.
     pub fn invalidate_all(&self) {
         self.cache.invalidate_all();

@@ -12,7 +12,10 @@ use tonic::{Status, transport::server::TcpConnectInfo};
 use tower::{Layer, Service};
 
 use super::{Authenticator, Principal};
-use crate::ratelimit::{RateLimitError, RateLimiter};
+use crate::{
+    ratelimit::{RateLimitError, RateLimiter},
+    usage::layer::CallIdentity,
+};
 
 /// Which listener the layer guards.
 #[derive(Clone)]
@@ -102,6 +105,7 @@ where
                     return Ok(Status::from(e).into_http());
                 }
             };
+            let identity = identity(&principal);
             // Every API-key call pays one token, before the handler runs.
             let mut rate_headers = Vec::new();
             if let (Principal::ApiKey(key), Some(limiter)) = (&principal, limiter) {
@@ -112,13 +116,16 @@ where
                             key_id: key.key_id.to_string(),
                             decision,
                         };
-                        return Ok(Status::from(refused).into_http());
+                        let mut response = Status::from(refused).into_http();
+                        response.extensions_mut().extend(identity);
+                        return Ok(response);
                     }
                     Err(e) => return Ok(Status::from(e).into_http()),
                 }
             }
             req.extensions_mut().insert(principal);
             let mut response = inner.call(req).await?;
+            response.extensions_mut().extend(identity);
             for (name, value) in rate_headers {
                 if let Ok(value) = http::HeaderValue::from_str(&value) {
                     response.headers_mut().insert(name, value);
@@ -129,9 +136,32 @@ where
     }
 }
 
+/// What the usage layer records about the caller; none for services (their calls are
+/// recorded by the RPCs that act for a tenant, e.g. consuming verifications).
+fn identity(principal: &Principal) -> http::Extensions {
+    let mut ext = http::Extensions::new();
+    let id = match principal {
+        Principal::ApiKey(k) => CallIdentity {
+            tenant_id: k.tenant_id,
+            api_key_id: Some(k.key_id.to_string()),
+            user_id: None,
+            cost: 1,
+        },
+        Principal::User(u) => CallIdentity {
+            tenant_id: u.tenant_id,
+            api_key_id: None,
+            user_id: Some(u.user_id.clone()),
+            cost: 0,
+        },
+        Principal::Service => return ext,
+    };
+    ext.insert(id);
+    ext
+}
+
 /// The caller's address: the last `x-forwarded-for` hop (the one Envoy appended) when the
 /// listener is behind Envoy, else the TCP peer.
-fn client_ip<B>(req: &http::Request<B>, trust_forwarded_for: bool) -> Option<IpAddr> {
+pub(crate) fn client_ip<B>(req: &http::Request<B>, trust_forwarded_for: bool) -> Option<IpAddr> {
     if trust_forwarded_for {
         // Only the last hop: earlier ones were written by the client and can be forged.
         let last_hop = req

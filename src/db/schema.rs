@@ -41,5 +41,56 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    credit_balances (tenant_id) {
+        tenant_id -> Uuid,
+        balance -> Int8,
+        update_time -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    credit_ledger (id) {
+        id -> Int8,
+        tenant_id -> Uuid,
+        amount -> Int8,
+        reason -> Text,
+        reference -> Text,
+        idempotency_id -> Nullable<Text>,
+        balance_after -> Int8,
+        create_time -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    api_request_logs (tenant_id, time, id) {
+        id -> Uuid,
+        time -> Timestamptz,
+        tenant_id -> Uuid,
+        api_key_id -> Nullable<Text>,
+        user_id -> Nullable<Text>,
+        rpc -> Text,
+        http_method -> Nullable<Text>,
+        http_path -> Nullable<Text>,
+        grpc_code -> Int2,
+        http_status -> Int2,
+        error_code -> Nullable<Text>,
+        latency_us -> Int4,
+        request_bytes -> Int4,
+        response_bytes -> Int4,
+        client_ip -> Nullable<Inet>,
+        user_agent -> Nullable<Text>,
+        cost -> Int8,
+    }
+}
+
 diesel::joinable!(api_keys -> tenants (tenant_id));
-diesel::allow_tables_to_appear_in_same_query!(api_keys, tenants);
+diesel::joinable!(credit_balances -> tenants (tenant_id));
+diesel::joinable!(credit_ledger -> tenants (tenant_id));
+diesel::allow_tables_to_appear_in_same_query!(
+    api_keys,
+    api_request_logs,
+    credit_balances,
+    credit_ledger,
+    tenants,
+);

@@ -98,3 +98,110 @@ impl TenantDirectory {
         Ok(())
     }
 }
+
+/// A tenant's plan and its own limits.
+#[derive(Debug, Clone)]
+pub struct TenantRecord {
+    pub id: TenantId,
+    pub plan: Plan,
+    pub limits: crate::ratelimit::LimitOverrides,
+    pub create_time: chrono::DateTime<chrono::Utc>,
+    pub update_time: chrono::DateTime<chrono::Utc>,
+}
+
+type TenantRow = (
+    Uuid,
+    String,
+    (Option<i32>, Option<i32>, Option<i32>, Option<i32>),
+    chrono::DateTime<chrono::Utc>,
+    chrono::DateTime<chrono::Utc>,
+);
+
+fn record(row: TenantRow) -> Result<TenantRecord, StoreError> {
+    let (m, h, d, b) = row.2;
+    Ok(TenantRecord {
+        id: TenantId(row.0),
+        plan: row.1.parse()?,
+        limits: crate::api_keys::store::overrides(m, h, d, b),
+        create_time: row.3,
+        update_time: row.4,
+    })
+}
+
+impl TenantDirectory {
+    /// The tenant's plan and limits; a tenant never seen yet is on the free plan.
+    pub async fn get(&self, tenant: TenantId) -> Result<TenantRecord, StoreError> {
+        self.ensure(tenant).await?;
+        let mut conn = self.pool.get().await?;
+        let row: TenantRow = tenants::table
+            .filter(tenants::id.eq(tenant.0))
+            .select(Self::columns())
+            .first(&mut conn)
+            .await?;
+        record(row)
+    }
+
+    /// Sets the plan and the tenant's own limits (creating the tenant if needed).
+    pub async fn set_plan(
+        &self,
+        tenant: TenantId,
+        plan: Plan,
+        limits: crate::ratelimit::LimitOverrides,
+    ) -> Result<TenantRecord, StoreError> {
+        let col = |v: Option<u32>| v.map(|v| i32::try_from(v).unwrap_or(i32::MAX));
+        let values = (
+            tenants::id.eq(tenant.0),
+            tenants::plan.eq(plan.as_str()),
+            tenants::rate_limit_per_minute.eq(col(limits.per_minute)),
+            tenants::rate_limit_per_hour.eq(col(limits.per_hour)),
+            tenants::rate_limit_per_day.eq(col(limits.per_day)),
+            tenants::rate_limit_burst.eq(col(limits.burst)),
+            tenants::update_time.eq(chrono::Utc::now()),
+        );
+        let mut conn = self.pool.get().await?;
+        let row: TenantRow = diesel::insert_into(tenants::table)
+            .values(values)
+            .on_conflict(tenants::id)
+            .do_update()
+            .set((
+                tenants::plan.eq(plan.as_str()),
+                tenants::rate_limit_per_minute.eq(col(limits.per_minute)),
+                tenants::rate_limit_per_hour.eq(col(limits.per_hour)),
+                tenants::rate_limit_per_day.eq(col(limits.per_day)),
+                tenants::rate_limit_burst.eq(col(limits.burst)),
+                tenants::update_time.eq(chrono::Utc::now()),
+            ))
+            .returning(Self::columns())
+            .get_result(&mut conn)
+            .await?;
+        self.known.insert(tenant, ()).await;
+        record(row)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn columns() -> (
+        tenants::id,
+        tenants::plan,
+        (
+            tenants::rate_limit_per_minute,
+            tenants::rate_limit_per_hour,
+            tenants::rate_limit_per_day,
+            tenants::rate_limit_burst,
+        ),
+        tenants::create_time,
+        tenants::update_time,
+    ) {
+        (
+            tenants::id,
+            tenants::plan,
+            (
+                tenants::rate_limit_per_minute,
+                tenants::rate_limit_per_hour,
+                tenants::rate_limit_per_day,
+                tenants::rate_limit_burst,
+            ),
+            tenants::create_time,
+            tenants::update_time,
+        )
+    }
+}

@@ -6,8 +6,11 @@ mod harness;
 
 mod api_keys;
 mod auth;
+mod credits;
 mod edge;
 mod faults;
 mod grpcurl;
 mod quickstart;
 mod ratelimit;
+mod usage;
+mod usage_log;

@@ -50,6 +50,7 @@ impl Settings {
             ("DEVGATE_REDIS_PREFIX", redis_prefix),
             ("DEVGATE_JWT_HS256_SECRET", JWT_SECRET),
             ("DEVGATE_LAST_USED_FLUSH_INTERVAL", "200ms"),
+            ("DEVGATE_USAGE_FLUSH_INTERVAL", "100ms"),
             ("DEVGATE_SHUTDOWN_GRACE", "2s"),
             // Generous plan defaults, so tests that are not about rate limits never meet
             // them; rate-limit tests set small per-key limits.

@@ -1,0 +1,2 @@
+DROP FUNCTION devgate_request_log_partitions(int, interval);
+DROP TABLE api_request_logs;

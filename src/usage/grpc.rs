@@ -1,0 +1,312 @@
+//! The tonic implementation of `devgate.v1.UsageService`: validate and convert, call the
+//! service, convert back.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use super::{
+    GroupBy, LogFilter, RequestRecord,
+    service::{Period, Usage, UsageError},
+};
+use crate::{
+    api_keys::grpc::{plan_to_proto, rate_limits_from_proto, rate_limits_to_proto},
+    auth::layer::principal,
+    pagination,
+    proto::{
+        convert::{from_timestamp, opt_timestamp, timestamp},
+        v1::{self, usage_service_server::UsageService},
+    },
+    ratelimit::{LimitOverrides, Limits},
+    tenants::{Plan, TenantId},
+    validation::Violations,
+};
+
+pub struct UsageGrpc {
+    usage: Arc<Usage>,
+}
+
+impl UsageGrpc {
+    pub fn new(usage: Arc<Usage>) -> Self {
+        Self { usage }
+    }
+}
+
+type RpcResult<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl UsageService for UsageGrpc {
+    async fn get_usage_summary(
+        &self,
+        req: Request<v1::GetUsageSummaryRequest>,
+    ) -> RpcResult<v1::UsageSummary> {
+        let principal = principal(&req)?;
+        let r = req.get_ref();
+        let mut v = Violations::new();
+        let period = period(r.start_time.as_ref(), r.end_time.as_ref(), &mut v);
+        v.into_result(()).map_err(UsageError::from)?;
+        let (s, credits_used) = self.usage.summary(principal, period).await?;
+        let ms = |us: Option<f64>| us.map(|u| u / 1000.0).unwrap_or(0.0);
+        Ok(Response::new(v1::UsageSummary {
+            start_time: Some(timestamp(period.from)),
+            end_time: Some(timestamp(period.to)),
+            requests: s.requests,
+            errors: s.errors,
+            cost: s.cost_total,
+            status_2xx: s.by_status_class.status_2xx,
+            status_4xx: s.by_status_class.status_4xx,
+            status_5xx: s.by_status_class.status_5xx,
+            latency_p50_ms: ms(s.latency_p50_us),
+            latency_p99_ms: ms(s.latency_p99_us),
+            credits_used,
+        }))
+    }
+
+    async fn get_usage_breakdown(
+        &self,
+        req: Request<v1::GetUsageBreakdownRequest>,
+    ) -> RpcResult<v1::GetUsageBreakdownResponse> {
+        let principal = principal(&req)?;
+        let r = req.get_ref();
+        let mut v = Violations::new();
+        let period = period(r.start_time.as_ref(), r.end_time.as_ref(), &mut v);
+        let group_by = match v1::UsageGroupBy::try_from(r.group_by) {
+            Ok(v1::UsageGroupBy::ApiKey) => Some(GroupBy::ApiKey),
+            Ok(v1::UsageGroupBy::Endpoint) => Some(GroupBy::Endpoint),
+            Ok(v1::UsageGroupBy::Day) => Some(GroupBy::Day),
+            Ok(v1::UsageGroupBy::Hour) => Some(GroupBy::Hour),
+            _ => {
+                v.add(
+                    "group_by",
+                    "required: USAGE_GROUP_BY_API_KEY, _ENDPOINT, _DAY or _HOUR",
+                );
+                None
+            }
+        };
+        let limit = pagination::page_size(r.page_size, &mut v);
+        let after: Option<String> = pagination::decode_token(&r.page_token, &mut v);
+        v.into_result(()).map_err(UsageError::from)?;
+        let group_by = group_by.expect("validated");
+        let mut rows = self
+            .usage
+            .breakdown(principal, period, group_by, limit + 1, after.as_deref())
+            .await?;
+        let next = if rows.len() as i64 > limit {
+            rows.truncate(limit as usize);
+            rows.last().map(|row| pagination::encode_token(&row.key))
+        } else {
+            None
+        };
+        Ok(Response::new(v1::GetUsageBreakdownResponse {
+            rows: rows
+                .into_iter()
+                .map(|row| v1::UsageBreakdownRow {
+                    key: row.key,
+                    requests: row.requests,
+                    errors: row.errors,
+                    cost: row.cost,
+                })
+                .collect(),
+            next_page_token: next.unwrap_or_default(),
+        }))
+    }
+
+    async fn get_quota_status(
+        &self,
+        req: Request<v1::GetQuotaStatusRequest>,
+    ) -> RpcResult<v1::QuotaStatus> {
+        let principal = principal(&req)?;
+        let status = self.usage.quota_status(principal).await?;
+        let windows = status
+            .windows
+            .map(|d| {
+                d.windows
+                    .iter()
+                    .map(|w| v1::RateWindowStatus {
+                        window: w.window.name.to_string(),
+                        limit: w.window.limit,
+                        remaining: w.remaining,
+                        reset_seconds: w.reset,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Response::new(v1::QuotaStatus {
+            plan: plan_to_proto(status.plan) as i32,
+            rate_limits: Some(limits_to_proto(&status.limits)),
+            windows,
+            credit_balance: status.credit_balance,
+        }))
+    }
+
+    async fn list_request_logs(
+        &self,
+        req: Request<v1::ListRequestLogsRequest>,
+    ) -> RpcResult<v1::ListRequestLogsResponse> {
+        let principal = principal(&req)?;
+        let r = req.get_ref();
+        let mut v = Violations::new();
+        let limit = pagination::page_size(r.page_size, &mut v);
+        let before: Option<(DateTime<Utc>, Uuid)> = pagination::decode_token(&r.page_token, &mut v);
+        let time = |t: Option<&prost_types::Timestamp>, field: &str, v: &mut Violations| {
+            t.and_then(|t| {
+                from_timestamp(t).or_else(|| {
+                    v.add(field, "not a valid timestamp");
+                    None
+                })
+            })
+        };
+        let grpc_code = if r.has_grpc_code || r.grpc_code != 0 {
+            v.check(
+                (0..=16).contains(&r.grpc_code),
+                "grpc_code",
+                "a gRPC status code, 0 to 16",
+            );
+            Some(r.grpc_code as i16)
+        } else {
+            None
+        };
+        let filter = LogFilter {
+            api_key_id: (!r.api_key_id.is_empty()).then(|| r.api_key_id.clone()),
+            grpc_code,
+            rpc: (!r.rpc.is_empty()).then(|| r.rpc.clone()),
+            from: time(r.start_time.as_ref(), "start_time", &mut v),
+            to: time(r.end_time.as_ref(), "end_time", &mut v),
+        };
+        v.into_result(()).map_err(UsageError::from)?;
+        let mut logs = self
+            .usage
+            .list(principal, &filter, limit + 1, before)
+            .await?;
+        let next = if logs.len() as i64 > limit {
+            logs.truncate(limit as usize);
+            logs.last()
+                .map(|l| pagination::encode_token(&(l.time, l.id)))
+        } else {
+            None
+        };
+        Ok(Response::new(v1::ListRequestLogsResponse {
+            request_logs: logs.iter().map(log_to_proto).collect(),
+            next_page_token: next.unwrap_or_default(),
+        }))
+    }
+
+    async fn set_plan(&self, req: Request<v1::SetPlanRequest>) -> RpcResult<v1::Tenant> {
+        let principal = principal(&req)?;
+        let r = req.get_ref();
+        let mut v = Violations::new();
+        let tenant = tenant_id(&r.tenant_id, &mut v);
+        let plan = match v1::Plan::try_from(r.plan) {
+            Ok(v1::Plan::Free) => Some(Plan::Free),
+            Ok(v1::Plan::Standard) => Some(Plan::Standard),
+            Ok(v1::Plan::Professional) => Some(Plan::Professional),
+            Ok(v1::Plan::Business) => Some(Plan::Business),
+            Ok(v1::Plan::Enterprise) => Some(Plan::Enterprise),
+            _ => {
+                v.add(
+                    "plan",
+                    "required: PLAN_FREE, _STANDARD, _PROFESSIONAL, _BUSINESS or _ENTERPRISE",
+                );
+                None
+            }
+        };
+        let limits: LimitOverrides =
+            rate_limits_from_proto(r.rate_limits.as_ref(), "rate_limits", &mut v);
+        v.into_result(()).map_err(UsageError::from)?;
+        let (tenant, plan) = (tenant.expect("validated"), plan.expect("validated"));
+        let record = self.usage.set_plan(principal, tenant, plan, limits).await?;
+        Ok(Response::new(v1::Tenant {
+            id: record.id.to_string(),
+            plan: plan_to_proto(record.plan) as i32,
+            rate_limits: rate_limits_to_proto(&record.limits),
+            create_time: Some(timestamp(record.create_time)),
+            update_time: Some(timestamp(record.update_time)),
+        }))
+    }
+
+    async fn grant_credits(
+        &self,
+        req: Request<v1::GrantCreditsRequest>,
+    ) -> RpcResult<v1::CreditLedgerEntry> {
+        let principal = principal(&req)?;
+        let r = req.get_ref();
+        let mut v = Violations::new();
+        let tenant = tenant_id(&r.tenant_id, &mut v);
+        v.into_result(()).map_err(UsageError::from)?;
+        let entry = self
+            .usage
+            .grant_credits(
+                principal,
+                tenant.expect("validated"),
+                r.amount,
+                &r.reason,
+                &r.reference,
+                &r.idempotency_id,
+            )
+            .await?;
+        Ok(Response::new(v1::CreditLedgerEntry {
+            id: entry.id,
+            tenant_id: entry.tenant_id.to_string(),
+            amount: entry.amount,
+            reason: entry.reason,
+            reference: entry.reference,
+            idempotency_id: entry.idempotency_id.unwrap_or_default(),
+            balance_after: entry.balance_after,
+            create_time: Some(timestamp(entry.create_time)),
+        }))
+    }
+}
+
+fn period(
+    start: Option<&prost_types::Timestamp>,
+    end: Option<&prost_types::Timestamp>,
+    v: &mut Violations,
+) -> Period {
+    let mut at = |t: Option<&prost_types::Timestamp>, field: &str| {
+        t.and_then(|t| {
+            let parsed = from_timestamp(t);
+            v.check(parsed.is_some(), field, "not a valid timestamp");
+            parsed
+        })
+    };
+    let (from, to) = (at(start, "start_time"), at(end, "end_time"));
+    Period::new(from, to, v)
+}
+
+fn tenant_id(raw: &str, v: &mut Violations) -> Option<TenantId> {
+    let parsed = raw.parse::<TenantId>().ok();
+    v.check(parsed.is_some(), "tenant_id", "required: the tenant's UUID");
+    parsed
+}
+
+fn limits_to_proto(l: &Limits) -> v1::RateLimits {
+    v1::RateLimits {
+        per_minute: l.per_minute,
+        per_hour: l.per_hour,
+        per_day: l.per_day,
+        burst: l.burst,
+    }
+}
+
+fn log_to_proto(l: &RequestRecord) -> v1::RequestLog {
+    v1::RequestLog {
+        id: l.id.to_string(),
+        time: opt_timestamp(Some(l.time)),
+        api_key_id: l.api_key_id.clone().unwrap_or_default(),
+        user_id: l.user_id.clone().unwrap_or_default(),
+        rpc: l.rpc.clone(),
+        http_method: l.http_method.clone().unwrap_or_default(),
+        http_path: l.http_path.clone().unwrap_or_default(),
+        grpc_code: i32::from(l.grpc_code),
+        http_status: i32::from(l.http_status),
+        error_code: l.error_code.clone().unwrap_or_default(),
+        latency_us: l.latency_us,
+        request_bytes: l.request_bytes,
+        response_bytes: l.response_bytes,
+        client_ip: l.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        user_agent: l.user_agent.clone().unwrap_or_default(),
+        cost: l.cost,
+    }
+}

@@ -1,0 +1,276 @@
+//! The tower layer that records every authenticated call in the request log: RPC, REST
+//! method and path (when Envoy transcoded it), final gRPC status (from the headers of a
+//! trailers-only reply or from the trailers), error reason, latency, request and response
+//! sizes, client address, user agent, cost.
+//!
+//! It sits outside the auth layer, so refusals that happen there (rate limits) are recorded
+//! too; the auth layer tells it who called through the response's extensions
+//! ([`CallIdentity`]). Unauthenticated calls have no identity and are not recorded.
+
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http_body::{Frame, SizeHint};
+use tonic::{Status, body::Body};
+use tonic_types::StatusExt;
+use tower::{Layer, Service};
+
+use super::{RequestLog, RequestRecord};
+use crate::{auth::layer::client_ip, tenants::TenantId};
+
+/// Who made a call, as the auth layer resolved it (put in the response's extensions).
+#[derive(Debug, Clone)]
+pub struct CallIdentity {
+    pub tenant_id: TenantId,
+    pub api_key_id: Option<String>,
+    pub user_id: Option<String>,
+    /// Tokens the call cost (rate-limit units).
+    pub cost: i64,
+}
+
+#[derive(Clone)]
+pub struct UsageLayer {
+    log: RequestLog,
+    trust_forwarded_for: bool,
+}
+
+impl UsageLayer {
+    pub fn new(log: RequestLog, trust_forwarded_for: bool) -> Self {
+        Self {
+            log,
+            trust_forwarded_for,
+        }
+    }
+}
+
+impl<S> Layer<S> for UsageLayer {
+    type Service = UsageService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        UsageService {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct UsageService<S> {
+    inner: S,
+    layer: UsageLayer,
+}
+
+impl<S> Service<http::Request<Body>> for UsageService<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let layer = self.layer.clone();
+        Box::pin(async move {
+            if req.uri().path().starts_with("/grpc.") {
+                return inner.call(req).await;
+            }
+            let started = Instant::now();
+            let call = {
+                let header = |name: &str| {
+                    req.headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                };
+                Call {
+                    rpc: req.uri().path().to_string(),
+                    http_method: header("x-envoy-original-method"),
+                    http_path: header("x-envoy-original-path"),
+                    user_agent: header("user-agent"),
+                    client_ip: client_ip(&req, layer.trust_forwarded_for),
+                }
+            };
+            let request_bytes = Arc::new(AtomicU64::new(0));
+            let (parts, body) = req.into_parts();
+            let counted = Body::new(CountingBody {
+                inner: body,
+                bytes: request_bytes.clone(),
+            });
+            let response = inner
+                .call(http::Request::from_parts(parts, counted))
+                .await?;
+            let Some(identity) = response.extensions().get::<CallIdentity>().cloned() else {
+                return Ok(response);
+            };
+            let (parts, body) = response.into_parts();
+            // A trailers-only reply (every error) carries the status in its headers.
+            let status = Status::from_header_map(&parts.headers);
+            let pending = Pending {
+                call,
+                identity,
+                started,
+                request_bytes,
+                log: layer.log,
+                status,
+            };
+            let body = RecordingBody {
+                inner: body,
+                response_bytes: 0,
+                pending: Some(pending),
+            };
+            Ok(http::Response::from_parts(parts, Body::new(body)))
+        })
+    }
+}
+
+struct Call {
+    rpc: String,
+    http_method: Option<String>,
+    http_path: Option<String>,
+    user_agent: Option<String>,
+    client_ip: Option<std::net::IpAddr>,
+}
+
+/// What is known before the response body ends.
+struct Pending {
+    call: Call,
+    identity: CallIdentity,
+    started: Instant,
+    request_bytes: Arc<AtomicU64>,
+    log: RequestLog,
+    status: Option<Status>,
+}
+
+impl Pending {
+    fn finish(self, response_bytes: u64) {
+        let (code, error_code) = match &self.status {
+            None => (0, None),
+            Some(s) => (
+                s.code() as i16,
+                s.get_error_details().error_info().map(|i| i.reason.clone()),
+            ),
+        };
+        let mut record = RequestRecord::new(self.identity.tenant_id, self.call.rpc, code);
+        record.api_key_id = self.identity.api_key_id;
+        record.user_id = self.identity.user_id;
+        record.http_method = self.call.http_method;
+        record.http_path = self.call.http_path;
+        record.error_code = error_code;
+        record.latency_us = i32::try_from(self.started.elapsed().as_micros()).unwrap_or(i32::MAX);
+        record.request_bytes =
+            i32::try_from(self.request_bytes.load(Ordering::Relaxed)).unwrap_or(i32::MAX);
+        record.response_bytes = i32::try_from(response_bytes).unwrap_or(i32::MAX);
+        record.client_ip = self.call.client_ip;
+        record.user_agent = self
+            .call
+            .user_agent
+            .map(|ua| ua.chars().take(200).collect());
+        record.cost = self.identity.cost;
+        self.log.record(record);
+    }
+}
+
+/// Counts the bytes of a request body as the handler reads it.
+struct CountingBody {
+    inner: Body,
+    bytes: Arc<AtomicU64>,
+}
+
+impl http_body::Body for CountingBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Passes the response body through, counting it and reading the final status from the
+/// trailers; records the call when the body ends or is dropped (cancelled calls too).
+struct RecordingBody {
+    inner: Body,
+    response_bytes: u64,
+    pending: Option<Pending>,
+}
+
+impl http_body::Body for RecordingBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.response_bytes += data.len() as u64;
+                } else if let (Some(trailers), Some(pending)) =
+                    (frame.trailers_ref(), this.pending.as_mut())
+                {
+                    pending.status =
+                        Status::from_header_map(trailers).filter(|s| s.code() != tonic::Code::Ok);
+                }
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.finish(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl RecordingBody {
+    fn finish(&mut self) {
+        if let Some(pending) = self.pending.take() {
+            pending.finish(self.response_bytes);
+        }
+    }
+}
+
+impl Drop for RecordingBody {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}

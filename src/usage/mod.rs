@@ -1,0 +1,22 @@
+//! Usage: every authenticated call is recorded in `api_request_logs` (partitioned by
+//! month) through a batching writer, and usage summaries, breakdowns and listings are SQL
+//! aggregates over it.
+//!
+//! A library feature: the auth/usage layer builds a [`RequestRecord`] per call and hands it
+//! to [`RequestLog::record`]; the [`RequestLogWriter`] task writes batches; [`UsageStore`]
+//! answers the queries; the worker runs [`log::maintain_partitions`].
+//!
+//! Errors are [`StoreError`](crate::db::StoreError): nothing here fails in another way.
+
+pub mod grpc;
+pub mod layer;
+pub mod log;
+pub mod model;
+pub mod service;
+pub mod store;
+
+pub use log::{RequestLog, RequestLogWriter, WriterStats};
+pub use model::{
+    BreakdownRow, GroupBy, LogFilter, RequestRecord, StatusClasses, UsageSummary, http_status_for,
+};
+pub use store::UsageStore;

@@ -1,0 +1,345 @@
+//! The request log in Postgres: the batch INSERT used by the writer, and the usage queries.
+//! Every query filters by tenant; time ranges are `[from, to)`.
+
+use chrono::{DateTime, Duration as TimeDelta, Utc};
+use diesel::{
+    prelude::*,
+    sql_types::{BigInt, Double, Nullable, Text, Timestamptz, Uuid as SqlUuid},
+};
+use diesel_async::RunQueryDsl;
+use ipnetwork::IpNetwork;
+use uuid::Uuid;
+
+use super::model::{BreakdownRow, GroupBy, LogFilter, RequestRecord, StatusClasses, UsageSummary};
+use crate::{
+    db::{PgPool, StoreError, schema::api_request_logs},
+    tenants::TenantId,
+};
+
+/// Bind parameters per inserted row (the columns of `api_request_logs`).
+pub(crate) const COLUMNS: usize = 17;
+
+#[derive(Insertable)]
+#[diesel(table_name = api_request_logs, check_for_backend(diesel::pg::Pg))]
+struct NewRow<'a> {
+    id: Uuid,
+    time: DateTime<Utc>,
+    tenant_id: Uuid,
+    api_key_id: Option<&'a str>,
+    user_id: Option<&'a str>,
+    rpc: &'a str,
+    http_method: Option<&'a str>,
+    http_path: Option<&'a str>,
+    grpc_code: i16,
+    http_status: i16,
+    error_code: Option<&'a str>,
+    latency_us: i32,
+    request_bytes: i32,
+    response_bytes: i32,
+    client_ip: Option<IpNetwork>,
+    user_agent: Option<&'a str>,
+    cost: i64,
+}
+
+impl<'a> From<&'a RequestRecord> for NewRow<'a> {
+    fn from(r: &'a RequestRecord) -> Self {
+        NewRow {
+            id: r.id,
+            time: r.time,
+            tenant_id: r.tenant_id.0,
+            api_key_id: r.api_key_id.as_deref(),
+            user_id: r.user_id.as_deref(),
+            rpc: &r.rpc,
+            http_method: r.http_method.as_deref(),
+            http_path: r.http_path.as_deref(),
+            grpc_code: r.grpc_code,
+            http_status: r.http_status,
+            error_code: r.error_code.as_deref(),
+            latency_us: r.latency_us,
+            request_bytes: r.request_bytes,
+            response_bytes: r.response_bytes,
+            client_ip: r.client_ip.map(IpNetwork::from),
+            user_agent: r.user_agent.as_deref(),
+            cost: r.cost,
+        }
+    }
+}
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = api_request_logs, check_for_backend(diesel::pg::Pg))]
+struct RequestRow {
+    id: Uuid,
+    time: DateTime<Utc>,
+    tenant_id: Uuid,
+    api_key_id: Option<String>,
+    user_id: Option<String>,
+    rpc: String,
+    http_method: Option<String>,
+    http_path: Option<String>,
+    grpc_code: i16,
+    http_status: i16,
+    error_code: Option<String>,
+    latency_us: i32,
+    request_bytes: i32,
+    response_bytes: i32,
+    client_ip: Option<IpNetwork>,
+    user_agent: Option<String>,
+    cost: i64,
+}
+
+impl From<RequestRow> for RequestRecord {
+    fn from(r: RequestRow) -> Self {
+        RequestRecord {
+            id: r.id,
+            time: r.time,
+            tenant_id: TenantId(r.tenant_id),
+            api_key_id: r.api_key_id,
+            user_id: r.user_id,
+            rpc: r.rpc,
+            http_method: r.http_method,
+            http_path: r.http_path,
+            grpc_code: r.grpc_code,
+            http_status: r.http_status,
+            error_code: r.error_code,
+            latency_us: r.latency_us,
+            request_bytes: r.request_bytes,
+            response_bytes: r.response_bytes,
+            client_ip: r.client_ip.map(|n| n.ip()),
+            user_agent: r.user_agent,
+            cost: r.cost,
+        }
+    }
+}
+
+/// One multi-row INSERT of `records` (at most `65_535 / COLUMNS` of them). A row already
+/// stored (a retry after a commit whose acknowledgement was lost) is skipped, so retries
+/// are idempotent. Returns the rows inserted.
+pub(crate) async fn insert_rows<'a>(
+    pool: &PgPool,
+    records: impl Iterator<Item = &'a RequestRecord>,
+) -> Result<usize, StoreError> {
+    let rows: Vec<NewRow<'a>> = records.map(NewRow::from).collect();
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    debug_assert!(rows.len() * COLUMNS <= 65_535);
+    let mut conn = pool.get().await?;
+    let inserted = diesel::insert_into(api_request_logs::table)
+        .values(&rows)
+        .on_conflict_do_nothing()
+        .execute(&mut conn)
+        .await?;
+    Ok(inserted)
+}
+
+/// Queries over `api_request_logs`.
+#[derive(Clone)]
+pub struct UsageStore {
+    pool: PgPool,
+}
+
+#[derive(QueryableByName)]
+struct SummarySqlRow {
+    #[diesel(sql_type = BigInt)]
+    requests: i64,
+    #[diesel(sql_type = BigInt)]
+    errors: i64,
+    #[diesel(sql_type = BigInt)]
+    cost_total: i64,
+    #[diesel(sql_type = BigInt)]
+    status_2xx: i64,
+    #[diesel(sql_type = BigInt)]
+    status_4xx: i64,
+    #[diesel(sql_type = BigInt)]
+    status_5xx: i64,
+    #[diesel(sql_type = Nullable<Double>)]
+    latency_p50_us: Option<f64>,
+    #[diesel(sql_type = Nullable<Double>)]
+    latency_p99_us: Option<f64>,
+}
+
+#[derive(QueryableByName)]
+struct BreakdownSqlRow {
+    #[diesel(sql_type = Text)]
+    key: String,
+    #[diesel(sql_type = BigInt)]
+    requests: i64,
+    #[diesel(sql_type = BigInt)]
+    errors: i64,
+    #[diesel(sql_type = BigInt)]
+    cost: i64,
+}
+
+const SUMMARY_SQL: &str = r#"
+SELECT count(*) AS requests,
+       count(*) FILTER (WHERE grpc_code <> 0) AS errors,
+       coalesce(sum(cost), 0)::int8 AS cost_total,
+       count(*) FILTER (WHERE http_status BETWEEN 200 AND 299) AS status_2xx,
+       count(*) FILTER (WHERE http_status BETWEEN 400 AND 499) AS status_4xx,
+       count(*) FILTER (WHERE http_status BETWEEN 500 AND 599) AS status_5xx,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_us) AS latency_p50_us,
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_us) AS latency_p99_us
+FROM api_request_logs
+WHERE tenant_id = $1 AND "time" >= $2 AND "time" < $3
+"#;
+
+/// The breakdown key as SQL; byte-ordered (COLLATE "C") so that SQL's order and keyset
+/// comparisons match Rust's `String` order. Time buckets format as RFC 3339 in UTC.
+fn key_sql(group_by: GroupBy) -> &'static str {
+    match group_by {
+        GroupBy::ApiKey => r#"coalesce(api_key_id, '') COLLATE "C""#,
+        GroupBy::Endpoint => r#"rpc COLLATE "C""#,
+        GroupBy::Day => {
+            r#"to_char(date_trunc('day', "time" AT TIME ZONE 'UTC'), 'YYYY-MM-DD"T"HH24:MI:SS"Z"') COLLATE "C""#
+        }
+        GroupBy::Hour => {
+            r#"to_char(date_trunc('hour', "time" AT TIME ZONE 'UTC'), 'YYYY-MM-DD"T"HH24:MI:SS"Z"') COLLATE "C""#
+        }
+    }
+}
+
+impl UsageStore {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// Writes `records` now, in INSERTs of at most [`super::log::MAX_BATCH_SIZE`] rows,
+    /// bypassing the channel (backfills, tests). Rows already stored are skipped. Returns
+    /// the rows inserted.
+    pub async fn insert(&self, records: &[RequestRecord]) -> Result<usize, StoreError> {
+        let mut inserted = 0;
+        for chunk in records.chunks(super::log::MAX_BATCH_SIZE) {
+            inserted += insert_rows(&self.pool, chunk.iter()).await?;
+        }
+        Ok(inserted)
+    }
+
+    /// Totals of the tenant's calls in `[from, to)`.
+    pub async fn summary(
+        &self,
+        tenant: TenantId,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<UsageSummary, StoreError> {
+        let mut conn = self.pool.get().await?;
+        let row: SummarySqlRow = diesel::sql_query(SUMMARY_SQL)
+            .bind::<SqlUuid, _>(tenant.0)
+            .bind::<Timestamptz, _>(from)
+            .bind::<Timestamptz, _>(to)
+            .get_result(&mut conn)
+            .await?;
+        Ok(UsageSummary {
+            requests: row.requests,
+            errors: row.errors,
+            cost_total: row.cost_total,
+            by_status_class: StatusClasses {
+                status_2xx: row.status_2xx,
+                status_4xx: row.status_4xx,
+                status_5xx: row.status_5xx,
+            },
+            latency_p50_us: row.latency_p50_us,
+            latency_p99_us: row.latency_p99_us,
+        })
+    }
+
+    /// The tenant's calls in `[from, to)` grouped by `group_by`, ordered by key (byte
+    /// order), at most `limit` groups with a key greater than `after` (the last key of
+    /// the previous page).
+    pub async fn breakdown(
+        &self,
+        tenant: TenantId,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        group_by: GroupBy,
+        limit: i64,
+        after: Option<&str>,
+    ) -> Result<Vec<BreakdownRow>, StoreError> {
+        // For time buckets the cursor also narrows the scanned range (partition pruning).
+        let bucket = match group_by {
+            GroupBy::Day => Some(TimeDelta::days(1)),
+            GroupBy::Hour => Some(TimeDelta::hours(1)),
+            GroupBy::ApiKey | GroupBy::Endpoint => None,
+        };
+        let from = match (bucket, after) {
+            (Some(len), Some(after)) => DateTime::parse_from_rfc3339(after)
+                .ok()
+                .and_then(|t| t.with_timezone(&Utc).checked_add_signed(len))
+                .map_or(from, |next| next.max(from)),
+            _ => from,
+        };
+        let key = key_sql(group_by);
+        let mut sql = format!(
+            "SELECT key, count(*) AS requests, \
+                    count(*) FILTER (WHERE grpc_code <> 0) AS errors, \
+                    coalesce(sum(cost), 0)::int8 AS cost \
+             FROM (SELECT {key} AS key, grpc_code, cost FROM api_request_logs \
+                   WHERE tenant_id = $1 AND \"time\" >= $2 AND \"time\" < $3) AS calls"
+        );
+        if after.is_some() {
+            sql.push_str(" WHERE key > $5");
+        }
+        sql.push_str(" GROUP BY key ORDER BY key LIMIT $4");
+        let mut query = diesel::sql_query(sql)
+            .into_boxed()
+            .bind::<SqlUuid, _>(tenant.0)
+            .bind::<Timestamptz, _>(from)
+            .bind::<Timestamptz, _>(to)
+            .bind::<BigInt, _>(limit.max(0));
+        if let Some(after) = after {
+            query = query.bind::<Text, _>(after.to_string());
+        }
+        let mut conn = self.pool.get().await?;
+        let rows: Vec<BreakdownSqlRow> = query.load(&mut conn).await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| BreakdownRow {
+                key: r.key,
+                requests: r.requests,
+                errors: r.errors,
+                cost: r.cost,
+            })
+            .collect())
+    }
+
+    /// The tenant's calls matching `filter`, newest first: at most `limit` of them older
+    /// than `before` (the (time, id) of the last record of the previous page).
+    pub async fn list(
+        &self,
+        tenant: TenantId,
+        filter: &LogFilter,
+        limit: i64,
+        before: Option<(DateTime<Utc>, Uuid)>,
+    ) -> Result<Vec<RequestRecord>, StoreError> {
+        use api_request_logs as t;
+        let mut query = t::table.filter(t::tenant_id.eq(tenant.0)).into_boxed();
+        if let Some(key) = &filter.api_key_id {
+            query = query.filter(t::api_key_id.eq(key));
+        }
+        if let Some(code) = filter.grpc_code {
+            query = query.filter(t::grpc_code.eq(code));
+        }
+        if let Some(rpc) = &filter.rpc {
+            query = query.filter(t::rpc.eq(rpc));
+        }
+        if let Some(from) = filter.from {
+            query = query.filter(t::time.ge(from));
+        }
+        if let Some(to) = filter.to {
+            query = query.filter(t::time.lt(to));
+        }
+        if let Some((time, id)) = before {
+            // `time <= $t` bounds the index scan; the OR breaks ties on the id.
+            query = query
+                .filter(t::time.le(time))
+                .filter(t::time.lt(time).or(t::id.lt(id)));
+        }
+        let mut conn = self.pool.get().await?;
+        let rows: Vec<RequestRow> = query
+            .order((t::time.desc(), t::id.desc()))
+            .limit(limit.max(0))
+            .select(RequestRow::as_select())
+            .load(&mut conn)
+            .await?;
+        Ok(rows.into_iter().map(RequestRecord::from).collect())
+    }
+}
