@@ -108,6 +108,7 @@ impl Application {
             last_used,
             &config.api_keys,
             config.rate_limits.plans,
+            config.rate_limits.quotas,
         ));
         let limiter = Arc::new(RateLimiter::new(
             redis.clone(),
@@ -130,7 +131,7 @@ impl Application {
             Credits::new(pool.clone()),
             tenants,
             limiter.clone(),
-            config.rate_limits.plans,
+            (config.rate_limits.plans, config.rate_limits.quotas),
             verifier,
             invalidations.clone(),
         ));
@@ -222,6 +223,12 @@ impl Application {
                 self.config.usage.retention,
             );
             tasks.spawn(async move { partition_maintenance(pool, retention, stop).await });
+            let (pool, stop, limiter) = (
+                self.pool.clone(),
+                background.clone(),
+                self.services.limiter.clone(),
+            );
+            tasks.spawn(async move { quota_reconciliation(pool, limiter, stop).await });
         }
         let servers = match self.listeners {
             Some((public, internal)) => {
@@ -412,11 +419,23 @@ async fn partition_maintenance(pool: PgPool, retention: Duration, stop: Cancella
                 if let Err(e) = crate::usage::log::maintain_partitions(&pool, PARTITIONS_AHEAD, retention).await {
                     tracing::warn!(error = %e, "request-log partition maintenance failed; will retry");
                 }
-                match crate::usage::log::rows_in_default_partition(&pool).await {
-                    Ok(0) | Err(_) => {}
-                    Ok(n) => tracing::error!(rows = n, "request logs landed in the default partition: a month partition is missing"),
-                }
             }
+        }
+    }
+}
+
+/// How often the worker raises this month's quota counters in Redis to what Postgres logged.
+const RECONCILE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Restores quota counters after a Redis restart or flush (they only ever go up).
+async fn quota_reconciliation(pool: PgPool, limiter: Arc<RateLimiter>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(RECONCILE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => if let Err(e) = limiter.quotas().reconcile_requests(&pool).await {
+                tracing::warn!(error = %e, "quota reconciliation failed; will retry");
+            },
         }
     }
 }

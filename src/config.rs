@@ -8,7 +8,7 @@ use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use secrecy::SecretString;
 
-use crate::ratelimit::{Limits, PlanLimits};
+use crate::ratelimit::{Limits, PlanLimits, PlanQuotas, QuotaLimits};
 
 /// `(name, default, meaning)` of every variable devgate reads. An empty default means
 /// "unset unless given".
@@ -156,6 +156,31 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "Limits of an enterprise tenant until SetPlan gives it its own (per minute/hour/day/burst).",
     ),
     (
+        "DEVGATE_QUOTA_FREE",
+        "10000/50",
+        "Monthly quotas of the free plan: API-key requests/generations.",
+    ),
+    (
+        "DEVGATE_QUOTA_STANDARD",
+        "200000/1000",
+        "Monthly quotas of the standard plan (requests/generations).",
+    ),
+    (
+        "DEVGATE_QUOTA_PROFESSIONAL",
+        "2000000/10000",
+        "Monthly quotas of the professional plan (requests/generations).",
+    ),
+    (
+        "DEVGATE_QUOTA_BUSINESS",
+        "20000000/100000",
+        "Monthly quotas of the business plan (requests/generations).",
+    ),
+    (
+        "DEVGATE_QUOTA_ENTERPRISE",
+        "20000000/100000",
+        "Monthly quotas of an enterprise tenant until SetPlan gives it its own (requests/generations).",
+    ),
+    (
         "DEVGATE_RATE_LIMIT_FAIL_CLOSED",
         "false",
         "When Redis is down: false limits per replica in process (fail open); true refuses API-key calls with UNAVAILABLE.",
@@ -276,6 +301,7 @@ pub struct ApiKeyConfig {
 #[derive(Debug, Clone)]
 pub struct RateLimitConfig {
     pub plans: PlanLimits,
+    pub quotas: PlanQuotas,
     pub fail_closed: bool,
 }
 
@@ -426,6 +452,13 @@ impl Config {
                     professional: env.parse("DEVGATE_PLAN_PROFESSIONAL")?,
                     business: env.parse("DEVGATE_PLAN_BUSINESS")?,
                     enterprise: env.parse("DEVGATE_PLAN_ENTERPRISE")?,
+                },
+                quotas: PlanQuotas {
+                    free: env.parse::<QuotaLimits>("DEVGATE_QUOTA_FREE")?,
+                    standard: env.parse("DEVGATE_QUOTA_STANDARD")?,
+                    professional: env.parse("DEVGATE_QUOTA_PROFESSIONAL")?,
+                    business: env.parse("DEVGATE_QUOTA_BUSINESS")?,
+                    enterprise: env.parse("DEVGATE_QUOTA_ENTERPRISE")?,
                 },
                 fail_closed: env.parse("DEVGATE_RATE_LIMIT_FAIL_CLOSED")?,
             },

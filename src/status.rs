@@ -174,6 +174,32 @@ impl From<RateLimitError> for Status {
                 }
                 status
             }
+            RateLimitError::QuotaExhausted { tenant, usage } => {
+                let until = (usage.reset - chrono::Utc::now())
+                    .to_std()
+                    .unwrap_or_default();
+                let what = format!("{} of {} used this month", usage.used, usage.limit);
+                let mut details = ErrorDetails::with_retry_info(Some(until));
+                details.set_error_info("QUOTA_EXHAUSTED", DOMAIN, HashMap::new());
+                details.add_quota_failure_violation(
+                    format!("tenant:{tenant}"),
+                    format!("{}: {what}", usage.metric.as_str()),
+                );
+                let mut status = Status::with_error_details(
+                    Code::ResourceExhausted,
+                    format!(
+                        "monthly quota exhausted ({}: {what}); it resets at {}",
+                        usage.metric.as_str(),
+                        usage.reset.to_rfc3339()
+                    ),
+                    details,
+                );
+                if let Ok(v) = MetadataValue::try_from(retry_after_secs(until).to_string().as_str())
+                {
+                    status.metadata_mut().insert("retry-after", v);
+                }
+                status
+            }
             RateLimitError::Unavailable => retry_later(
                 Code::Unavailable,
                 "rate limiting temporarily unavailable",

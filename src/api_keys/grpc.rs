@@ -19,7 +19,7 @@ use crate::{
         convert::{from_duration, from_timestamp, opt_timestamp, timestamp},
         v1::{self, api_key_service_server::ApiKeyService},
     },
-    ratelimit::{LimitOverrides, RateLimiter, model::retry_after_secs},
+    ratelimit::{LimitOverrides, RateLimitError, RateLimiter, model::retry_after_secs},
     tenants::Plan,
     usage::{RequestLog, RequestRecord},
     validation::Violations,
@@ -219,14 +219,24 @@ impl ApiKeyService for ApiKeyGrpc {
         let mut rate_limit = None;
         let mut headers = Vec::new();
         if r.consume && reason == v1::VerifyFailureReason::Unspecified {
-            let decision = self
-                .limiter
-                .check(key.key_id.as_str(), &key.limits, cost)
-                .await
-                .map_err(Status::from)?;
-            if !decision.allowed {
-                reason = v1::VerifyFailureReason::RateLimited;
-            }
+            // The same buckets and monthly quota as the key's own calls.
+            let decision = match self.limiter.admit(&key, cost).await {
+                Ok(decision) => decision,
+                Err(RateLimitError::Exceeded { decision, .. }) => {
+                    reason = v1::VerifyFailureReason::RateLimited;
+                    decision
+                }
+                Err(RateLimitError::QuotaExhausted { .. }) => {
+                    // No window state to report: peek at it without spending.
+                    reason = v1::VerifyFailureReason::QuotaExhausted;
+                    self.limiter
+                        .check(key.key_id.as_str(), &key.limits, 0)
+                        .await
+                        .map_err(Status::from)?
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let allowed = reason == v1::VerifyFailureReason::Unspecified;
             let tight = decision.tightest();
             rate_limit = Some(v1::RateLimitStatus {
                 window: tight.window.name.to_string(),
@@ -241,7 +251,7 @@ impl ApiKeyService for ApiKeyGrpc {
                 "" => "/devgate.v1.ApiKeyService/VerifyApiKey",
                 op => op,
             };
-            let code = if decision.allowed {
+            let code = if allowed {
                 0
             } else {
                 tonic::Code::ResourceExhausted as i16
@@ -253,8 +263,12 @@ impl ApiKeyService for ApiKeyGrpc {
             );
             record.api_key_id = Some(key.key_id.to_string());
             record.client_ip = client_ip;
-            record.cost = if decision.allowed { i64::from(cost) } else { 0 };
-            record.error_code = (!decision.allowed).then(|| "RATE_LIMITED".to_string());
+            record.cost = if allowed { i64::from(cost) } else { 0 };
+            record.error_code = match reason {
+                v1::VerifyFailureReason::RateLimited => Some("RATE_LIMITED".to_string()),
+                v1::VerifyFailureReason::QuotaExhausted => Some("QUOTA_EXHAUSTED".to_string()),
+                _ => None,
+            };
             self.request_log.record(record);
         }
         let mut response = Response::new(v1::VerifyApiKeyResponse {

@@ -8,7 +8,7 @@ use ipnetwork::IpNetwork;
 use uuid::Uuid;
 
 use super::model::{ApiKey, ApiKeyChanges, Environment, KeyId, KeyState, ListFilter};
-use crate::ratelimit::LimitOverrides;
+use crate::ratelimit::{LimitOverrides, QuotaOverrides};
 use crate::{
     auth::Scopes,
     db::{
@@ -89,6 +89,15 @@ pub(crate) fn overrides(
     }
 }
 
+/// Quota columns (NULL or positive, by CHECK) as overrides.
+pub(crate) fn quota_overrides(requests: Option<i64>, generations: Option<i64>) -> QuotaOverrides {
+    let positive = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok());
+    QuotaOverrides {
+        monthly_requests: positive(requests),
+        monthly_generations: positive(generations),
+    }
+}
+
 /// Overrides as limit columns.
 fn columns(o: &LimitOverrides) -> [Option<i32>; 4] {
     let col = |v: Option<u32>| v.map(|v| i32::try_from(v).unwrap_or(i32::MAX));
@@ -126,6 +135,7 @@ pub struct AuthRecord {
     pub plan: Plan,
     pub key_limits: LimitOverrides,
     pub tenant_limits: LimitOverrides,
+    pub tenant_quotas: QuotaOverrides,
 }
 
 /// A key to insert, with the hash of its first secret.
@@ -398,6 +408,7 @@ impl ApiKeyStore {
             key_limits: (Option<i32>, Option<i32>, Option<i32>, Option<i32>),
             plan: String,
             tenant_limits: (Option<i32>, Option<i32>, Option<i32>, Option<i32>),
+            tenant_quotas: (Option<i64>, Option<i64>),
         }
         let mut conn = self.pool.get().await?;
         let row: Option<Row> = api_keys::table
@@ -427,6 +438,10 @@ impl ApiKeyStore {
                     tenants::rate_limit_per_day,
                     tenants::rate_limit_burst,
                 ),
+                (
+                    tenants::quota_monthly_requests,
+                    tenants::quota_monthly_generations,
+                ),
             ))
             .first(&mut conn)
             .await
@@ -448,6 +463,7 @@ impl ApiKeyStore {
                 plan: r.plan.parse()?,
                 key_limits: overrides(km, kh, kd, kb),
                 tenant_limits: overrides(tm, th, td, tb),
+                tenant_quotas: quota_overrides(r.tenant_quotas.0, r.tenant_quotas.1),
             })
         })
         .transpose()

@@ -23,10 +23,10 @@ use super::{
     token::{self, TokenError},
 };
 use crate::{
-    auth::{KeyPrincipal, Scopes},
+    auth::Scopes,
     config::ApiKeyConfig,
     kv::{OutageLog, Redis},
-    ratelimit::{Limits, PlanLimits},
+    ratelimit::{Limits, PlanLimits, PlanQuotas, QuotaLimits},
     tenants::{Plan, TenantId},
 };
 
@@ -57,19 +57,8 @@ pub struct VerifiedKey {
     pub environment: Environment,
     /// Effective limits: the key's overrides over the tenant's over the plan's defaults.
     pub limits: Limits,
-}
-
-impl VerifiedKey {
-    pub fn into_principal(self) -> KeyPrincipal {
-        KeyPrincipal {
-            tenant_id: self.tenant_id,
-            key_id: self.key_id,
-            scopes: self.scopes,
-            plan: self.plan,
-            environment: self.environment,
-            limits: self.limits,
-        }
-    }
+    /// The tenant's monthly quotas: its overrides over the plan's.
+    pub quotas: QuotaLimits,
 }
 
 struct CachedKey {
@@ -88,6 +77,7 @@ pub struct KeyVerifier {
     failures: FailureLimiter,
     last_used: LastUsedRecorder,
     plans: PlanLimits,
+    quotas: PlanQuotas,
     /// Whether the pub/sub invalidation listener is subscribed right now.
     invalidations_live: AtomicBool,
 }
@@ -100,6 +90,7 @@ impl KeyVerifier {
         last_used: LastUsedRecorder,
         config: &ApiKeyConfig,
         plans: PlanLimits,
+        quotas: PlanQuotas,
     ) -> Self {
         let cache = moka::future::Cache::builder()
             .max_capacity(config.cache_capacity)
@@ -113,6 +104,7 @@ impl KeyVerifier {
             failures: FailureLimiter::new(redis, config.failure_limit, config.failure_window),
             last_used,
             plans,
+            quotas,
             invalidations_live: AtomicBool::new(false),
         }
     }
@@ -164,6 +156,7 @@ impl KeyVerifier {
                 scopes: record.scopes,
                 plan: record.plan,
                 environment: record.environment,
+                quotas: record.tenant_quotas.apply(self.quotas.of(record.plan)),
                 limits: record
                     .key_limits
                     .apply(record.tenant_limits.apply(self.plans.of(record.plan))),

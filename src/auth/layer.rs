@@ -12,10 +12,7 @@ use tonic::{Status, transport::server::TcpConnectInfo};
 use tower::{Layer, Service};
 
 use super::{Authenticator, Principal};
-use crate::{
-    ratelimit::{RateLimitError, RateLimiter},
-    usage::layer::CallIdentity,
-};
+use crate::{ratelimit::RateLimiter, usage::layer::CallIdentity};
 
 /// Which listener the layer guards.
 #[derive(Clone)]
@@ -109,18 +106,13 @@ where
             // Every API-key call pays one token, before the handler runs.
             let mut rate_headers = Vec::new();
             if let (Principal::ApiKey(key), Some(limiter)) = (&principal, limiter) {
-                match limiter.check(key.key_id.as_str(), &key.limits, 1).await {
-                    Ok(decision) if decision.allowed => rate_headers = decision.headers(),
-                    Ok(decision) => {
-                        let refused = RateLimitError::Exceeded {
-                            key_id: key.key_id.to_string(),
-                            decision,
-                        };
+                match limiter.admit(key, 1).await {
+                    Ok(decision) => rate_headers = decision.headers(),
+                    Err(refused) => {
                         let mut response = Status::from(refused).into_http();
                         response.extensions_mut().extend(identity);
                         return Ok(response);
                     }
-                    Err(e) => return Ok(Status::from(e).into_http()),
                 }
             }
             req.extensions_mut().insert(principal);

@@ -12,12 +12,9 @@ use http::HeaderMap;
 pub use scope::{Scope, Scopes};
 
 use crate::{
-    api_keys::{
-        model::{Environment, KeyId},
-        verifier::{KeyVerifier, VerifyFailure},
-    },
+    api_keys::verifier::{KeyVerifier, VerifyFailure},
     db::StoreError,
-    tenants::{Plan, TenantDirectory, TenantId},
+    tenants::{TenantDirectory, TenantId},
 };
 
 /// Who is calling.
@@ -31,15 +28,8 @@ pub enum Principal {
     Service,
 }
 
-#[derive(Debug, Clone)]
-pub struct KeyPrincipal {
-    pub tenant_id: TenantId,
-    pub key_id: KeyId,
-    pub scopes: Scopes,
-    pub plan: Plan,
-    pub environment: Environment,
-    pub limits: crate::ratelimit::Limits,
-}
+/// A verified API key is the principal of the calls made with it.
+pub use crate::api_keys::verifier::VerifiedKey as KeyPrincipal;
 
 #[derive(Debug, Clone)]
 pub struct UserPrincipal {
@@ -164,7 +154,7 @@ impl Authenticator {
                         }
                         other => AuthError::KeyRejected(other),
                     })?;
-                Ok(Principal::ApiKey(key.into_principal()))
+                Ok(Principal::ApiKey(key))
             }
             Credential::Jwt(token) => {
                 let verifier = self.jwt.as_ref().ok_or_else(|| {

@@ -38,6 +38,8 @@ diesel::table! {
         rate_limit_per_day -> Nullable<Int4>,
         rate_limit_burst -> Nullable<Int4>,
         update_time -> Timestamptz,
+        quota_monthly_requests -> Nullable<Int8>,
+        quota_monthly_generations -> Nullable<Int8>,
     }
 }
 

@@ -8,10 +8,13 @@ use std::{
 };
 
 use super::{
-    RateLimitError,
+    Metric, Quotas, RateLimitError,
     model::{Decision, Limits, Window, WindowState},
 };
-use crate::kv::{OutageLog, Redis};
+use crate::{
+    auth::KeyPrincipal,
+    kv::{OutageLog, Redis},
+};
 
 /// The script, also run by `benches/redis_limit_baseline.sh` for the physical limit.
 pub const SCRIPT: &str = include_str!("token_bucket.lua");
@@ -24,6 +27,7 @@ pub struct RateLimiter {
     script: redis::Script,
     fail_closed: bool,
     outage: OutageLog,
+    quotas: Quotas,
     /// Fallback buckets while Redis is down: per key id, per window (tokens, at ms).
     local: moka::sync::Cache<String, Arc<Mutex<LocalBuckets>>>,
 }
@@ -31,6 +35,7 @@ pub struct RateLimiter {
 impl RateLimiter {
     pub fn new(redis: Redis, fail_closed: bool) -> Self {
         Self {
+            quotas: Quotas::new(redis.clone()),
             redis,
             script: redis::Script::new(SCRIPT),
             fail_closed,
@@ -39,6 +44,46 @@ impl RateLimiter {
                 .max_capacity(100_000)
                 .time_to_idle(Duration::from_secs(86_400))
                 .build(),
+        }
+    }
+
+    pub fn quotas(&self) -> &Quotas {
+        &self.quotas
+    }
+
+    /// One API-key call: a token from each of the key's windows and one request from its
+    /// tenant's monthly quota. Both scripts go out together on the multiplexed connection
+    /// (one round trip); a call refused by the rate limit gives its quota unit back.
+    pub async fn admit(&self, key: &KeyPrincipal, cost: u32) -> Result<Decision, RateLimitError> {
+        let (rate, quota) = tokio::join!(
+            self.check(key.key_id.as_str(), &key.limits, cost),
+            self.quotas.consume(
+                key.tenant_id,
+                Metric::Requests,
+                1,
+                key.quotas.monthly_requests
+            ),
+        );
+        let decision = rate?;
+        match quota {
+            Some(usage) if !usage.allowed => {
+                return Err(RateLimitError::QuotaExhausted {
+                    tenant: key.tenant_id,
+                    usage,
+                });
+            }
+            Some(_) if !decision.allowed => {
+                self.quotas.refund(key.tenant_id, Metric::Requests, 1).await
+            }
+            _ => {}
+        }
+        if decision.allowed {
+            Ok(decision)
+        } else {
+            Err(RateLimitError::Exceeded {
+                key_id: key.key_id.to_string(),
+                decision,
+            })
         }
     }
 

@@ -4,15 +4,23 @@
 
 pub mod limiter;
 pub mod model;
+pub mod quota;
 
 pub use limiter::RateLimiter;
 pub use model::{Decision, LimitOverrides, Limits, PlanLimits};
+pub use quota::{Metric, PlanQuotas, QuotaLimits, QuotaOverrides, QuotaUsage, Quotas};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RateLimitError {
     /// The call would exceed a window; the decision says which and for how long.
     #[error("rate limit exceeded for api key {key_id}")]
     Exceeded { key_id: String, decision: Decision },
+    /// The tenant's monthly quota is used up.
+    #[error("monthly quota exhausted for tenant {tenant}")]
+    QuotaExhausted {
+        tenant: crate::tenants::TenantId,
+        usage: QuotaUsage,
+    },
     /// Redis is down and the limiter is configured to fail closed.
     #[error("rate limiting unavailable")]
     Unavailable,

@@ -105,6 +105,7 @@ pub struct TenantRecord {
     pub id: TenantId,
     pub plan: Plan,
     pub limits: crate::ratelimit::LimitOverrides,
+    pub quotas: crate::ratelimit::QuotaOverrides,
     pub create_time: chrono::DateTime<chrono::Utc>,
     pub update_time: chrono::DateTime<chrono::Utc>,
 }
@@ -115,6 +116,7 @@ type TenantRow = (
     (Option<i32>, Option<i32>, Option<i32>, Option<i32>),
     chrono::DateTime<chrono::Utc>,
     chrono::DateTime<chrono::Utc>,
+    (Option<i64>, Option<i64>),
 );
 
 fn record(row: TenantRow) -> Result<TenantRecord, StoreError> {
@@ -123,6 +125,7 @@ fn record(row: TenantRow) -> Result<TenantRecord, StoreError> {
         id: TenantId(row.0),
         plan: row.1.parse()?,
         limits: crate::api_keys::store::overrides(m, h, d, b),
+        quotas: crate::api_keys::store::quota_overrides(row.5.0, row.5.1),
         create_time: row.3,
         update_time: row.4,
     })
@@ -147,8 +150,10 @@ impl TenantDirectory {
         tenant: TenantId,
         plan: Plan,
         limits: crate::ratelimit::LimitOverrides,
+        quotas: crate::ratelimit::QuotaOverrides,
     ) -> Result<TenantRecord, StoreError> {
         let col = |v: Option<u32>| v.map(|v| i32::try_from(v).unwrap_or(i32::MAX));
+        let quota = |v: Option<u64>| v.map(|v| i64::try_from(v).unwrap_or(i64::MAX));
         let values = (
             tenants::id.eq(tenant.0),
             tenants::plan.eq(plan.as_str()),
@@ -157,6 +162,8 @@ impl TenantDirectory {
             tenants::rate_limit_per_day.eq(col(limits.per_day)),
             tenants::rate_limit_burst.eq(col(limits.burst)),
             tenants::update_time.eq(chrono::Utc::now()),
+            tenants::quota_monthly_requests.eq(quota(quotas.monthly_requests)),
+            tenants::quota_monthly_generations.eq(quota(quotas.monthly_generations)),
         );
         let mut conn = self.pool.get().await?;
         let row: TenantRow = diesel::insert_into(tenants::table)
@@ -170,6 +177,8 @@ impl TenantDirectory {
                 tenants::rate_limit_per_day.eq(col(limits.per_day)),
                 tenants::rate_limit_burst.eq(col(limits.burst)),
                 tenants::update_time.eq(chrono::Utc::now()),
+                tenants::quota_monthly_requests.eq(quota(quotas.monthly_requests)),
+                tenants::quota_monthly_generations.eq(quota(quotas.monthly_generations)),
             ))
             .returning(Self::columns())
             .get_result(&mut conn)
@@ -190,6 +199,10 @@ impl TenantDirectory {
         ),
         tenants::create_time,
         tenants::update_time,
+        (
+            tenants::quota_monthly_requests,
+            tenants::quota_monthly_generations,
+        ),
     ) {
         (
             tenants::id,
@@ -202,6 +215,10 @@ impl TenantDirectory {
             ),
             tenants::create_time,
             tenants::update_time,
+            (
+                tenants::quota_monthly_requests,
+                tenants::quota_monthly_generations,
+            ),
         )
     }
 }

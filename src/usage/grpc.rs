@@ -19,7 +19,7 @@ use crate::{
         convert::{from_timestamp, opt_timestamp, timestamp},
         v1::{self, usage_service_server::UsageService},
     },
-    ratelimit::{LimitOverrides, Limits},
+    ratelimit::{LimitOverrides, Limits, QuotaOverrides},
     tenants::{Plan, TenantId},
     validation::Violations,
 };
@@ -138,6 +138,17 @@ impl UsageService for UsageGrpc {
             rate_limits: Some(limits_to_proto(&status.limits)),
             windows,
             credit_balance: status.credit_balance,
+            quotas: status
+                .quotas
+                .iter()
+                .map(|q| v1::QuotaUsage {
+                    name: q.metric.as_str().to_string(),
+                    limit: i64::try_from(q.limit).unwrap_or(i64::MAX),
+                    used: i64::try_from(q.used).unwrap_or(i64::MAX),
+                    remaining: i64::try_from(q.remaining()).unwrap_or(i64::MAX),
+                    reset_time: Some(timestamp(q.reset)),
+                })
+                .collect(),
         }))
     }
 
@@ -214,15 +225,39 @@ impl UsageService for UsageGrpc {
         };
         let limits: LimitOverrides =
             rate_limits_from_proto(r.rate_limits.as_ref(), "rate_limits", &mut v);
+        let quotas = r.quotas.as_ref().map_or(QuotaOverrides::default(), |q| {
+            v.check(
+                q.monthly_requests >= 0 && q.monthly_generations >= 0,
+                "quotas",
+                "must not be negative",
+            );
+            QuotaOverrides {
+                monthly_requests: u64::try_from(q.monthly_requests).ok().filter(|n| *n > 0),
+                monthly_generations: u64::try_from(q.monthly_generations).ok().filter(|n| *n > 0),
+            }
+        });
         v.into_result(()).map_err(UsageError::from)?;
         let (tenant, plan) = (tenant.expect("validated"), plan.expect("validated"));
-        let record = self.usage.set_plan(principal, tenant, plan, limits).await?;
+        let record = self
+            .usage
+            .set_plan(principal, tenant, plan, limits, quotas)
+            .await?;
         Ok(Response::new(v1::Tenant {
             id: record.id.to_string(),
             plan: plan_to_proto(record.plan) as i32,
             rate_limits: rate_limits_to_proto(&record.limits),
             create_time: Some(timestamp(record.create_time)),
             update_time: Some(timestamp(record.update_time)),
+            quotas: Some(v1::Quotas {
+                monthly_requests: record
+                    .quotas
+                    .monthly_requests
+                    .map_or(0, |n| i64::try_from(n).unwrap_or(i64::MAX)),
+                monthly_generations: record
+                    .quotas
+                    .monthly_generations
+                    .map_or(0, |n| i64::try_from(n).unwrap_or(i64::MAX)),
+            }),
         }))
     }
 

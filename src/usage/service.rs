@@ -12,7 +12,10 @@ use crate::{
     auth::{AuthError, Principal, Scope},
     credits::{CreditError, Credits, LedgerEntry},
     db::StoreError,
-    ratelimit::{Decision, LimitOverrides, Limits, PlanLimits, RateLimitError, RateLimiter},
+    ratelimit::{
+        Decision, LimitOverrides, Limits, Metric, PlanLimits, PlanQuotas, QuotaOverrides,
+        QuotaUsage, RateLimitError, RateLimiter,
+    },
     tenants::{Plan, TenantDirectory, TenantId, TenantRecord},
     validation::Violations,
 };
@@ -44,6 +47,8 @@ pub struct QuotaStatus {
     pub limits: Limits,
     pub windows: Option<Decision>,
     pub credit_balance: i64,
+    /// Empty while Redis is unreachable.
+    pub quotas: Vec<QuotaUsage>,
 }
 
 pub struct Usage {
@@ -52,6 +57,7 @@ pub struct Usage {
     tenants: TenantDirectory,
     limiter: Arc<RateLimiter>,
     plans: PlanLimits,
+    plan_quotas: PlanQuotas,
     verifier: Arc<KeyVerifier>,
     invalidations: Invalidations,
 }
@@ -62,11 +68,12 @@ impl Usage {
         credits: Credits,
         tenants: TenantDirectory,
         limiter: Arc<RateLimiter>,
-        plans: PlanLimits,
+        (plans, plan_quotas): (PlanLimits, PlanQuotas),
         verifier: Arc<KeyVerifier>,
         invalidations: Invalidations,
     ) -> Self {
         Self {
+            plan_quotas,
             store,
             credits,
             tenants,
@@ -118,27 +125,42 @@ impl Usage {
     pub async fn quota_status(&self, principal: &Principal) -> Result<QuotaStatus, UsageError> {
         let tenant = principal.tenant_with(Scope::UsageRead)?;
         let credit_balance = self.credits.balance(tenant).await?;
-        Ok(match principal {
-            Principal::ApiKey(key) => QuotaStatus {
-                plan: key.plan,
-                limits: key.limits,
+        let (plan, limits, quota_limits, windows) = match principal {
+            Principal::ApiKey(key) => {
                 // Cost 0: reads the buckets without spending (the call itself paid one).
-                windows: Some(
-                    self.limiter
-                        .check(key.key_id.as_str(), &key.limits, 0)
-                        .await?,
-                ),
-                credit_balance,
-            },
+                let windows = self
+                    .limiter
+                    .check(key.key_id.as_str(), &key.limits, 0)
+                    .await?;
+                (key.plan, key.limits, key.quotas, Some(windows))
+            }
             _ => {
                 let record = self.tenants.get(tenant).await?;
-                QuotaStatus {
-                    plan: record.plan,
-                    limits: record.limits.apply(self.plans.of(record.plan)),
-                    windows: None,
-                    credit_balance,
-                }
+                let limits = record.limits.apply(self.plans.of(record.plan));
+                (
+                    record.plan,
+                    limits,
+                    record.quotas.apply(self.plan_quotas.of(record.plan)),
+                    None,
+                )
             }
+        };
+        let counters = self.limiter.quotas();
+        let (requests, generations) = tokio::join!(
+            counters.read(tenant, Metric::Requests, quota_limits.monthly_requests),
+            counters.read(
+                tenant,
+                Metric::Generations,
+                quota_limits.monthly_generations
+            ),
+        );
+        let quotas = requests.into_iter().chain(generations).collect();
+        Ok(QuotaStatus {
+            plan,
+            limits,
+            windows,
+            credit_balance,
+            quotas,
         })
     }
 
@@ -149,9 +171,10 @@ impl Usage {
         tenant: TenantId,
         plan: Plan,
         limits: LimitOverrides,
+        quotas: QuotaOverrides,
     ) -> Result<TenantRecord, UsageError> {
         principal.require_internal()?;
-        let record = self.tenants.set_plan(tenant, plan, limits).await?;
+        let record = self.tenants.set_plan(tenant, plan, limits, quotas).await?;
         self.verifier.invalidate_tenant(tenant);
         self.invalidations.publish_tenant(tenant).await;
         tracing::info!(tenant = %tenant, plan = plan.as_str(), "plan set");

@@ -343,3 +343,33 @@ impl UsageStore {
         Ok(rows.into_iter().map(RequestRecord::from).collect())
     }
 }
+
+#[derive(diesel::QueryableByName)]
+struct TenantCount {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    tenant_id: Uuid,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    requests: i64,
+}
+
+impl UsageStore {
+    /// API-key calls per tenant since `from` that counted against the monthly quota
+    /// (refusals by the limiter itself, RESOURCE_EXHAUSTED, did not).
+    pub async fn key_requests_per_tenant(
+        &self,
+        from: DateTime<Utc>,
+    ) -> Result<Vec<(TenantId, i64)>, StoreError> {
+        let mut conn = self.pool.get().await?;
+        let rows: Vec<TenantCount> = diesel::sql_query(
+            "SELECT tenant_id, count(*) AS requests FROM api_request_logs \
+             WHERE time >= $1 AND api_key_id IS NOT NULL AND grpc_code <> 8 GROUP BY tenant_id",
+        )
+        .bind::<Timestamptz, _>(from)
+        .load(&mut conn)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (TenantId(r.tenant_id), r.requests))
+            .collect())
+    }
+}

@@ -11,6 +11,7 @@ mod edge;
 mod faults;
 mod grpcurl;
 mod quickstart;
+mod quota;
 mod ratelimit;
 mod usage;
 mod usage_log;

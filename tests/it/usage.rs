@@ -339,6 +339,7 @@ async fn plans_credits_and_quota_status() {
             per_day: 7000,
             burst: 3,
         }),
+        quotas: None,
     };
     let err = public
         .set_plan(bearer(set_plan.clone(), &admin_token(tenant)))

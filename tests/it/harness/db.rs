@@ -18,7 +18,8 @@ fn url_for(db: &str) -> String {
 }
 
 /// The template is named after a checksum of the migrations, so changing a migration makes
-/// a new template instead of reusing a stale one.
+/// a new template instead of reusing a stale one; older templates are dropped when a new one
+/// is made (unless another test run still uses them).
 fn template_name() -> String {
     let mut files: Vec<_> = walk(&super::manifest_dir().join("migrations"));
     files.sort();
@@ -27,7 +28,9 @@ fn template_name() -> String {
         hasher.update(f.to_string_lossy().as_bytes());
         hasher.update(&std::fs::read(&f).unwrap());
     }
-    format!("devgate_tmpl_{:08x}", hasher.finalize())
+    // The month too: the migrations create request-log partitions from the current month on.
+    let month = chrono::Utc::now().format("%Y%m");
+    format!("devgate_tmpl_{month}_{:08x}", hasher.finalize())
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
@@ -46,7 +49,6 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 #[derive(QueryableByName)]
 struct Name {
     #[diesel(sql_type = Text)]
-    #[allow(dead_code)]
     datname: String,
 }
 
@@ -90,6 +92,19 @@ impl TestDb {
                 .execute(&mut admin)
                 .await
                 .unwrap();
+            let stale: Vec<Name> = diesel::sql_query(
+                "SELECT datname FROM pg_database WHERE datname LIKE 'devgate\\_tmpl\\_%' AND datname <> $1",
+            )
+            .bind::<Text, _>(&template)
+            .load(&mut admin)
+            .await
+            .unwrap();
+            for old in stale {
+                // Without FORCE: a template another run is cloning from stays.
+                let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {}", old.datname))
+                    .execute(&mut admin)
+                    .await;
+            }
         }
         diesel::sql_query("SELECT pg_advisory_unlock(727272)")
             .execute(&mut admin)

@@ -55,6 +55,7 @@ impl Settings {
             // Generous plan defaults, so tests that are not about rate limits never meet
             // them; rate-limit tests set small per-key limits.
             ("DEVGATE_PLAN_FREE", "100000/1000000/10000000/10000"),
+            ("DEVGATE_QUOTA_FREE", "100000000/100000"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))

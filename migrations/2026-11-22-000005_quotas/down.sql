@@ -1,0 +1,1 @@
+ALTER TABLE tenants DROP COLUMN quota_monthly_requests, DROP COLUMN quota_monthly_generations;

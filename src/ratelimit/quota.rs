@@ -1,0 +1,310 @@
+//! Monthly quotas per tenant (API-key requests, generations), counted in Redis on the hot
+//! path and reconciled from Postgres by the worker, so a Redis restart loses at most the
+//! calls since the last reconciliation.
+
+use std::{fmt, str::FromStr, time::Duration};
+
+use chrono::{DateTime, Datelike, TimeZone, Utc};
+
+use crate::{
+    db::{PgPool, StoreError},
+    kv::{OutageLog, Redis},
+    tenants::{Plan, TenantId},
+};
+
+/// Counts, refusing an increment that would pass the limit (and then taking it back).
+/// KEYS[1] the counter; ARGV: amount, limit, expiry (ms since the epoch).
+/// Returns {allowed (1/0), used after the call}.
+const CONSUME: &str = r"
+local n = redis.call('INCRBY', KEYS[1], ARGV[1])
+if n == tonumber(ARGV[1]) then redis.call('PEXPIREAT', KEYS[1], ARGV[3]) end
+if n > tonumber(ARGV[2]) then
+  redis.call('DECRBY', KEYS[1], ARGV[1])
+  return {0, n - tonumber(ARGV[1])}
+end
+return {1, n}";
+
+/// Raises a counter to at least ARGV[1] (never lowers it). KEYS[1]; ARGV: count, expiry.
+const RAISE: &str = r"
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if current < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1], 'PXAT', ARGV[2])
+  return tonumber(ARGV[1])
+end
+return current";
+
+/// What a tenant may use per calendar month (UTC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaLimits {
+    pub monthly_requests: u64,
+    pub monthly_generations: u64,
+}
+
+/// `monthly_requests/monthly_generations`, e.g. `200000/1000` (the config syntax).
+impl FromStr for QuotaLimits {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parts: Vec<u64> = s
+            .split('/')
+            .map(|p| {
+                p.trim()
+                    .parse::<u64>()
+                    .map_err(|_| format!("{p:?} is not a whole number"))
+            })
+            .collect::<Result<_, _>>()?;
+        match parts[..] {
+            [r, g] if r > 0 && g > 0 => Ok(QuotaLimits {
+                monthly_requests: r,
+                monthly_generations: g,
+            }),
+            [_, _] => Err("every quota must be at least 1".into()),
+            _ => Err("expected monthly_requests/monthly_generations, e.g. 200000/1000".into()),
+        }
+    }
+}
+
+impl fmt::Display for QuotaLimits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.monthly_requests, self.monthly_generations)
+    }
+}
+
+/// Tenant overrides of the plan's quotas (`None`: the plan decides).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QuotaOverrides {
+    pub monthly_requests: Option<u64>,
+    pub monthly_generations: Option<u64>,
+}
+
+impl QuotaOverrides {
+    pub fn apply(&self, base: QuotaLimits) -> QuotaLimits {
+        QuotaLimits {
+            monthly_requests: self.monthly_requests.unwrap_or(base.monthly_requests),
+            monthly_generations: self.monthly_generations.unwrap_or(base.monthly_generations),
+        }
+    }
+}
+
+/// Default quotas of every plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanQuotas {
+    pub free: QuotaLimits,
+    pub standard: QuotaLimits,
+    pub professional: QuotaLimits,
+    pub business: QuotaLimits,
+    pub enterprise: QuotaLimits,
+}
+
+impl PlanQuotas {
+    pub fn of(&self, plan: Plan) -> QuotaLimits {
+        match plan {
+            Plan::Free => self.free,
+            Plan::Standard => self.standard,
+            Plan::Professional => self.professional,
+            Plan::Business => self.business,
+            Plan::Enterprise => self.enterprise,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    Requests,
+    Generations,
+}
+
+impl Metric {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Metric::Requests => "monthly_requests",
+            Metric::Generations => "monthly_generations",
+        }
+    }
+}
+
+/// One quota after a call (or a read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaUsage {
+    pub metric: Metric,
+    pub allowed: bool,
+    pub limit: u64,
+    pub used: u64,
+    /// When the month, and with it the quota, starts over.
+    pub reset: DateTime<Utc>,
+}
+
+impl QuotaUsage {
+    pub fn remaining(&self) -> u64 {
+        self.limit.saturating_sub(self.used)
+    }
+}
+
+pub struct Quotas {
+    redis: Redis,
+    consume: redis::Script,
+    raise: redis::Script,
+    outage: OutageLog,
+}
+
+impl Quotas {
+    pub fn new(redis: Redis) -> Self {
+        Self {
+            redis,
+            consume: redis::Script::new(CONSUME),
+            raise: redis::Script::new(RAISE),
+            outage: OutageLog::new("quotas"),
+        }
+    }
+
+    fn key(&self, tenant: TenantId, metric: Metric, month: DateTime<Utc>) -> String {
+        // Hash-tagged by tenant; a new key per month, so nothing needs resetting.
+        self.redis.key(&format!(
+            "quota:{{{tenant}}}:{}:{}",
+            metric.as_str(),
+            month.format("%Y-%m")
+        ))
+    }
+
+    /// Counts `amount` against the quota unless that would pass `limit`. `None` when Redis
+    /// is down: quotas fail open (the reconciliation restores the count later).
+    pub async fn consume(
+        &self,
+        tenant: TenantId,
+        metric: Metric,
+        amount: u64,
+        limit: u64,
+    ) -> Option<QuotaUsage> {
+        let (month, reset) = month_bounds(Utc::now());
+        let mut conn = self.redis.conn();
+        let reply: redis::RedisResult<(i64, i64)> = self
+            .consume
+            .key(self.key(tenant, metric, month))
+            .arg(amount)
+            .arg(limit)
+            .arg(expiry(reset))
+            .invoke_async(&mut conn)
+            .await;
+        let (allowed, used) = self.outage.observe(reply)?;
+        Some(QuotaUsage {
+            metric,
+            allowed: allowed == 1,
+            limit,
+            used: used.max(0) as u64,
+            reset,
+        })
+    }
+
+    /// Gives back what a refused call took (it was refused by the rate limiter after all).
+    pub async fn refund(&self, tenant: TenantId, metric: Metric, amount: u64) {
+        let (month, _) = month_bounds(Utc::now());
+        let mut conn = self.redis.conn();
+        let reply: redis::RedisResult<i64> = redis::cmd("DECRBY")
+            .arg(self.key(tenant, metric, month))
+            .arg(amount)
+            .query_async(&mut conn)
+            .await;
+        self.outage.observe(reply);
+    }
+
+    /// The month's usage without counting anything.
+    pub async fn read(&self, tenant: TenantId, metric: Metric, limit: u64) -> Option<QuotaUsage> {
+        let (month, reset) = month_bounds(Utc::now());
+        let mut conn = self.redis.conn();
+        let reply: redis::RedisResult<Option<i64>> = redis::cmd("GET")
+            .arg(self.key(tenant, metric, month))
+            .query_async(&mut conn)
+            .await;
+        let used = self.outage.observe(reply)?.unwrap_or(0).max(0) as u64;
+        Some(QuotaUsage {
+            metric,
+            allowed: used < limit,
+            limit,
+            used,
+            reset,
+        })
+    }
+
+    /// Raises this month's request counters to what Postgres recorded (after a Redis restart
+    /// or flush the counters would otherwise start from zero). Returns the tenants seen.
+    pub async fn reconcile_requests(&self, pool: &PgPool) -> Result<usize, StoreError> {
+        let (month, reset) = month_bounds(Utc::now());
+        let counts = crate::usage::store::UsageStore::new(pool.clone())
+            .key_requests_per_tenant(month)
+            .await?;
+        let mut conn = self.redis.conn();
+        for (tenant, count) in &counts {
+            let reply: redis::RedisResult<i64> = self
+                .raise
+                .key(self.key(*tenant, Metric::Requests, month))
+                .arg(*count)
+                .arg(expiry(reset))
+                .invoke_async(&mut conn)
+                .await;
+            if self.outage.observe(reply).is_none() {
+                break;
+            }
+        }
+        Ok(counts.len())
+    }
+}
+
+/// The first instant of `now`'s month and of the next one (UTC).
+pub fn month_bounds(now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
+    let start = Utc
+        .with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0)
+        .single()
+        .expect("valid date");
+    let (y, m) = if now.month() == 12 {
+        (now.year() + 1, 1)
+    } else {
+        (now.year(), now.month() + 1)
+    };
+    let next = Utc
+        .with_ymd_and_hms(y, m, 1, 0, 0, 0)
+        .single()
+        .expect("valid date");
+    (start, next)
+}
+
+/// Counters outlive their month by a week, so a late reconciliation still finds them.
+fn expiry(reset: DateTime<Utc>) -> i64 {
+    (reset + Duration::from_secs(7 * 86_400)).timestamp_millis()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_applies() {
+        let q: QuotaLimits = "200000/1000".parse().unwrap();
+        assert_eq!(
+            q,
+            QuotaLimits {
+                monthly_requests: 200_000,
+                monthly_generations: 1000
+            }
+        );
+        assert!("1/0".parse::<QuotaLimits>().is_err());
+        assert!("12".parse::<QuotaLimits>().is_err());
+        let o = QuotaOverrides {
+            monthly_requests: Some(5),
+            monthly_generations: None,
+        };
+        assert_eq!(
+            o.apply(q),
+            QuotaLimits {
+                monthly_requests: 5,
+                monthly_generations: 1000
+            }
+        );
+    }
+
+    #[test]
+    fn months() {
+        let t = Utc.with_ymd_and_hms(2026, 12, 31, 23, 59, 59).unwrap();
+        let (start, next) = month_bounds(t);
+        assert_eq!(start, Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap());
+        assert_eq!(next, Utc.with_ymd_and_hms(2027, 1, 1, 0, 0, 0).unwrap());
+    }
+}
