@@ -86,7 +86,20 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    metered_usage (tenant_id, idempotency_id) {
+        tenant_id -> Uuid,
+        idempotency_id -> Text,
+        api_key_id -> Nullable<Text>,
+        metric -> Text,
+        quantity -> Int8,
+        time -> Timestamptz,
+        create_time -> Timestamptz,
+    }
+}
+
 diesel::joinable!(api_keys -> tenants (tenant_id));
+diesel::joinable!(metered_usage -> tenants (tenant_id));
 diesel::joinable!(credit_balances -> tenants (tenant_id));
 diesel::joinable!(credit_ledger -> tenants (tenant_id));
 diesel::allow_tables_to_appear_in_same_query!(
@@ -94,5 +107,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     api_request_logs,
     credit_balances,
     credit_ledger,
+    metered_usage,
     tenants,
 );

@@ -10,6 +10,7 @@ use uuid::Uuid;
 use super::{
     GroupBy, LogFilter, RequestRecord,
     service::{Period, Usage, UsageError},
+    store::MeteredRecord,
 };
 use crate::{
     api_keys::grpc::{plan_to_proto, rate_limits_from_proto, rate_limits_to_proto},
@@ -47,7 +48,8 @@ impl UsageService for UsageGrpc {
         let mut v = Violations::new();
         let period = period(r.start_time.as_ref(), r.end_time.as_ref(), &mut v);
         v.into_result(()).map_err(UsageError::from)?;
-        let (s, credits_used) = self.usage.summary(principal, period).await?;
+        let summary = self.usage.summary(principal, period).await?;
+        let s = summary.calls;
         let ms = |us: Option<f64>| us.map(|u| u / 1000.0).unwrap_or(0.0);
         Ok(Response::new(v1::UsageSummary {
             start_time: Some(timestamp(period.from)),
@@ -60,7 +62,12 @@ impl UsageService for UsageGrpc {
             status_5xx: s.by_status_class.status_5xx,
             latency_p50_ms: ms(s.latency_p50_us),
             latency_p99_ms: ms(s.latency_p99_us),
-            credits_used,
+            credits_used: summary.credits_used,
+            metered: summary
+                .metered
+                .into_iter()
+                .map(|(metric, quantity)| v1::MeteredUsage { metric, quantity })
+                .collect(),
         }))
     }
 
@@ -292,6 +299,67 @@ impl UsageService for UsageGrpc {
             create_time: Some(timestamp(entry.create_time)),
         }))
     }
+
+    async fn record_usage(
+        &self,
+        req: Request<v1::RecordUsageRequest>,
+    ) -> RpcResult<v1::RecordUsageResponse> {
+        let principal = principal(&req)?;
+        let r = req.get_ref();
+        let mut v = Violations::new();
+        let tenant = tenant_id(&r.tenant_id, &mut v);
+        v.check(
+            valid_metric(&r.metric),
+            "metric",
+            "required: lower_snake_case, e.g. generation_seconds",
+        );
+        v.check(r.quantity > 0, "quantity", "must be positive");
+        v.check(
+            (1..=200).contains(&r.idempotency_id.chars().count()),
+            "idempotency_id",
+            "required: 1 to 200 characters",
+        );
+        v.check(
+            r.api_key_id.len() <= 64,
+            "api_key_id",
+            "at most 64 characters",
+        );
+        let now = Utc::now();
+        let time = match &r.time {
+            None => now,
+            Some(t) => match from_timestamp(t) {
+                Some(at)
+                    if at <= now + chrono::Duration::seconds(60)
+                        && at >= now - chrono::Duration::days(7) =>
+                {
+                    at
+                }
+                _ => {
+                    v.add("time", "must be a valid time within the last 7 days");
+                    now
+                }
+            },
+        };
+        v.into_result(()).map_err(UsageError::from)?;
+        let record = MeteredRecord {
+            tenant: tenant.expect("validated"),
+            api_key_id: (!r.api_key_id.is_empty()).then_some(r.api_key_id.as_str()),
+            metric: &r.metric,
+            quantity: r.quantity,
+            idempotency_id: &r.idempotency_id,
+            time,
+        };
+        let recorded = self.usage.record_metered(principal, &record).await?;
+        Ok(Response::new(v1::RecordUsageResponse { recorded }))
+    }
+}
+
+/// Metric names: lower_snake_case, like the migration's CHECK.
+fn valid_metric(m: &str) -> bool {
+    let mut chars = m.chars();
+    matches!(chars.next(), Some('a'..='z'))
+        && m.len() <= 63
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
 fn period(

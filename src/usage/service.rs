@@ -5,7 +5,9 @@ use std::sync::Arc;
 use chrono::{DateTime, Datelike, TimeZone, Utc};
 use uuid::Uuid;
 
-use super::{BreakdownRow, GroupBy, LogFilter, RequestRecord, UsageStore, UsageSummary};
+use super::{
+    BreakdownRow, GroupBy, LogFilter, RequestRecord, UsageStore, UsageSummary, store::MeteredRecord,
+};
 use crate::{
     api_keys::invalidation::Invalidations,
     api_keys::verifier::KeyVerifier,
@@ -39,6 +41,14 @@ impl From<Violations> for UsageError {
     fn from(v: Violations) -> Self {
         UsageError::Invalid(v)
     }
+}
+
+/// What GetUsageSummary answers.
+pub struct Summary {
+    pub calls: UsageSummary,
+    pub credits_used: i64,
+    /// (metric, quantity), by metric.
+    pub metered: Vec<(String, i64)>,
 }
 
 /// A tenant's limits and where it stands: the windows are a key's (peeked, nothing spent).
@@ -84,16 +94,44 @@ impl Usage {
         }
     }
 
-    /// Totals plus the credits spent in the period.
+    /// Totals, the credits spent and the metered usage in the period.
     pub async fn summary(
         &self,
         principal: &Principal,
         period: Period,
-    ) -> Result<(UsageSummary, i64), UsageError> {
+    ) -> Result<Summary, UsageError> {
         let tenant = principal.tenant_with(Scope::UsageRead)?;
-        let summary = self.store.summary(tenant, period.from, period.to).await?;
-        let spent = self.credits.spent(tenant, period.from, period.to).await?;
-        Ok((summary, spent))
+        let (calls, credits_used, metered) = tokio::try_join!(
+            async {
+                Ok::<_, UsageError>(self.store.summary(tenant, period.from, period.to).await?)
+            },
+            async {
+                Ok::<_, UsageError>(self.credits.spent(tenant, period.from, period.to).await?)
+            },
+            async {
+                Ok::<_, UsageError>(
+                    self.store
+                        .metered_totals(tenant, period.from, period.to)
+                        .await?,
+                )
+            },
+        )?;
+        Ok(Summary {
+            calls,
+            credits_used,
+            metered,
+        })
+    }
+
+    /// Internal: metered usage from another service, counted once per idempotency id.
+    pub async fn record_metered(
+        &self,
+        principal: &Principal,
+        record: &MeteredRecord<'_>,
+    ) -> Result<bool, UsageError> {
+        principal.require_internal()?;
+        self.tenants.ensure(record.tenant).await?;
+        Ok(self.store.record_metered(record).await?)
     }
 
     pub async fn breakdown(

@@ -373,3 +373,62 @@ impl UsageStore {
             .collect())
     }
 }
+
+#[derive(diesel::QueryableByName)]
+struct MeteredTotal {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    metric: String,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    quantity: i64,
+}
+
+/// One RecordUsage call.
+pub struct MeteredRecord<'a> {
+    pub tenant: TenantId,
+    pub api_key_id: Option<&'a str>,
+    pub metric: &'a str,
+    pub quantity: i64,
+    pub idempotency_id: &'a str,
+    pub time: DateTime<Utc>,
+}
+
+impl UsageStore {
+    /// Stores metered usage once per (tenant, idempotency id); false for a repeat.
+    pub async fn record_metered(&self, r: &MeteredRecord<'_>) -> Result<bool, StoreError> {
+        use crate::db::schema::metered_usage as m;
+        let mut conn = self.pool.get().await?;
+        let inserted = diesel::insert_into(m::table)
+            .values((
+                m::tenant_id.eq(r.tenant.0),
+                m::idempotency_id.eq(r.idempotency_id),
+                m::api_key_id.eq(r.api_key_id),
+                m::metric.eq(r.metric),
+                m::quantity.eq(r.quantity),
+                m::time.eq(r.time),
+            ))
+            .on_conflict_do_nothing()
+            .execute(&mut conn)
+            .await?;
+        Ok(inserted == 1)
+    }
+
+    /// Metered usage in `[from, to)`, summed per metric, by metric name.
+    pub async fn metered_totals(
+        &self,
+        tenant: TenantId,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        let mut conn = self.pool.get().await?;
+        let rows: Vec<MeteredTotal> = diesel::sql_query(
+            "SELECT metric, SUM(quantity)::bigint AS quantity FROM metered_usage \
+             WHERE tenant_id = $1 AND time >= $2 AND time < $3 GROUP BY metric ORDER BY metric",
+        )
+        .bind::<SqlUuid, _>(tenant.0)
+        .bind::<Timestamptz, _>(from)
+        .bind::<Timestamptz, _>(to)
+        .load(&mut conn)
+        .await?;
+        Ok(rows.into_iter().map(|r| (r.metric, r.quantity)).collect())
+    }
+}

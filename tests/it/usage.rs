@@ -450,3 +450,78 @@ async fn plans_credits_and_quota_status() {
         Code::InvalidArgument
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metered_usage_is_recorded_once_per_idempotency_id() {
+    let w = World::new().await;
+    let tenant = Uuid::new_v4();
+    let mut internal = usage_client(w.app.internal).await;
+    let record = |id: &str, quantity: i64| v1::RecordUsageRequest {
+        tenant_id: tenant.to_string(),
+        metric: "generation_seconds".into(),
+        quantity,
+        idempotency_id: id.into(),
+        ..Default::default()
+    };
+    assert!(
+        internal
+            .record_usage(record("job-1", 30))
+            .await
+            .unwrap()
+            .into_inner()
+            .recorded
+    );
+    assert!(
+        !internal
+            .record_usage(record("job-1", 30))
+            .await
+            .unwrap()
+            .into_inner()
+            .recorded,
+        "a retry counts once"
+    );
+    assert!(
+        internal
+            .record_usage(record("job-2", 12))
+            .await
+            .unwrap()
+            .into_inner()
+            .recorded
+    );
+    let mut bad = record("job-3", 0);
+    bad.metric = "Generation Seconds".into();
+    let err = internal.record_usage(bad).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let fields: Vec<String> = tonic_types::StatusExt::get_error_details(&err)
+        .bad_request()
+        .unwrap()
+        .field_violations
+        .iter()
+        .map(|f| f.field.clone())
+        .collect();
+    assert_eq!(fields, vec!["metric", "quantity"]);
+    // Only internal callers may record.
+    let err = usage_client(w.app.public)
+        .await
+        .record_usage(bearer(record("job-4", 1), &admin_token(tenant)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    let summary = usage_client(w.app.public)
+        .await
+        .get_usage_summary(bearer(
+            v1::GetUsageSummaryRequest::default(),
+            &admin_token(tenant),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        summary.metered,
+        vec![v1::MeteredUsage {
+            metric: "generation_seconds".into(),
+            quantity: 42
+        }]
+    );
+}
