@@ -67,8 +67,9 @@ use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand};
 use devgate::api_keys::hashing::SecretHasher;
 use devgate::proto::v1::{
-    CreateApiKeyRequest, Environment, RateLimits, VerifyApiKeyRequest,
-    api_key_service_client::ApiKeyServiceClient,
+    CreateApiKeyRequest, Environment, Plan, Quotas, RateLimits, SetPlanRequest,
+    VerifyApiKeyRequest, api_key_service_client::ApiKeyServiceClient,
+    usage_service_client::UsageServiceClient,
 };
 use futures_util::{StreamExt, TryStreamExt, stream};
 use hdrhistogram::Histogram;
@@ -324,6 +325,9 @@ async fn run_scenario(
         Scenario::Verify | Scenario::Authorize => {
             let (mut admin, bearer) = admin(opts).await?;
             let token = create_key(&mut admin, &bearer).await?;
+            if let Scenario::Authorize = scenario {
+                unlimited_quota(internal[0].clone(), &token).await?;
+            }
             verify(
                 ApiKeyServiceClient::new(internal[0].clone()),
                 token.as_str().into(),
@@ -385,6 +389,34 @@ async fn run_scenario(
     };
     Ok((tally, start.elapsed()))
 }
+
+/// Lifts the key's tenant's monthly quota (SetPlan, internal) so no authorize call is refused.
+async fn unlimited_quota(internal: Channel, token: &str) -> anyhow::Result<()> {
+    let key = ApiKeyServiceClient::new(internal.clone())
+        .verify_api_key(VerifyApiKeyRequest {
+            token: token.to_string(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| anyhow!("VerifyApiKey failed: {}", Status(&s)))?
+        .into_inner();
+    UsageServiceClient::new(internal)
+        .set_plan(SetPlanRequest {
+            tenant_id: key.tenant_id,
+            plan: Plan::Enterprise.into(),
+            rate_limits: None,
+            quotas: Some(Quotas {
+                monthly_requests: QUOTA,
+                monthly_generations: QUOTA,
+            }),
+        })
+        .await
+        .map_err(|s| anyhow!("SetPlan failed: {}", Status(&s)))?;
+    Ok(())
+}
+
+/// A monthly quota no loadgen run can use up.
+const QUOTA: i64 = 1_000_000_000_000;
 
 /// An admin client of the public listener and its `authorization` value.
 async fn admin(
