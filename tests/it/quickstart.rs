@@ -78,6 +78,9 @@ async fn readme_quickstart_runs_as_written() {
         "devgate.v1.ApiKeyService",
         "rpc RotateApiKey",
         "\"valid\": true",
+        "\"requests\": \"",
+        "/devgate.v1.ApiKeyService/ListApiKeys",
+        "\"monthly_requests\"",
     ] {
         assert!(
             stdout.contains(expected),
