@@ -80,25 +80,40 @@ impl Limits {
 impl FromStr for Limits {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let parts: Vec<u32> = s
-            .split('/')
-            .map(|p| {
-                p.trim()
-                    .parse::<u32>()
-                    .map_err(|_| format!("{p:?} is not a whole number"))
-            })
-            .collect::<Result<_, _>>()?;
-        match parts[..] {
-            [m, h, d, b] if m > 0 && h > 0 && d > 0 && b > 0 => Ok(Limits {
-                per_minute: m,
-                per_hour: h,
-                per_day: d,
-                burst: b,
-            }),
-            [_, _, _, _] => Err("every limit must be at least 1".into()),
-            _ => Err("expected per_minute/per_hour/per_day/burst, e.g. 100/2000/20000/10".into()),
-        }
+        let [m, h, d, b] = parse_positive_parts(
+            s,
+            "per_minute/per_hour/per_day/burst, e.g. 100/2000/20000/10",
+        )?;
+        let small = |v: u64| u32::try_from(v).map_err(|_| format!("{v} is too large"));
+        Ok(Limits {
+            per_minute: small(m)?,
+            per_hour: small(h)?,
+            per_day: small(d)?,
+            burst: small(b)?,
+        })
     }
+}
+
+/// `N` positive whole numbers separated by `/` (the config syntax of limits and quotas).
+pub(crate) fn parse_positive_parts<const N: usize>(
+    s: &str,
+    expected: &str,
+) -> Result<[u64; N], String> {
+    let parts: Vec<u64> = s
+        .split('/')
+        .map(|p| {
+            p.trim()
+                .parse::<u64>()
+                .map_err(|_| format!("{p:?} is not a whole number"))
+        })
+        .collect::<Result<_, _>>()?;
+    let parts: [u64; N] = parts
+        .try_into()
+        .map_err(|_| format!("expected {expected}"))?;
+    if parts.contains(&0) {
+        return Err("every value must be at least 1".into());
+    }
+    Ok(parts)
 }
 
 impl fmt::Display for Limits {

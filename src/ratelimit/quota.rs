@@ -44,22 +44,14 @@ pub struct QuotaLimits {
 impl FromStr for QuotaLimits {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let parts: Vec<u64> = s
-            .split('/')
-            .map(|p| {
-                p.trim()
-                    .parse::<u64>()
-                    .map_err(|_| format!("{p:?} is not a whole number"))
-            })
-            .collect::<Result<_, _>>()?;
-        match parts[..] {
-            [r, g] if r > 0 && g > 0 => Ok(QuotaLimits {
-                monthly_requests: r,
-                monthly_generations: g,
-            }),
-            [_, _] => Err("every quota must be at least 1".into()),
-            _ => Err("expected monthly_requests/monthly_generations, e.g. 200000/1000".into()),
-        }
+        let [r, g] = super::model::parse_positive_parts(
+            s,
+            "monthly_requests/monthly_generations, e.g. 200000/1000",
+        )?;
+        Ok(QuotaLimits {
+            monthly_requests: r,
+            monthly_generations: g,
+        })
     }
 }
 

@@ -110,24 +110,35 @@ pub struct TenantRecord {
     pub update_time: chrono::DateTime<chrono::Utc>,
 }
 
-type TenantRow = (
-    Uuid,
-    String,
-    (Option<i32>, Option<i32>, Option<i32>, Option<i32>),
-    chrono::DateTime<chrono::Utc>,
-    chrono::DateTime<chrono::Utc>,
-    (Option<i64>, Option<i64>),
-);
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = tenants, check_for_backend(diesel::pg::Pg))]
+struct TenantRow {
+    id: Uuid,
+    plan: String,
+    rate_limit_per_minute: Option<i32>,
+    rate_limit_per_hour: Option<i32>,
+    rate_limit_per_day: Option<i32>,
+    rate_limit_burst: Option<i32>,
+    quota_monthly_requests: Option<i64>,
+    quota_monthly_generations: Option<i64>,
+    create_time: chrono::DateTime<chrono::Utc>,
+    update_time: chrono::DateTime<chrono::Utc>,
+}
 
 fn record(row: TenantRow) -> Result<TenantRecord, StoreError> {
-    let (m, h, d, b) = row.2;
+    use crate::api_keys::store::{overrides, quota_overrides};
     Ok(TenantRecord {
-        id: TenantId(row.0),
-        plan: row.1.parse()?,
-        limits: crate::api_keys::store::overrides(m, h, d, b),
-        quotas: crate::api_keys::store::quota_overrides(row.5.0, row.5.1),
-        create_time: row.3,
-        update_time: row.4,
+        id: TenantId(row.id),
+        plan: row.plan.parse()?,
+        limits: overrides(
+            row.rate_limit_per_minute,
+            row.rate_limit_per_hour,
+            row.rate_limit_per_day,
+            row.rate_limit_burst,
+        ),
+        quotas: quota_overrides(row.quota_monthly_requests, row.quota_monthly_generations),
+        create_time: row.create_time,
+        update_time: row.update_time,
     })
 }
 
@@ -138,7 +149,7 @@ impl TenantDirectory {
         let mut conn = self.pool.get().await?;
         let row: TenantRow = tenants::table
             .filter(tenants::id.eq(tenant.0))
-            .select(Self::columns())
+            .select(TenantRow::as_select())
             .first(&mut conn)
             .await?;
         record(row)
@@ -154,71 +165,26 @@ impl TenantDirectory {
     ) -> Result<TenantRecord, StoreError> {
         let col = |v: Option<u32>| v.map(|v| i32::try_from(v).unwrap_or(i32::MAX));
         let quota = |v: Option<u64>| v.map(|v| i64::try_from(v).unwrap_or(i64::MAX));
-        let values = (
-            tenants::id.eq(tenant.0),
+        let changes = (
             tenants::plan.eq(plan.as_str()),
             tenants::rate_limit_per_minute.eq(col(limits.per_minute)),
             tenants::rate_limit_per_hour.eq(col(limits.per_hour)),
             tenants::rate_limit_per_day.eq(col(limits.per_day)),
             tenants::rate_limit_burst.eq(col(limits.burst)),
-            tenants::update_time.eq(chrono::Utc::now()),
             tenants::quota_monthly_requests.eq(quota(quotas.monthly_requests)),
             tenants::quota_monthly_generations.eq(quota(quotas.monthly_generations)),
+            tenants::update_time.eq(chrono::Utc::now()),
         );
         let mut conn = self.pool.get().await?;
         let row: TenantRow = diesel::insert_into(tenants::table)
-            .values(values)
+            .values((tenants::id.eq(tenant.0), changes))
             .on_conflict(tenants::id)
             .do_update()
-            .set((
-                tenants::plan.eq(plan.as_str()),
-                tenants::rate_limit_per_minute.eq(col(limits.per_minute)),
-                tenants::rate_limit_per_hour.eq(col(limits.per_hour)),
-                tenants::rate_limit_per_day.eq(col(limits.per_day)),
-                tenants::rate_limit_burst.eq(col(limits.burst)),
-                tenants::update_time.eq(chrono::Utc::now()),
-                tenants::quota_monthly_requests.eq(quota(quotas.monthly_requests)),
-                tenants::quota_monthly_generations.eq(quota(quotas.monthly_generations)),
-            ))
-            .returning(Self::columns())
+            .set(changes)
+            .returning(TenantRow::as_returning())
             .get_result(&mut conn)
             .await?;
         self.known.insert(tenant, ()).await;
         record(row)
-    }
-
-    #[allow(clippy::type_complexity)]
-    fn columns() -> (
-        tenants::id,
-        tenants::plan,
-        (
-            tenants::rate_limit_per_minute,
-            tenants::rate_limit_per_hour,
-            tenants::rate_limit_per_day,
-            tenants::rate_limit_burst,
-        ),
-        tenants::create_time,
-        tenants::update_time,
-        (
-            tenants::quota_monthly_requests,
-            tenants::quota_monthly_generations,
-        ),
-    ) {
-        (
-            tenants::id,
-            tenants::plan,
-            (
-                tenants::rate_limit_per_minute,
-                tenants::rate_limit_per_hour,
-                tenants::rate_limit_per_day,
-                tenants::rate_limit_burst,
-            ),
-            tenants::create_time,
-            tenants::update_time,
-            (
-                tenants::quota_monthly_requests,
-                tenants::quota_monthly_generations,
-            ),
-        )
     }
 }
