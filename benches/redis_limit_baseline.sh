@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The physical limit of the rate limiter on this machine: redis-benchmark running EVALSHA of
-# devgate's own token-bucket script (src/ratelimit/token_bucket.lua) with the arguments the
-# loadgen's keys produce (three windows, no call refused), at the same concurrency, over as
-# many distinct keys as clients. Prints one JSON line: {"rps":…,"p50_ms":…,"p99_ms":…}.
+# devgate's own script (src/ratelimit/token_bucket.lua: three token buckets and the monthly
+# quota counter) with the arguments the loadgen's keys produce (no call refused), at the same
+# concurrency, over as many distinct keys as clients. Prints one JSON line: {"rps":…,"p50_ms":…,"p99_ms":…}.
 #
 #   benches/redis_limit_baseline.sh [--concurrency 64] [--requests 300000]
 #
@@ -31,16 +31,19 @@ cleanup() {
 trap cleanup EXIT
 
 sha=$(redis-cli -h "$host" -p "$port" SCRIPT LOAD "$(cat src/ratelimit/token_bucket.lua)")
-# The loadgen key's limits: 100 000 000 per minute/hour/day, burst 100 000 000. Window i's
-# capacity and refill per ms, as src/ratelimit/limiter.rs passes them.
+# The loadgen key's limits: 100 000 000 per minute/hour/day, burst 100 000 000, and its
+# tenant's monthly quota (10^12 requests): cost 1, 1 quota unit, the quota's limit and the
+# counter's expiry, then each window's capacity and refill per ms, as
+# src/ratelimit/limiter.rs passes them. Two keys per call, like the hot path.
 limit=100000000
-args=(1
+expiry=$(( ($(date +%s) + 40 * 86400) * 1000 ))
+args=(1 1 1000000000000 "$expiry"
     "$limit" "$(python3 -c "print($limit / 60000)")"
     "$limit" "$(python3 -c "print($limit / 3600000)")"
     "$limit" "$(python3 -c "print($limit / 86400000)")")
 
 csv=$(redis-benchmark -h "$host" -p "$port" -c "$concurrency" -n "$requests" -r "$concurrency" --csv \
-    EVALSHA "$sha" 1 "${prefix}rl:{__rand_int__}" "${args[@]}")
+    EVALSHA "$sha" 2 "${prefix}rl:{__rand_int__}:key" "${prefix}quota:{__rand_int__}:monthly_requests" "${args[@]}")
 # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
 echo "$csv" | tail -n 1 | python3 -c '
 import csv, json, sys

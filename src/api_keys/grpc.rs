@@ -230,7 +230,7 @@ impl ApiKeyService for ApiKeyGrpc {
                     // No window state to report: peek at it without spending.
                     reason = v1::VerifyFailureReason::QuotaExhausted;
                     self.limiter
-                        .check(key.key_id.as_str(), &key.limits, 0)
+                        .check(key.tenant_id, key.key_id.as_str(), &key.limits, 0)
                         .await
                         .map_err(Status::from)?
                 }

@@ -8,12 +8,14 @@ use std::{
 };
 
 use super::{
-    Metric, Quotas, RateLimitError,
+    Metric, QuotaUsage, Quotas, RateLimitError,
     model::{Decision, Limits, Window, WindowState},
+    quota::{expiry, month_bounds},
 };
 use crate::{
     auth::KeyPrincipal,
     kv::{OutageLog, Redis},
+    tenants::TenantId,
 };
 
 /// The script, also run by `benches/redis_limit_baseline.sh` for the physical limit.
@@ -51,31 +53,19 @@ impl RateLimiter {
         &self.quotas
     }
 
-    /// One API-key call: a token from each of the key's windows and one request from its
-    /// tenant's monthly quota. Both scripts go out together on the multiplexed connection
-    /// (one round trip); a call refused by the rate limit gives its quota unit back.
+    /// One API-key call: `cost` tokens from each of the key's windows and one request from
+    /// its tenant's monthly quota, both in the same script (nothing is taken unless both
+    /// have room).
     pub async fn admit(&self, key: &KeyPrincipal, cost: u32) -> Result<Decision, RateLimitError> {
-        let (rate, quota) = tokio::join!(
-            self.check(key.key_id.as_str(), &key.limits, cost),
-            self.quotas.consume(
-                key.tenant_id,
-                Metric::Requests,
-                1,
-                key.quotas.monthly_requests
-            ),
-        );
-        let decision = rate?;
-        match quota {
-            Some(usage) if !usage.allowed => {
-                return Err(RateLimitError::QuotaExhausted {
-                    tenant: key.tenant_id,
-                    usage,
-                });
-            }
-            Some(_) if !decision.allowed => {
-                self.quotas.refund(key.tenant_id, Metric::Requests, 1).await
-            }
-            _ => {}
+        let quota = Some((Metric::Requests, key.quotas.monthly_requests));
+        let (decision, usage) = self
+            .run(key.tenant_id, key.key_id.as_str(), &key.limits, cost, quota)
+            .await?;
+        if let Some(usage) = usage.filter(|u| !u.allowed) {
+            return Err(RateLimitError::QuotaExhausted {
+                tenant: key.tenant_id,
+                usage,
+            });
         }
         if decision.allowed {
             Ok(decision)
@@ -87,25 +77,60 @@ impl RateLimiter {
         }
     }
 
-    /// Takes `cost` tokens from every window of `key_id`, or none if any window lacks them.
+    /// Takes `cost` tokens from every window of the key, or none if any window lacks them
+    /// (cost 0 reads the windows without spending).
     pub async fn check(
         &self,
+        tenant: TenantId,
         key_id: &str,
         limits: &Limits,
         cost: u32,
     ) -> Result<Decision, RateLimitError> {
+        Ok(self.run(tenant, key_id, limits, cost, None).await?.0)
+    }
+
+    async fn run(
+        &self,
+        tenant: TenantId,
+        key_id: &str,
+        limits: &Limits,
+        cost: u32,
+        quota: Option<(Metric, u64)>,
+    ) -> Result<(Decision, Option<QuotaUsage>), RateLimitError> {
         let windows = limits.windows();
-        let mut invocation = self.script.key(self.redis.key(&format!("rl:{{{key_id}}}")));
-        invocation.arg(cost);
+        let (month, reset) = month_bounds(chrono::Utc::now());
+        let counter = quota.map(|(metric, _)| self.quotas.key(tenant, metric, month));
+        // Hash-tagged by tenant, like the quota counters: one slot for both on Redis Cluster.
+        let mut invocation = self
+            .script
+            .key(self.redis.key(&format!("rl:{{{tenant}}}:{key_id}")));
+        invocation.key(counter.as_deref().unwrap_or("-"));
+        let (units, limit) = quota.map_or((0, 0), |(_, limit)| (1, limit));
+        invocation
+            .arg(cost)
+            .arg(units)
+            .arg(limit)
+            .arg(expiry(reset));
         for w in &windows {
             invocation.arg(w.capacity).arg(rate_per_ms(w));
         }
         let mut conn = self.redis.conn();
         let reply: redis::RedisResult<Vec<i64>> = invocation.invoke_async(&mut conn).await;
         match self.outage.observe(reply) {
-            Some(reply) => decision_from_reply(&windows, &reply),
+            Some(reply) => {
+                let decision = decision_from_reply(&windows, &reply)?;
+                let usage = quota.map(|(metric, limit)| QuotaUsage {
+                    metric,
+                    allowed: reply[1] == 1,
+                    limit,
+                    used: reply[2].max(0) as u64,
+                    reset,
+                });
+                Ok((decision, usage))
+            }
             None if self.fail_closed => Err(RateLimitError::Unavailable),
-            None => Ok(self.check_locally(key_id, &windows, cost)),
+            // Quotas fail open: the worker's reconciliation restores the count later.
+            None => Ok((self.check_locally(key_id, &windows, cost), None)),
         }
     }
 
@@ -155,7 +180,7 @@ fn rate_per_ms(w: &Window) -> f64 {
 }
 
 fn decision_from_reply(windows: &[Window; 3], reply: &[i64]) -> Result<Decision, RateLimitError> {
-    if reply.len() != 1 + 3 * windows.len() {
+    if reply.len() != 3 + 3 * windows.len() {
         return Err(RateLimitError::Script(format!(
             "unexpected reply {reply:?}"
         )));
@@ -164,7 +189,7 @@ fn decision_from_reply(windows: &[Window; 3], reply: &[i64]) -> Result<Decision,
     let mut retry_ms = 0i64;
     let states = windows
         .iter()
-        .zip(reply[1..].chunks_exact(3))
+        .zip(reply[3..].chunks_exact(3))
         .map(|(w, r)| {
             retry_ms = retry_ms.max(r[2]);
             WindowState {

@@ -148,7 +148,8 @@ impl Quotas {
         }
     }
 
-    fn key(&self, tenant: TenantId, metric: Metric, month: DateTime<Utc>) -> String {
+    /// The counter of `metric` for `tenant` in the month starting at `month`.
+    pub(crate) fn key(&self, tenant: TenantId, metric: Metric, month: DateTime<Utc>) -> String {
         // Hash-tagged by tenant; a new key per month, so nothing needs resetting.
         self.redis.key(&format!(
             "quota:{{{tenant}}}:{}:{}",
@@ -259,7 +260,7 @@ pub fn month_bounds(now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
 }
 
 /// Counters outlive their month by a week, so a late reconciliation still finds them.
-fn expiry(reset: DateTime<Utc>) -> i64 {
+pub(crate) fn expiry(reset: DateTime<Utc>) -> i64 {
     (reset + Duration::from_secs(7 * 86_400)).timestamp_millis()
 }
 

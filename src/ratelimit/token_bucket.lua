@@ -1,18 +1,24 @@
--- devgate rate limiter: every window of one key, decided atomically in one round trip.
+-- devgate rate limiter: every window of one key, and its tenant's monthly request quota,
+-- decided atomically in one round trip.
 --
--- KEYS[1]  the key's bucket hash, hash-tagged by key id (`…rl:{<key id>}`), so one slot
---          holds it on Redis Cluster.
+-- KEYS[1]  the key's bucket hash;  KEYS[2]  the tenant's quota counter for this month.
+--          Both are hash-tagged by tenant (`…rl:{<tenant>}:<key id>`, `…quota:{<tenant>}:…`),
+--          so they share a slot on Redis Cluster.
 -- ARGV[1]  the call's cost (tokens);
--- ARGV[2i], ARGV[2i+1]  window i's capacity (tokens) and refill rate (tokens per ms).
+-- ARGV[2]  quota units the call uses (0: no quota check, KEYS[2] unused);
+-- ARGV[3]  the quota's limit;  ARGV[4]  the counter's expiry (ms since the epoch);
+-- ARGV[3+2i], ARGV[4+2i]  window i's capacity (tokens) and refill rate (tokens per ms).
 -- Clock: Redis TIME (one clock for every replica). The hash stores per window the tokens
 -- left (t<i>) and when they were counted (s<i>, ms); it expires once every bucket would be
--- full again, so idle keys cost no memory.
--- Returns {allowed (1/0), then per window: remaining (whole tokens after this call),
---          reset_ms (until full again), retry_ms (until this window has room; 0 if it has)}.
+-- full again, so idle keys cost no memory. Nothing is taken unless both the buckets and the
+-- quota have room.
+-- Returns {rate_allowed (1/0), quota_allowed (1/0), quota_used (after the call),
+--          then per window: remaining (whole tokens), reset_ms (until full), retry_ms}.
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local cost = tonumber(ARGV[1])
-local n = math.floor((#ARGV - 1) / 2)
+local units = tonumber(ARGV[2])
+local n = math.floor((#ARGV - 4) / 2)
 
 local fields = {}
 for i = 1, n do
@@ -25,8 +31,8 @@ local tokens, caps, rates = {}, {}, {}
 local allowed = 1
 local ttl = 1000
 for i = 1, n do
-  local cap = tonumber(ARGV[2 * i])
-  local rate = tonumber(ARGV[2 * i + 1])
+  local cap = tonumber(ARGV[3 + 2 * i])
+  local rate = tonumber(ARGV[4 + 2 * i])
   caps[i], rates[i] = cap, rate
   local left = tonumber(stored[2 * i - 1])
   local at = tonumber(stored[2 * i])
@@ -44,11 +50,26 @@ for i = 1, n do
   end
 end
 
-local out = { allowed }
+local quota_ok, used = 1, 0
+if units > 0 then
+  used = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if used + units > tonumber(ARGV[3]) then
+    quota_ok = 0
+  end
+end
+local admitted = allowed == 1 and quota_ok == 1
+if admitted and units > 0 then
+  used = redis.call('INCRBY', KEYS[2], units)
+  if used == units then
+    redis.call('PEXPIREAT', KEYS[2], ARGV[4])
+  end
+end
+
+local out = { allowed, quota_ok, used }
 local save = {}
 for i = 1, n do
   local left = tokens[i]
-  if allowed == 1 then
+  if admitted then
     left = left - cost
   end
   save[#save + 1] = 't' .. i

@@ -168,7 +168,7 @@ impl Usage {
                 // Cost 0: reads the buckets without spending (the call itself paid one).
                 let windows = self
                     .limiter
-                    .check(key.key_id.as_str(), &key.limits, 0)
+                    .check(key.tenant_id, key.key_id.as_str(), &key.limits, 0)
                     .await?;
                 (key.plan, key.limits, key.quotas, Some(windows))
             }
