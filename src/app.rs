@@ -362,7 +362,7 @@ async fn serve(
                 .on_failure(()),
         )
         .layer(UsageLayer::new(
-            services.request_log.clone(),
+            matches!(&auth, Listener::Public { .. }).then(|| services.request_log.clone()),
             trust_forwarded_for,
         ))
         .layer(AuthLayer::new(auth))

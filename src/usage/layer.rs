@@ -39,12 +39,14 @@ pub struct CallIdentity {
 
 #[derive(Clone)]
 pub struct UsageLayer {
-    log: RequestLog,
+    /// `None`: pass calls through untouched (the internal listener, whose callers are
+    /// services; the RPCs that act for a tenant record those calls themselves).
+    log: Option<RequestLog>,
     trust_forwarded_for: bool,
 }
 
 impl UsageLayer {
-    pub fn new(log: RequestLog, trust_forwarded_for: bool) -> Self {
+    pub fn new(log: Option<RequestLog>, trust_forwarded_for: bool) -> Self {
         Self {
             log,
             trust_forwarded_for,
@@ -86,9 +88,12 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let layer = self.layer.clone();
         Box::pin(async move {
-            if req.uri().path().starts_with("/grpc.") {
+            let Some(log) = layer
+                .log
+                .filter(|_| !req.uri().path().starts_with("/grpc."))
+            else {
                 return inner.call(req).await;
-            }
+            };
             let started = Instant::now();
             let call = {
                 let header = |name: &str| {
@@ -125,7 +130,7 @@ where
                 identity,
                 started,
                 request_bytes,
-                log: layer.log,
+                log,
                 status,
             };
             let body = RecordingBody {
