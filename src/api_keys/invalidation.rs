@@ -36,7 +36,6 @@ impl Invalidations {
     }
 
     async fn send(&self, payload: &str) {
-        let key_id = payload;
         let mut conn = self.redis.conn();
         let result: redis::RedisResult<i64> = redis::cmd("PUBLISH")
             .arg(&self.channel)
@@ -44,7 +43,7 @@ impl Invalidations {
             .query_async(&mut conn)
             .await;
         if let Err(e) = result {
-            tracing::warn!(error = %e, key_id = %key_id, "could not broadcast key invalidation; other replicas rely on the cache TTL");
+            tracing::warn!(error = %e, target = %payload, "could not broadcast key invalidation; other replicas rely on the cache TTL");
         }
     }
 
