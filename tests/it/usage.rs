@@ -211,6 +211,38 @@ async fn calls_are_recorded_and_aggregated_exactly() {
         .unwrap()
         .into_inner();
     assert!(logs.request_logs.is_empty());
+    for group_by in [
+        v1::UsageGroupBy::ApiKey,
+        v1::UsageGroupBy::Endpoint,
+        v1::UsageGroupBy::Day,
+    ] {
+        let rows = usage
+            .get_usage_breakdown(bearer(
+                v1::GetUsageBreakdownRequest {
+                    group_by: group_by as i32,
+                    ..Default::default()
+                },
+                &other,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .rows;
+        assert!(rows.is_empty(), "{group_by:?}: {rows:?}");
+    }
+    // A filter naming the other tenant's key finds nothing either.
+    let logs = usage
+        .list_request_logs(bearer(
+            v1::ListRequestLogsRequest {
+                api_key_id: key.id.clone(),
+                ..Default::default()
+            },
+            &other,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(logs.request_logs.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
