@@ -112,9 +112,10 @@ where
             };
             let request_bytes = Arc::new(AtomicU64::new(0));
             let (parts, body) = req.into_parts();
-            let counted = Body::new(CountingBody {
+            let counted = Body::new(MeteredBody {
                 inner: body,
                 bytes: request_bytes.clone(),
+                pending: None,
             });
             let response = inner
                 .call(http::Request::from_parts(parts, counted))
@@ -133,9 +134,9 @@ where
                 log,
                 status,
             };
-            let body = RecordingBody {
+            let body = MeteredBody {
                 inner: body,
-                response_bytes: 0,
+                bytes: Arc::new(AtomicU64::new(0)),
                 pending: Some(pending),
             };
             Ok(http::Response::from_parts(parts, Body::new(body)))
@@ -190,47 +191,17 @@ impl Pending {
     }
 }
 
-/// Counts the bytes of a request body as the handler reads it.
-struct CountingBody {
+/// Passes a body through, counting its data bytes. For a response it also reads the final
+/// status from the trailers and records the call when the body ends or is dropped
+/// (cancelled calls too); for a request (`pending: None`) it only counts, for the handler
+/// reads it before the response exists.
+struct MeteredBody {
     inner: Body,
     bytes: Arc<AtomicU64>,
-}
-
-impl http_body::Body for CountingBody {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// Passes the response body through, counting it and reading the final status from the
-/// trailers; records the call when the body ends or is dropped (cancelled calls too).
-struct RecordingBody {
-    inner: Body,
-    response_bytes: u64,
     pending: Option<Pending>,
 }
 
-impl http_body::Body for RecordingBody {
+impl http_body::Body for MeteredBody {
     type Data = Bytes;
     type Error = Status;
 
@@ -243,7 +214,7 @@ impl http_body::Body for RecordingBody {
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    this.response_bytes += data.len() as u64;
+                    this.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
                 } else if let (Some(trailers), Some(pending)) =
                     (frame.trailers_ref(), this.pending.as_mut())
                 {
@@ -266,15 +237,15 @@ impl http_body::Body for RecordingBody {
     }
 }
 
-impl RecordingBody {
+impl MeteredBody {
     fn finish(&mut self) {
         if let Some(pending) = self.pending.take() {
-            pending.finish(self.response_bytes);
+            pending.finish(self.bytes.load(Ordering::Relaxed));
         }
     }
 }
 
-impl Drop for RecordingBody {
+impl Drop for MeteredBody {
     fn drop(&mut self) {
         self.finish();
     }

@@ -171,11 +171,7 @@ async fn full_lifecycle() {
             .list_api_keys(api_key(v1::ListApiKeysRequest::default(), token))
             .await
             .unwrap_err();
-        assert_eq!(err.code(), Code::Unauthenticated);
-        assert_eq!(
-            err.get_error_details().error_info().unwrap().reason,
-            "API_KEY_REVOKED"
-        );
+        assert_refused(&err, Code::Unauthenticated, "API_KEY_REVOKED");
     }
     // A revoked key cannot be rotated back to life.
     let err = client
@@ -290,11 +286,7 @@ async fn expired_ip_refused_and_insufficient_scope() {
         .list_api_keys(api_key(v1::ListApiKeysRequest::default(), &short))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::Unauthenticated);
-    assert_eq!(
-        err.get_error_details().error_info().unwrap().reason,
-        "API_KEY_EXPIRED"
-    );
+    assert_refused(&err, Code::Unauthenticated, "API_KEY_EXPIRED");
     let expired_list = client
         .list_api_keys(bearer(
             v1::ListApiKeysRequest {
@@ -323,11 +315,7 @@ async fn expired_ip_refused_and_insufficient_scope() {
         .list_api_keys(from("198.51.100.1"))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied);
-    assert_eq!(
-        err.get_error_details().error_info().unwrap().reason,
-        "API_KEY_IP_NOT_ALLOWED"
-    );
+    assert_refused(&err, Code::PermissionDenied, "API_KEY_IP_NOT_ALLOWED");
     let mut internal = w.app.internal_client().await;
     let check = |ip: &str| v1::VerifyApiKeyRequest {
         token: office.clone(),

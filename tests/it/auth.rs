@@ -206,11 +206,7 @@ async fn credentials_are_required_and_checked() {
         .list_api_keys(v1::ListApiKeysRequest::default())
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::Unauthenticated);
-    assert_eq!(
-        err.get_error_details().error_info().unwrap().reason,
-        "MISSING_CREDENTIALS"
-    );
+    assert_refused(&err, Code::Unauthenticated, "MISSING_CREDENTIALS");
 
     for (header, value, reason) in [
         ("authorization", "Basic Zm9vOmJhcg==", "INVALID_CREDENTIALS"),
@@ -253,11 +249,7 @@ async fn internal_rpcs_are_refused_on_the_public_listener() {
         .verify_api_key(api_key(req.clone(), &token))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied);
-    assert_eq!(
-        err.get_error_details().error_info().unwrap().reason,
-        "INTERNAL_ONLY"
-    );
+    assert_refused(&err, Code::PermissionDenied, "INTERNAL_ONLY");
     // Tenant RPCs on the internal listener need a tenant principal.
     let err = w
         .app

@@ -324,3 +324,14 @@ fn init_logging() {
         }
     });
 }
+
+/// Asserts a refusal's gRPC code and its google.rpc.ErrorInfo reason.
+pub fn assert_refused(status: &tonic::Status, code: tonic::Code, reason: &str) {
+    use tonic_types::StatusExt;
+    assert_eq!(status.code(), code, "{status:?}");
+    let details = status.get_error_details();
+    assert_eq!(
+        details.error_info().expect("ErrorInfo details").reason,
+        reason
+    );
+}
