@@ -6,7 +6,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tower_http::{
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
     trace::TraceLayer,
@@ -31,8 +31,16 @@ use crate::{
     credits::Credits,
     db::{self, PgPool},
     kv::Redis,
+    edge::client_ip::TrustedProxies,
     proto::v1::usage_service_server::UsageServiceServer,
-    proto::{self, v1::api_key_service_server::ApiKeyServiceServer},
+    proto::{
+        self,
+        internal::v1::{
+            api_key_service_server::ApiKeyServiceServer as InternalApiKeyServiceServer,
+            usage_service_server::UsageServiceServer as InternalUsageServiceServer,
+        },
+        v1::api_key_service_server::ApiKeyServiceServer,
+    },
     ratelimit::RateLimiter,
     tenants::TenantDirectory,
     usage::{
@@ -86,6 +94,8 @@ pub struct Application {
     request_log_writer: RequestLogWriter,
     invalidations: Invalidations,
     pool: PgPool,
+    /// TLS of the internal listener (read at build, so a bad file stops the start).
+    internal_tls: Option<ServerTlsConfig>,
     shutdown: CancellationToken,
 }
 
@@ -136,6 +146,12 @@ impl Application {
             invalidations.clone(),
         ));
 
+        let internal_tls = config
+            .auth
+            .internal_tls
+            .as_ref()
+            .map(internal_tls_config)
+            .transpose()?;
         let listeners = if roles.api {
             let bind = |addr: SocketAddr, var: &'static str| async move {
                 TcpListener::bind(addr)
@@ -165,6 +181,7 @@ impl Application {
             request_log_writer,
             invalidations,
             pool,
+            internal_tls,
             shutdown: CancellationToken::new(),
         })
     }
@@ -258,21 +275,29 @@ impl Application {
                         .listen(self.services.keys.verifier().clone(), background.clone()),
                 );
                 tracing::info!(public = %public.local_addr()?, internal = %internal.local_addr()?, "devgate listening");
+                if self.config.auth.service_callers.is_empty() {
+                    tracing::warn!("DEVGATE_SERVICE_TOKENS is empty: every internal call will be refused");
+                }
                 let public_listener = Listener::Public {
                     authenticator: self.authenticator.clone(),
                     limiter: self.services.limiter.clone(),
-                    trust_forwarded_for: self.config.auth.trust_forwarded_for,
+                    trusted_proxies: self.config.auth.trusted_proxies.clone(),
+                };
+                let internal_listener = Listener::Internal {
+                    callers: Arc::new(self.config.auth.service_callers.clone()),
                 };
                 Some(futures_util::future::try_join(
                     serve(
                         public,
                         public_listener,
+                        None,
                         self.services.clone(),
                         shutdown.clone(),
                     ),
                     serve(
                         internal,
-                        Listener::Internal,
+                        internal_listener,
+                        self.internal_tls.clone(),
                         self.services.clone(),
                         shutdown.clone(),
                     ),
@@ -309,34 +334,48 @@ impl Application {
     }
 }
 
-/// One listener: the API services behind the auth layer, plus health and reflection (v1 and
-/// v1alpha, for grpcurl 1.8).
+/// One listener: its services behind the auth and usage layers, plus health and reflection
+/// (v1 and v1alpha, for grpcurl 1.8). The public listener serves `devgate.v1`; the internal
+/// one only `devgate.internal.v1`, so neither lists the other's RPCs.
 async fn serve(
     listener: TcpListener,
     auth: Listener,
+    tls: Option<ServerTlsConfig>,
     services: Services,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    let trust_forwarded_for = matches!(
-        &auth,
+    let public = matches!(&auth, Listener::Public { .. });
+    let trusted_proxies = match &auth {
         Listener::Public {
-            trust_forwarded_for: true,
-            ..
-        }
-    );
+            trusted_proxies, ..
+        } => trusted_proxies.clone(),
+        Listener::Internal { .. } => TrustedProxies::default(),
+    };
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<ApiKeyServiceServer<ApiKeyGrpc>>()
-        .await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection_v1 = reflection()
+    // Reflection lists only the services this listener serves.
+    let names: &[&str] = if public {
+        &["devgate.v1.ApiKeyService", "devgate.v1.UsageService"]
+    } else {
+        &[
+            "devgate.internal.v1.ApiKeyService",
+            "devgate.internal.v1.UsageService",
+        ]
+    };
+    let with_services = |mut b: tonic_reflection::server::Builder<'static>| {
+        for name in names {
+            b = b.with_service_name(*name);
+        }
+        b.with_service_name("grpc.health.v1.Health")
+    };
+    let reflection_v1 = with_services(reflection())
         .build_v1()
         .expect("the embedded descriptor set is valid");
-    let reflection_v1alpha = reflection()
+    let reflection_v1alpha = with_services(reflection())
         .build_v1alpha()
         .expect("the embedded descriptor set is valid");
 
@@ -361,26 +400,48 @@ async fn serve(
                 .on_eos(())
                 .on_failure(()),
         )
+        // Internal calls are not a tenant's API usage: the request log gets the calls that
+        // internal callers gate for a tenant (consuming VerifyApiKey, with the caller's
+        // name), and the rows they create name them (plan changes, grants, metered usage).
         .layer(UsageLayer::new(
-            matches!(&auth, Listener::Public { .. }).then(|| services.request_log.clone()),
-            trust_forwarded_for,
+            public.then(|| services.request_log.clone()),
+            trusted_proxies,
         ))
         .layer(AuthLayer::new(auth))
         .into_inner();
     let stop = shutdown.clone();
 
-    Server::builder()
-        .tcp_nodelay(true)
+    let mut builder = Server::builder().tcp_nodelay(true);
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let grpc = ApiKeyGrpc::new(services.keys, services.limiter, services.request_log);
+    let usage = UsageGrpc::new(services.usage);
+    let router = builder
         .layer(layers)
         .add_service(health_service)
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(ApiKeyServiceServer::new(ApiKeyGrpc::new(
-            services.keys,
-            services.limiter,
-            services.request_log,
-        )))
-        .add_service(UsageServiceServer::new(UsageGrpc::new(services.usage)))
+        .add_service(reflection_v1alpha);
+    let router = if public {
+        health
+            .set_serving::<ApiKeyServiceServer<ApiKeyGrpc>>()
+            .await;
+        health.set_serving::<UsageServiceServer<UsageGrpc>>().await;
+        router
+            .add_service(ApiKeyServiceServer::new(grpc))
+            .add_service(UsageServiceServer::new(usage))
+    } else {
+        health
+            .set_serving::<InternalApiKeyServiceServer<ApiKeyGrpc>>()
+            .await;
+        health
+            .set_serving::<InternalUsageServiceServer<UsageGrpc>>()
+            .await;
+        router
+            .add_service(InternalApiKeyServiceServer::new(grpc))
+            .add_service(InternalUsageServiceServer::new(usage))
+    };
+    router
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             stop.cancelled().await;
             health
@@ -388,6 +449,25 @@ async fn serve(
                 .await;
         })
         .await
+}
+
+/// The internal listener's TLS from its PEM files; with a client CA, client certificates are
+/// verified (and optional: callers without one authenticate with a service token).
+fn internal_tls_config(tls: &crate::config::InternalTls) -> anyhow::Result<ServerTlsConfig> {
+    let read = |path: &std::path::Path, var: &str| {
+        std::fs::read(path).map_err(|e| anyhow::anyhow!("{var}: cannot read {}: {e}", path.display()))
+    };
+    let identity = Identity::from_pem(
+        read(&tls.cert, "DEVGATE_INTERNAL_TLS_CERT")?,
+        read(&tls.key, "DEVGATE_INTERNAL_TLS_KEY")?,
+    );
+    let mut config = ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &tls.client_ca {
+        config = config
+            .client_ca_root(Certificate::from_pem(read(ca, "DEVGATE_INTERNAL_TLS_CLIENT_CA")?))
+            .client_auth_optional(true);
+    }
+    Ok(config)
 }
 
 /// Worker housekeeping: rotated-out secret hashes are deleted once their grace has ended.

@@ -1,4 +1,5 @@
-//! The command line: `serve`, `worker`, `all`, `migrate`, `descriptor`, `dev-token`.
+//! The command line: `serve`, `worker`, `all`, `migrate`, `descriptor`, `dev-token`,
+//! `service-token`.
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
@@ -62,6 +63,17 @@ enum Command {
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
     },
+    /// Print a new service token for an internal caller and its DEVGATE_SERVICE_TOKENS entry.
+    /// Give the token to the caller; put only the entry in devgate's configuration.
+    ServiceToken {
+        /// The caller's name (a-z, 0-9, '.', '_', '-'), recorded on what it does.
+        #[arg(long)]
+        name: String,
+        /// Comma-separated internal RPCs it may call, e.g. UsageService/GrantCredits;
+        /// default every internal RPC.
+        #[arg(long, value_delimiter = ',')]
+        allow: Vec<String>,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -85,6 +97,22 @@ fn run(command: Command) -> anyhow::Result<()> {
     if let Command::Descriptor { out } = &command {
         std::fs::write(out, crate::proto::FILE_DESCRIPTOR_SET)
             .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
+        return Ok(());
+    }
+    if let Command::ServiceToken { name, allow } = &command {
+        use crate::auth::service_token;
+        service_token::validate_name(name).map_err(anyhow::Error::msg)?;
+        let allow = allow
+            .iter()
+            .map(|rpc| service_token::parse_rpc(rpc).map(str::to_string))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(anyhow::Error::msg)?;
+        let token = service_token::generate_token();
+        println!("token (give it to {name}; it is not stored anywhere):\n{token}");
+        println!(
+            "configuration entry (append to DEVGATE_SERVICE_TOKENS, entries separated by ';'):\n{}",
+            service_token::config_entry(name, &token, &allow)
+        );
         return Ok(());
     }
     let config = Config::from_env().map_err(|e| anyhow::anyhow!("configuration error: {e}"))?;
@@ -114,7 +142,9 @@ fn run(command: Command) -> anyhow::Result<()> {
             Command::Worker => (Roles::WORKER, false),
             Command::All { migrate } => (Roles::ALL, migrate),
             Command::Migrate => (Roles::API, true),
-            Command::Descriptor { .. } | Command::DevToken { .. } => unreachable!("handled above"),
+            Command::Descriptor { .. }
+            | Command::DevToken { .. }
+            | Command::ServiceToken { .. } => unreachable!("handled above"),
         };
         if migrate {
             let applied = crate::db::migrate(&config.database.url).await?;

@@ -8,7 +8,11 @@ use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use secrecy::SecretString;
 
-use crate::ratelimit::{Limits, PlanLimits, PlanQuotas, QuotaLimits};
+use crate::{
+    auth::service_token::ServiceCallers,
+    edge::client_ip::TrustedProxies,
+    ratelimit::{Limits, PlanLimits, PlanQuotas, QuotaLimits},
+};
 
 /// `(name, default, meaning)` of every variable devgate reads. An empty default means
 /// "unset unless given".
@@ -79,9 +83,29 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "If set, user JWTs must carry this `aud`.",
     ),
     (
-        "DEVGATE_TRUST_FORWARDED_FOR",
-        "true",
-        "Take the client IP (for allowed_cidrs) from the last x-forwarded-for entry, as set by Envoy; false uses the TCP peer.",
+        "DEVGATE_TRUSTED_PROXIES",
+        "127.0.0.1/32,::1/128",
+        "Comma-separated CIDRs of the proxies (Envoy) whose x-forwarded-for is believed. From any other TCP peer the header is ignored and the peer address is the client IP; from a trusted peer the client IP is the right-most x-forwarded-for address that is not itself a trusted proxy. `none`: never read the header.",
+    ),
+    (
+        "DEVGATE_SERVICE_TOKENS",
+        "",
+        "Internal callers, `;`-separated `NAME:SHA256:RPCS` entries: the caller's name, the SHA-256 (hex) of its service token (or `-` for a caller that authenticates only with a client certificate), and `*` or a comma-separated list of the internal RPCs it may call (e.g. `UsageService/GrantCredits`). `devgate service-token` prints one. Empty: every internal call is refused.",
+    ),
+    (
+        "DEVGATE_INTERNAL_TLS_CERT",
+        "",
+        "PEM certificate chain of the internal listener. With DEVGATE_INTERNAL_TLS_KEY it serves TLS instead of cleartext h2c.",
+    ),
+    (
+        "DEVGATE_INTERNAL_TLS_KEY",
+        "",
+        "PEM private key of the internal listener's certificate.",
+    ),
+    (
+        "DEVGATE_INTERNAL_TLS_CLIENT_CA",
+        "",
+        "PEM CA bundle for client certificates on the internal listener (mTLS). A caller presenting a certificate issued by it is the DEVGATE_SERVICE_TOKENS caller whose NAME is the certificate's first DNS subject alternative name; callers without a certificate still use service tokens.",
     ),
     (
         "DEVGATE_ARGON2_MEMORY_KIB",
@@ -274,7 +298,21 @@ pub struct AuthConfig {
     pub jwt_public_key_path: Option<PathBuf>,
     pub jwt_issuer: Option<String>,
     pub jwt_audience: Option<String>,
-    pub trust_forwarded_for: bool,
+    /// Peers whose x-forwarded-for is believed (Envoy).
+    pub trusted_proxies: TrustedProxies,
+    /// Who may call the internal listener, and which RPCs.
+    pub service_callers: ServiceCallers,
+    /// TLS (and optionally mTLS) of the internal listener.
+    pub internal_tls: Option<InternalTls>,
+}
+
+/// Files of the internal listener's TLS setup.
+#[derive(Debug, Clone)]
+pub struct InternalTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Client certificates from this CA authenticate internal callers (mTLS).
+    pub client_ca: Option<PathBuf>,
 }
 
 /// argon2id cost parameters.
@@ -418,6 +456,33 @@ impl Config {
                 "windows and intervals must be positive",
             ));
         }
+        let internal_tls = match (
+            env.optional("DEVGATE_INTERNAL_TLS_CERT"),
+            env.optional("DEVGATE_INTERNAL_TLS_KEY"),
+        ) {
+            (Some(cert), Some(key)) => Some(InternalTls {
+                cert: cert.into(),
+                key: key.into(),
+                client_ca: env.optional("DEVGATE_INTERNAL_TLS_CLIENT_CA").map(Into::into),
+            }),
+            (None, None) => {
+                if let Some(ca) = env.optional("DEVGATE_INTERNAL_TLS_CLIENT_CA") {
+                    return Err(env.invalid(
+                        "DEVGATE_INTERNAL_TLS_CLIENT_CA",
+                        &ca,
+                        "needs DEVGATE_INTERNAL_TLS_CERT and DEVGATE_INTERNAL_TLS_KEY",
+                    ));
+                }
+                None
+            }
+            (cert, _) => {
+                return Err(env.invalid(
+                    "DEVGATE_INTERNAL_TLS_CERT",
+                    &cert.unwrap_or_default(),
+                    "set both DEVGATE_INTERNAL_TLS_CERT and DEVGATE_INTERNAL_TLS_KEY, or neither",
+                ));
+            }
+        };
         let pool_size: u32 = env.parse("DEVGATE_DATABASE_POOL_SIZE")?;
         if pool_size == 0 {
             return Err(env.invalid("DEVGATE_DATABASE_POOL_SIZE", "0", "must be at least 1"));
@@ -442,7 +507,9 @@ impl Config {
                     .map(PathBuf::from),
                 jwt_issuer: env.optional("DEVGATE_JWT_ISSUER"),
                 jwt_audience: env.optional("DEVGATE_JWT_AUDIENCE"),
-                trust_forwarded_for: env.parse("DEVGATE_TRUST_FORWARDED_FOR")?,
+                trusted_proxies: env.parse("DEVGATE_TRUSTED_PROXIES")?,
+                service_callers: env.parse("DEVGATE_SERVICE_TOKENS")?,
+                internal_tls,
             },
             api_keys,
             rate_limits: RateLimitConfig {

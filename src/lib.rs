@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod credits;
 pub mod db;
+pub mod edge;
 pub mod kv;
 pub mod pagination;
 pub mod proto;

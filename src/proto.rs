@@ -1,10 +1,19 @@
 //! Code generated from `proto/` by build.rs, and the descriptor set that reflection and
 //! Envoy's JSON transcoder read.
 
-/// `devgate.v1`: the public and internal API.
+/// `devgate.v1`: the public API (through Envoy, and gRPC on the public listener).
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("devgate.v1");
+}
+
+/// `devgate.internal.v1`: the RPCs of the platform's own services, registered only on the
+/// internal listener, each caller authenticated by a service token.
+pub mod internal {
+    pub mod v1 {
+        #![allow(clippy::all, missing_docs)]
+        tonic::include_proto!("devgate.internal.v1");
+    }
 }
 
 /// Every file of the API with its imports (google/api, google/rpc error details, well-known

@@ -128,6 +128,12 @@ impl From<AuthError> for Status {
                 error_info(Code::PermissionDenied, message, "PERMISSION_DENIED")
             }
             AuthError::InternalOnly => error_info(Code::PermissionDenied, message, "INTERNAL_ONLY"),
+            AuthError::UnknownServiceToken => {
+                error_info(Code::Unauthenticated, message, "SERVICE_TOKEN_INVALID")
+            }
+            AuthError::RpcNotAllowed { .. } => {
+                error_info(Code::PermissionDenied, message, "RPC_NOT_ALLOWED")
+            }
             AuthError::NoTenant => error_info(Code::PermissionDenied, message, "TENANT_REQUIRED"),
             AuthError::Unavailable(why) => {
                 tracing::warn!(error = %why, "authentication backend unavailable");

@@ -1,4 +1,5 @@
-//! The tonic implementation of `devgate.v1.ApiKeyService`: validate and convert, call the
+//! The tonic implementations of `devgate.v1.ApiKeyService` and
+//! `devgate.internal.v1.ApiKeyService`: validate and convert, call the
 //! service, convert back. No rules live here.
 
 use std::{net::IpAddr, sync::Arc};
@@ -17,6 +18,9 @@ use crate::{
     pagination,
     proto::{
         convert::{from_duration, from_timestamp, opt_timestamp, timestamp},
+        internal::v1::{
+            self as internal, api_key_service_server::ApiKeyService as InternalApiKeyService,
+        },
         v1::{self, api_key_service_server::ApiKeyService},
     },
     ratelimit::{LimitOverrides, RateLimitError, RateLimiter, model::retry_after_secs},
@@ -167,14 +171,19 @@ impl ApiKeyService for ApiKeyGrpc {
         self.keys.delete(principal, &id).await?;
         Ok(Response::new(()))
     }
+}
 
+/// `devgate.internal.v1.ApiKeyService`: verification for the platform's services. The auth
+/// layer has already checked the caller's service token and that it may call this RPC.
+#[tonic::async_trait]
+impl InternalApiKeyService for ApiKeyGrpc {
     async fn verify_api_key(
         &self,
-        req: Request<v1::VerifyApiKeyRequest>,
-    ) -> RpcResult<v1::VerifyApiKeyResponse> {
-        principal(&req)?
-            .require_internal()
-            .map_err(ApiKeyError::from)?;
+        req: Request<internal::VerifyApiKeyRequest>,
+    ) -> RpcResult<internal::VerifyApiKeyResponse> {
+        let principal = principal(&req)?;
+        principal.require_internal().map_err(ApiKeyError::from)?;
+        let caller = principal.service_name();
         let r = req.get_ref();
         let mut v = Violations::new();
         v.check(!r.token.is_empty(), "token", "required");
@@ -204,7 +213,7 @@ impl ApiKeyService for ApiKeyGrpc {
         let key = match self.keys.verifier().verify(&r.token, client_ip).await? {
             Ok(key) => key,
             Err(failure) => {
-                return Ok(Response::new(v1::VerifyApiKeyResponse {
+                return Ok(Response::new(internal::VerifyApiKeyResponse {
                     valid: false,
                     failure_reason: failure_to_proto(failure) as i32,
                     ..Default::default()
@@ -212,23 +221,23 @@ impl ApiKeyService for ApiKeyGrpc {
             }
         };
         let mut reason = match required {
-            Some(scope) if !key.scopes.grants(scope) => v1::VerifyFailureReason::InsufficientScope,
-            _ => v1::VerifyFailureReason::Unspecified,
+            Some(scope) if !key.scopes.grants(scope) => internal::VerifyFailureReason::InsufficientScope,
+            _ => internal::VerifyFailureReason::Unspecified,
         };
         // Consuming: the same limiter, buckets and headers as the key's own calls.
         let mut rate_limit = None;
         let mut headers = Vec::new();
-        if r.consume && reason == v1::VerifyFailureReason::Unspecified {
+        if r.consume && reason == internal::VerifyFailureReason::Unspecified {
             // The same buckets and monthly quota as the key's own calls.
             let decision = match self.limiter.admit(&key, cost).await {
                 Ok(decision) => decision,
                 Err(RateLimitError::Exceeded { decision, .. }) => {
-                    reason = v1::VerifyFailureReason::RateLimited;
+                    reason = internal::VerifyFailureReason::RateLimited;
                     decision
                 }
                 Err(RateLimitError::QuotaExhausted { .. }) => {
                     // No window state to report: peek at it without spending.
-                    reason = v1::VerifyFailureReason::QuotaExhausted;
+                    reason = internal::VerifyFailureReason::QuotaExhausted;
                     self.limiter
                         .check(key.tenant_id, key.key_id.as_str(), &key.limits, 0)
                         .await
@@ -236,9 +245,9 @@ impl ApiKeyService for ApiKeyGrpc {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let allowed = reason == v1::VerifyFailureReason::Unspecified;
+            let allowed = reason == internal::VerifyFailureReason::Unspecified;
             let tight = decision.tightest();
-            rate_limit = Some(v1::RateLimitStatus {
+            rate_limit = Some(internal::RateLimitStatus {
                 window: tight.window.name.to_string(),
                 limit: tight.window.limit,
                 remaining: tight.remaining,
@@ -248,7 +257,7 @@ impl ApiKeyService for ApiKeyGrpc {
             headers = decision.headers();
             // The gated call is the key's usage: record it under the caller's operation name.
             let operation = match r.operation.trim() {
-                "" => "/devgate.v1.ApiKeyService/VerifyApiKey",
+                "" => "/devgate.internal.v1.ApiKeyService/VerifyApiKey",
                 op => op,
             };
             let code = if allowed {
@@ -263,16 +272,17 @@ impl ApiKeyService for ApiKeyGrpc {
             );
             record.api_key_id = Some(key.key_id.to_string());
             record.client_ip = client_ip;
+            record.service_caller = caller.map(str::to_string);
             record.cost = if allowed { i64::from(cost) } else { 0 };
             record.error_code = match reason {
-                v1::VerifyFailureReason::RateLimited => Some("RATE_LIMITED".to_string()),
-                v1::VerifyFailureReason::QuotaExhausted => Some("QUOTA_EXHAUSTED".to_string()),
+                internal::VerifyFailureReason::RateLimited => Some("RATE_LIMITED".to_string()),
+                internal::VerifyFailureReason::QuotaExhausted => Some("QUOTA_EXHAUSTED".to_string()),
                 _ => None,
             };
             self.request_log.record(record);
         }
-        let mut response = Response::new(v1::VerifyApiKeyResponse {
-            valid: reason == v1::VerifyFailureReason::Unspecified,
+        let mut response = Response::new(internal::VerifyApiKeyResponse {
+            valid: reason == internal::VerifyFailureReason::Unspecified,
             failure_reason: reason as i32,
             tenant_id: key.tenant_id.to_string(),
             key_id: key.key_id.to_string(),
@@ -517,13 +527,13 @@ pub fn plan_to_proto(p: Plan) -> v1::Plan {
     }
 }
 
-fn failure_to_proto(f: VerifyFailure) -> v1::VerifyFailureReason {
+fn failure_to_proto(f: VerifyFailure) -> internal::VerifyFailureReason {
     match f {
-        VerifyFailure::Malformed(_) => v1::VerifyFailureReason::Malformed,
-        VerifyFailure::NotFound => v1::VerifyFailureReason::NotFound,
-        VerifyFailure::Revoked => v1::VerifyFailureReason::Revoked,
-        VerifyFailure::Expired => v1::VerifyFailureReason::Expired,
-        VerifyFailure::IpNotAllowed => v1::VerifyFailureReason::IpNotAllowed,
-        VerifyFailure::TooManyAttempts { .. } => v1::VerifyFailureReason::TooManyAttempts,
+        VerifyFailure::Malformed(_) => internal::VerifyFailureReason::Malformed,
+        VerifyFailure::NotFound => internal::VerifyFailureReason::NotFound,
+        VerifyFailure::Revoked => internal::VerifyFailureReason::Revoked,
+        VerifyFailure::Expired => internal::VerifyFailureReason::Expired,
+        VerifyFailure::IpNotAllowed => internal::VerifyFailureReason::IpNotAllowed,
+        VerifyFailure::TooManyAttempts { .. } => internal::VerifyFailureReason::TooManyAttempts,
     }
 }

@@ -2,17 +2,19 @@
 //! and stores it in the request extensions.
 
 use std::{
-    net::IpAddr,
     sync::Arc,
     task::{Context, Poll},
 };
 
 use futures_util::future::BoxFuture;
-use tonic::{Status, transport::server::TcpConnectInfo};
+use tonic::Status;
 use tower::{Layer, Service};
 
-use super::{Authenticator, Principal};
-use crate::{ratelimit::RateLimiter, usage::layer::CallIdentity};
+use super::{
+    AuthError, Authenticator, Principal, ServiceIdentity,
+    service_token::{INTERNAL_PACKAGE, ServiceCallers},
+};
+use crate::{edge::client_ip::TrustedProxies, ratelimit::RateLimiter, usage::layer::CallIdentity};
 
 /// Which listener the layer guards.
 #[derive(Clone)]
@@ -21,10 +23,11 @@ pub enum Listener {
     Public {
         authenticator: Arc<Authenticator>,
         limiter: Arc<RateLimiter>,
-        trust_forwarded_for: bool,
+        trusted_proxies: TrustedProxies,
     },
-    /// Trusted network only: every caller is [`Principal::Service`].
-    Internal,
+    /// The platform's services: each call carries a service token (or a client
+    /// certificate) of a configured caller allowed to call that RPC.
+    Internal { callers: Arc<ServiceCallers> },
 }
 
 #[derive(Clone)]
@@ -82,13 +85,13 @@ where
                 return inner.call(req).await;
             }
             let (principal, limiter) = match &listener {
-                Listener::Internal => (Ok(Principal::Service), None),
+                Listener::Internal { callers } => (authenticate_service(&req, callers), None),
                 Listener::Public {
                     authenticator,
                     limiter,
-                    trust_forwarded_for,
+                    trusted_proxies,
                 } => {
-                    let ip = client_ip(&req, *trust_forwarded_for);
+                    let ip = trusted_proxies.of_request(&req);
                     (
                         authenticator.authenticate(req.headers(), ip).await,
                         Some(limiter),
@@ -145,36 +148,64 @@ fn identity(principal: &Principal) -> http::Extensions {
             user_id: Some(u.user_id.clone()),
             cost: 0,
         },
-        Principal::Service => return ext,
+        Principal::Service(_) => return ext,
     };
     ext.insert(id);
     ext
 }
 
-/// The caller's address: the last `x-forwarded-for` hop (the one Envoy appended) when the
-/// listener is behind Envoy, else the TCP peer.
-pub(crate) fn client_ip<B>(req: &http::Request<B>, trust_forwarded_for: bool) -> Option<IpAddr> {
-    if trust_forwarded_for {
-        // Only the last hop: earlier ones were written by the client and can be forged.
-        let last_hop = req
-            .headers()
-            .get_all("x-forwarded-for")
-            .iter()
-            .next_back()
-            .map(|v| {
-                v.to_str()
-                    .ok()
-                    .and_then(|v| v.rsplit(',').next())
-                    .map(str::trim)
-            });
-        if let Some(hop) = last_hop {
-            return hop.and_then(|h| h.parse().ok());
+/// Authenticates an internal caller: by its client certificate when the listener verified
+/// one (mTLS), else by its service token; then checks that it may call this RPC.
+fn authenticate_service<B>(
+    req: &http::Request<B>,
+    callers: &ServiceCallers,
+) -> Result<Principal, AuthError> {
+    let caller = match super::mtls::peer_name(req) {
+        Some(name) => callers.by_name(&name).ok_or_else(|| {
+            AuthError::InvalidCredentials(format!(
+                "client certificate {name:?} names no configured caller"
+            ))
+        })?,
+        None => {
+            let token = bearer_token(req.headers())?;
+            callers
+                .by_token(token)
+                .ok_or(AuthError::UnknownServiceToken)?
         }
+    };
+    if let Some(rpc) = req
+        .uri()
+        .path()
+        .strip_prefix('/')
+        .and_then(|p| p.strip_prefix(INTERNAL_PACKAGE))
+        .and_then(|p| p.strip_prefix('.'))
+        && !caller.may_call(rpc)
+    {
+        return Err(AuthError::RpcNotAllowed {
+            caller: caller.name.to_string(),
+            rpc: rpc.to_string(),
+        });
     }
-    req.extensions()
-        .get::<TcpConnectInfo>()
-        .and_then(|info| info.remote_addr())
-        .map(|a| a.ip())
+    Ok(Principal::Service(ServiceIdentity {
+        name: caller.name.clone(),
+    }))
+}
+
+/// The token of `authorization: Bearer <token>`.
+fn bearer_token(headers: &http::HeaderMap) -> Result<&str, AuthError> {
+    let value = headers
+        .get(http::header::AUTHORIZATION)
+        .ok_or(AuthError::MissingCredentials)?
+        .to_str()
+        .map_err(|_| AuthError::InvalidCredentials("authorization is not ASCII".into()))?;
+    match value.trim().split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => {
+            Ok(token.trim())
+        }
+        _ => Err(AuthError::InvalidCredentials(
+            "authorization must be `Bearer <service token>`".into(),
+        )),
+    }
 }
 
 /// The principal the layer resolved for this call.

@@ -3,7 +3,9 @@
 
 pub mod jwt;
 pub mod layer;
+pub mod mtls;
 pub mod scope;
+pub mod service_token;
 
 use std::{net::IpAddr, sync::Arc, time::Duration};
 
@@ -24,8 +26,15 @@ pub enum Principal {
     ApiKey(KeyPrincipal),
     /// A developer-portal user (`authorization: Bearer <JWT>`).
     User(UserPrincipal),
-    /// A trusted internal service: any call on the internal listener.
-    Service,
+    /// An internal service on the internal listener, authenticated by its service token
+    /// or client certificate.
+    Service(ServiceIdentity),
+}
+
+/// A configured internal caller that authenticated.
+#[derive(Debug, Clone)]
+pub struct ServiceIdentity {
+    pub name: Arc<str>,
 }
 
 /// A verified API key is the principal of the calls made with it.
@@ -55,6 +64,10 @@ pub enum AuthError {
     PermissionDenied(String),
     #[error("this method is only available to internal services")]
     InternalOnly,
+    #[error("unknown service token")]
+    UnknownServiceToken,
+    #[error("internal caller {caller} may not call {rpc}")]
+    RpcNotAllowed { caller: String, rpc: String },
     #[error("this method acts on a tenant and needs a tenant principal (API key or user)")]
     NoTenant,
     #[error("authentication backend unavailable: {0}")]
@@ -72,7 +85,7 @@ impl Principal {
         match self {
             Principal::ApiKey(k) => Ok(k.tenant_id),
             Principal::User(u) => Ok(u.tenant_id),
-            Principal::Service => Err(AuthError::NoTenant),
+            Principal::Service(_) => Err(AuthError::NoTenant),
         }
     }
 
@@ -81,7 +94,7 @@ impl Principal {
         match self {
             Principal::ApiKey(k) => k.scopes.clone(),
             Principal::User(u) => u.scopes.clone(),
-            Principal::Service => Scopes::all(),
+            Principal::Service(_) => Scopes::all(),
         }
     }
 
@@ -105,17 +118,26 @@ impl Principal {
 
     pub fn require_internal(&self) -> Result<(), AuthError> {
         match self {
-            Principal::Service => Ok(()),
+            Principal::Service(_) => Ok(()),
             _ => Err(AuthError::InternalOnly),
         }
     }
 
-    /// How the principal is recorded on rows it creates: `user:<id>`, `api_key:<id>`.
+    /// How the principal is recorded on rows it creates: `user:<id>`, `api_key:<id>`,
+    /// `service:<caller name>`.
     pub fn actor(&self) -> String {
         match self {
             Principal::ApiKey(k) => format!("api_key:{}", k.key_id),
             Principal::User(u) => format!("user:{}", u.user_id),
-            Principal::Service => "service".to_string(),
+            Principal::Service(s) => format!("service:{}", s.name),
+        }
+    }
+
+    /// The internal caller's name, for the request log.
+    pub fn service_name(&self) -> Option<&str> {
+        match self {
+            Principal::Service(s) => Some(&s.name),
+            _ => None,
         }
     }
 }

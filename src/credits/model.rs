@@ -19,4 +19,6 @@ pub struct LedgerEntry {
     /// The balance right after this entry was applied.
     pub balance_after: i64,
     pub create_time: DateTime<Utc>,
+    /// Who wrote it: `service:<caller>` for grants, `devgate` for its own entries.
+    pub created_by: String,
 }

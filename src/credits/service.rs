@@ -37,7 +37,22 @@ impl Credits {
         reference: &str,
         idempotency_id: &str,
     ) -> Result<LedgerEntry, CreditError> {
-        let entry = validate(tenant, amount, reason, reference, Some(idempotency_id))?;
+        self.grant_as(SYSTEM_ACTOR, tenant, amount, reason, reference, idempotency_id)
+            .await
+    }
+
+    /// [`Credits::grant`] on behalf of `actor` (e.g. `service:billing`), recorded on the entry.
+    pub async fn grant_as(
+        &self,
+        actor: &str,
+        tenant: TenantId,
+        amount: i64,
+        reason: &str,
+        reference: &str,
+        idempotency_id: &str,
+    ) -> Result<LedgerEntry, CreditError> {
+        let mut entry = validate(tenant, amount, reason, reference, Some(idempotency_id))?;
+        entry.created_by = actor;
         let applied = self.store.credit(&entry).await?;
         settle(&entry, entry.amount, applied)
     }
@@ -101,6 +116,9 @@ impl Credits {
     }
 }
 
+/// Who wrote entries that devgate makes by itself (deductions and refunds of its own work).
+pub const SYSTEM_ACTOR: &str = "devgate";
+
 fn validate<'a>(
     tenant: TenantId,
     amount: i64,
@@ -137,6 +155,7 @@ fn validate<'a>(
         reason,
         reference,
         idempotency_id,
+        created_by: SYSTEM_ACTOR,
     })
 }
 

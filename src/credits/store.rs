@@ -35,6 +35,7 @@ struct LedgerRow {
     idempotency_id: Option<String>,
     balance_after: i64,
     create_time: DateTime<Utc>,
+    created_by: String,
 }
 
 impl From<LedgerRow> for LedgerEntry {
@@ -48,6 +49,7 @@ impl From<LedgerRow> for LedgerEntry {
             idempotency_id: row.idempotency_id,
             balance_after: row.balance_after,
             create_time: row.create_time,
+            created_by: row.created_by,
         }
     }
 }
@@ -60,6 +62,8 @@ pub struct NewEntry<'a> {
     pub reason: &'a str,
     pub reference: &'a str,
     pub idempotency_id: Option<&'a str>,
+    /// `service:<caller>`, `user:<id>`, or `devgate` for devgate's own entries.
+    pub created_by: &'a str,
 }
 
 /// What a write did.
@@ -264,6 +268,7 @@ async fn insert_entry(
             credit_ledger::reference.eq(entry.reference),
             credit_ledger::idempotency_id.eq(entry.idempotency_id),
             credit_ledger::balance_after.eq(balance_after),
+            credit_ledger::created_by.eq(entry.created_by),
             credit_ledger::create_time.eq(sql::<Timestamptz>("clock_timestamp()")),
         ))
         .on_conflict((credit_ledger::tenant_id, credit_ledger::idempotency_id))

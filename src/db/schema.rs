@@ -40,6 +40,7 @@ diesel::table! {
         update_time -> Timestamptz,
         quota_monthly_requests -> Nullable<Int8>,
         quota_monthly_generations -> Nullable<Int8>,
+        plan_updated_by -> Nullable<Text>,
     }
 }
 
@@ -61,6 +62,7 @@ diesel::table! {
         idempotency_id -> Nullable<Text>,
         balance_after -> Int8,
         create_time -> Timestamptz,
+        created_by -> Text,
     }
 }
 
@@ -83,6 +85,7 @@ diesel::table! {
         client_ip -> Nullable<Inet>,
         user_agent -> Nullable<Text>,
         cost -> Int8,
+        service_caller -> Nullable<Text>,
     }
 }
 
@@ -95,6 +98,7 @@ diesel::table! {
         quantity -> Int8,
         time -> Timestamptz,
         create_time -> Timestamptz,
+        recorded_by -> Nullable<Text>,
     }
 }
 

@@ -108,6 +108,8 @@ pub struct TenantRecord {
     pub quotas: crate::ratelimit::QuotaOverrides,
     pub create_time: chrono::DateTime<chrono::Utc>,
     pub update_time: chrono::DateTime<chrono::Utc>,
+    /// Who set the plan last (`service:<caller>`); None until SetPlan is called.
+    pub plan_updated_by: Option<String>,
 }
 
 #[derive(Queryable, Selectable)]
@@ -123,6 +125,7 @@ struct TenantRow {
     quota_monthly_generations: Option<i64>,
     create_time: chrono::DateTime<chrono::Utc>,
     update_time: chrono::DateTime<chrono::Utc>,
+    plan_updated_by: Option<String>,
 }
 
 fn record(row: TenantRow) -> Result<TenantRecord, StoreError> {
@@ -139,6 +142,7 @@ fn record(row: TenantRow) -> Result<TenantRecord, StoreError> {
         quotas: quota_overrides(row.quota_monthly_requests, row.quota_monthly_generations),
         create_time: row.create_time,
         update_time: row.update_time,
+        plan_updated_by: row.plan_updated_by,
     })
 }
 
@@ -162,6 +166,7 @@ impl TenantDirectory {
         plan: Plan,
         limits: crate::ratelimit::LimitOverrides,
         quotas: crate::ratelimit::QuotaOverrides,
+        actor: &str,
     ) -> Result<TenantRecord, StoreError> {
         let col = |v: Option<u32>| v.map(|v| i32::try_from(v).unwrap_or(i32::MAX));
         let quota = |v: Option<u64>| v.map(|v| i64::try_from(v).unwrap_or(i64::MAX));
@@ -174,6 +179,7 @@ impl TenantDirectory {
             tenants::quota_monthly_requests.eq(quota(quotas.monthly_requests)),
             tenants::quota_monthly_generations.eq(quota(quotas.monthly_generations)),
             tenants::update_time.eq(chrono::Utc::now()),
+            tenants::plan_updated_by.eq(actor),
         );
         let mut conn = self.pool.get().await?;
         let row: TenantRow = diesel::insert_into(tenants::table)

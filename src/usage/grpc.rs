@@ -18,6 +18,7 @@ use crate::{
     pagination,
     proto::{
         convert::{from_timestamp, opt_timestamp, timestamp},
+        internal::v1::{self as internal, usage_service_server::UsageService as InternalUsageService},
         v1::{self, usage_service_server::UsageService},
     },
     ratelimit::{LimitOverrides, Limits, QuotaOverrides},
@@ -210,8 +211,14 @@ impl UsageService for UsageGrpc {
             next_page_token: next.unwrap_or_default(),
         }))
     }
+}
 
-    async fn set_plan(&self, req: Request<v1::SetPlanRequest>) -> RpcResult<v1::Tenant> {
+/// `devgate.internal.v1.UsageService`: plans, credit grants and metered usage from the
+/// platform's services. The auth layer has already checked the caller's service token and
+/// that it may call the RPC.
+#[tonic::async_trait]
+impl InternalUsageService for UsageGrpc {
+    async fn set_plan(&self, req: Request<internal::SetPlanRequest>) -> RpcResult<internal::Tenant> {
         let principal = principal(&req)?;
         let r = req.get_ref();
         let mut v = Violations::new();
@@ -249,12 +256,13 @@ impl UsageService for UsageGrpc {
             .usage
             .set_plan(principal, tenant, plan, limits, quotas)
             .await?;
-        Ok(Response::new(v1::Tenant {
+        Ok(Response::new(internal::Tenant {
             id: record.id.to_string(),
             plan: plan_to_proto(record.plan) as i32,
             rate_limits: rate_limits_to_proto(&record.limits),
             create_time: Some(timestamp(record.create_time)),
             update_time: Some(timestamp(record.update_time)),
+            updated_by: record.plan_updated_by.unwrap_or_default(),
             quotas: Some(v1::Quotas {
                 monthly_requests: record
                     .quotas
@@ -270,8 +278,8 @@ impl UsageService for UsageGrpc {
 
     async fn grant_credits(
         &self,
-        req: Request<v1::GrantCreditsRequest>,
-    ) -> RpcResult<v1::CreditLedgerEntry> {
+        req: Request<internal::GrantCreditsRequest>,
+    ) -> RpcResult<internal::CreditLedgerEntry> {
         let principal = principal(&req)?;
         let r = req.get_ref();
         let mut v = Violations::new();
@@ -288,7 +296,7 @@ impl UsageService for UsageGrpc {
                 &r.idempotency_id,
             )
             .await?;
-        Ok(Response::new(v1::CreditLedgerEntry {
+        Ok(Response::new(internal::CreditLedgerEntry {
             id: entry.id,
             tenant_id: entry.tenant_id.to_string(),
             amount: entry.amount,
@@ -297,13 +305,14 @@ impl UsageService for UsageGrpc {
             idempotency_id: entry.idempotency_id.unwrap_or_default(),
             balance_after: entry.balance_after,
             create_time: Some(timestamp(entry.create_time)),
+            created_by: entry.created_by,
         }))
     }
 
     async fn record_usage(
         &self,
-        req: Request<v1::RecordUsageRequest>,
-    ) -> RpcResult<v1::RecordUsageResponse> {
+        req: Request<internal::RecordUsageRequest>,
+    ) -> RpcResult<internal::RecordUsageResponse> {
         let principal = principal(&req)?;
         let r = req.get_ref();
         let mut v = Violations::new();
@@ -348,9 +357,10 @@ impl UsageService for UsageGrpc {
             quantity: r.quantity,
             idempotency_id: &r.idempotency_id,
             time,
+            recorded_by: &principal.actor(),
         };
         let recorded = self.usage.record_metered(principal, &record).await?;
-        Ok(Response::new(v1::RecordUsageResponse { recorded }))
+        Ok(Response::new(internal::RecordUsageResponse { recorded }))
     }
 }
 

@@ -25,7 +25,7 @@ use tonic_types::StatusExt;
 use tower::{Layer, Service};
 
 use super::{RequestLog, RequestRecord};
-use crate::{auth::layer::client_ip, tenants::TenantId};
+use crate::{edge::client_ip::TrustedProxies, tenants::TenantId};
 
 /// Who made a call, as the auth layer resolved it (put in the response's extensions).
 #[derive(Debug, Clone)]
@@ -42,14 +42,14 @@ pub struct UsageLayer {
     /// `None`: pass calls through untouched (the internal listener, whose callers are
     /// services; the RPCs that act for a tenant record those calls themselves).
     log: Option<RequestLog>,
-    trust_forwarded_for: bool,
+    trusted_proxies: TrustedProxies,
 }
 
 impl UsageLayer {
-    pub fn new(log: Option<RequestLog>, trust_forwarded_for: bool) -> Self {
+    pub fn new(log: Option<RequestLog>, trusted_proxies: TrustedProxies) -> Self {
         Self {
             log,
-            trust_forwarded_for,
+            trusted_proxies,
         }
     }
 }
@@ -107,7 +107,7 @@ where
                     http_method: header("x-envoy-original-method"),
                     http_path: header("x-envoy-original-path"),
                     user_agent: header("user-agent"),
-                    client_ip: client_ip(&req, layer.trust_forwarded_for),
+                    client_ip: layer.trusted_proxies.of_request(&req),
                 }
             };
             let request_bytes = Arc::new(AtomicU64::new(0));

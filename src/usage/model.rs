@@ -34,6 +34,8 @@ pub struct RequestRecord {
     pub client_ip: Option<IpAddr>,
     pub user_agent: Option<String>,
     pub cost: i64,
+    /// The internal caller that made the call or gated it (a consuming VerifyApiKey).
+    pub service_caller: Option<String>,
 }
 
 impl RequestRecord {
@@ -78,6 +80,7 @@ impl RequestRecord {
             client_ip: None,
             user_agent: None,
             cost: 0,
+            service_caller: None,
         }
     }
 

@@ -212,10 +212,13 @@ impl Usage {
         quotas: QuotaOverrides,
     ) -> Result<TenantRecord, UsageError> {
         principal.require_internal()?;
-        let record = self.tenants.set_plan(tenant, plan, limits, quotas).await?;
+        let record = self
+            .tenants
+            .set_plan(tenant, plan, limits, quotas, &principal.actor())
+            .await?;
         self.verifier.invalidate_tenant(tenant);
         self.invalidations.publish_tenant(tenant).await;
-        tracing::info!(tenant = %tenant, plan = plan.as_str(), "plan set");
+        tracing::info!(tenant = %tenant, plan = plan.as_str(), actor = %principal.actor(), "plan set");
         Ok(record)
     }
 
@@ -233,7 +236,14 @@ impl Usage {
         self.tenants.ensure(tenant).await?;
         Ok(self
             .credits
-            .grant(tenant, amount, reason, reference, idempotency_id)
+            .grant_as(
+                &principal.actor(),
+                tenant,
+                amount,
+                reason,
+                reference,
+                idempotency_id,
+            )
             .await?)
     }
 }

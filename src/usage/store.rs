@@ -17,7 +17,7 @@ use crate::{
 };
 
 /// Bind parameters per inserted row (the columns of `api_request_logs`).
-pub(crate) const COLUMNS: usize = 17;
+pub(crate) const COLUMNS: usize = 18;
 
 #[derive(Insertable)]
 #[diesel(table_name = api_request_logs, check_for_backend(diesel::pg::Pg))]
@@ -39,6 +39,7 @@ struct NewRow<'a> {
     client_ip: Option<IpNetwork>,
     user_agent: Option<&'a str>,
     cost: i64,
+    service_caller: Option<&'a str>,
 }
 
 impl<'a> From<&'a RequestRecord> for NewRow<'a> {
@@ -61,6 +62,7 @@ impl<'a> From<&'a RequestRecord> for NewRow<'a> {
             client_ip: r.client_ip.map(IpNetwork::from),
             user_agent: r.user_agent.as_deref(),
             cost: r.cost,
+            service_caller: r.service_caller.as_deref(),
         }
     }
 }
@@ -85,6 +87,7 @@ struct RequestRow {
     client_ip: Option<IpNetwork>,
     user_agent: Option<String>,
     cost: i64,
+    service_caller: Option<String>,
 }
 
 impl From<RequestRow> for RequestRecord {
@@ -107,6 +110,7 @@ impl From<RequestRow> for RequestRecord {
             client_ip: r.client_ip.map(|n| n.ip()),
             user_agent: r.user_agent,
             cost: r.cost,
+            service_caller: r.service_caller,
         }
     }
 }
@@ -390,6 +394,8 @@ pub struct MeteredRecord<'a> {
     pub quantity: i64,
     pub idempotency_id: &'a str,
     pub time: DateTime<Utc>,
+    /// The internal caller that recorded it (`service:<name>`).
+    pub recorded_by: &'a str,
 }
 
 impl UsageStore {
@@ -405,6 +411,7 @@ impl UsageStore {
                 m::metric.eq(r.metric),
                 m::quantity.eq(r.quantity),
                 m::time.eq(r.time),
+                m::recorded_by.eq(r.recorded_by),
             ))
             .on_conflict_do_nothing()
             .execute(&mut conn)
