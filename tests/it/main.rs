@@ -6,6 +6,7 @@ mod harness;
 
 mod api_keys;
 mod auth;
+mod cluster;
 mod credits;
 mod edge;
 mod faults;
