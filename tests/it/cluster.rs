@@ -3,13 +3,13 @@
 
 use std::time::Duration;
 
+use devgate::proto::v1;
 use devgate::{
     config::RedisConfig,
     kv::Redis,
     ratelimit::{Limits, RateLimitError, RateLimiter},
     tenants::TenantId,
 };
-use devgate::proto::v1;
 use tonic::Code;
 use uuid::Uuid;
 

@@ -11,6 +11,7 @@ mod credits;
 mod edge;
 mod faults;
 mod grpcurl;
+mod health;
 mod quickstart;
 mod quota;
 mod ratelimit;
