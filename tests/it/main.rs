@@ -15,5 +15,6 @@ mod health;
 mod quickstart;
 mod quota;
 mod ratelimit;
+mod reconcile;
 mod usage;
 mod usage_log;
