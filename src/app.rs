@@ -1,12 +1,13 @@
 //! Application wiring: [`Application::build`] connects the backends and binds the listeners;
 //! [`Application::run_until_stopped`] serves until SIGINT/SIGTERM and drains in-flight calls.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic_health::pb::health_server::{Health, HealthServer};
 use tower_http::{
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
     trace::TraceLayer,
@@ -30,6 +31,7 @@ use crate::{
     config::Config,
     credits::Credits,
     db::{self, PgPool},
+    health::ServiceHealth,
     kv::Redis,
     edge::client_ip::TrustedProxies,
     proto::v1::usage_service_server::UsageServiceServer,
@@ -42,6 +44,7 @@ use crate::{
         v1::api_key_service_server::ApiKeyServiceServer,
     },
     ratelimit::RateLimiter,
+    supervise::{Backoff, Supervisor},
     tenants::TenantDirectory,
     usage::{
         RequestLog, RequestLogWriter, UsageStore, grpc::UsageGrpc, layer::UsageLayer,
@@ -224,28 +227,56 @@ impl Application {
     }
 
     /// Serves until the shutdown token is cancelled. In-flight calls get
-    /// DEVGATE_SHUTDOWN_GRACE to finish; then background tasks flush and stop.
+    /// DEVGATE_SHUTDOWN_GRACE to finish; then background tasks flush and stop. Background
+    /// tasks run supervised: a restartable one is restarted after a failure or panic; one
+    /// that cannot be (it owns its channel) shuts the process down and `run` returns an error.
     pub async fn run(self) -> anyhow::Result<()> {
         let shutdown = self.shutdown.clone();
         let background = CancellationToken::new();
-        let mut tasks = tokio::task::JoinSet::new();
+        let mut tasks = Supervisor::new(background.clone());
+        let backoff = Backoff::default();
+        // A task that failed for good stops the process like a signal would.
+        let (fatal, stopping) = (tasks.fatal(), shutdown.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = fatal.cancelled() => stopping.cancel(),
+                _ = stopping.cancelled() => {}
+            }
+        });
 
         if self.roles.worker {
-            let store = self.store.clone();
-            let stop = background.clone();
-            tasks.spawn(async move { maintenance(store, stop).await });
+            let (store, stop) = (self.store.clone(), background.clone());
+            tasks.restartable("secret maintenance", backoff, move || {
+                let (store, stop) = (store.clone(), stop.clone());
+                async move {
+                    maintenance(store, stop).await;
+                    Ok::<(), Infallible>(())
+                }
+            });
             let (pool, stop, retention) = (
                 self.pool.clone(),
                 background.clone(),
                 self.config.usage.retention,
             );
-            tasks.spawn(async move { partition_maintenance(pool, retention, stop).await });
+            tasks.restartable("partition maintenance", backoff, move || {
+                let (pool, stop) = (pool.clone(), stop.clone());
+                async move {
+                    partition_maintenance(pool, retention, stop).await;
+                    Ok::<(), Infallible>(())
+                }
+            });
             let (pool, stop, limiter) = (
                 self.pool.clone(),
                 background.clone(),
                 self.services.limiter.clone(),
             );
-            tasks.spawn(async move { quota_reconciliation(pool, limiter, stop).await });
+            tasks.restartable("quota reconciliation", backoff, move || {
+                let (pool, stop, limiter) = (pool.clone(), stop.clone(), limiter.clone());
+                async move {
+                    quota_reconciliation(pool, limiter, stop).await;
+                    Ok::<(), Infallible>(())
+                }
+            });
         }
         let servers = match self.listeners {
             Some((public, internal)) => {
@@ -256,7 +287,7 @@ impl Application {
                     usage.batch_size,
                     background.clone(),
                 );
-                tasks.spawn(async move {
+                tasks.once("request log writer", async move {
                     let stats = writer.await;
                     tracing::info!(
                         rows = stats.rows_written,
@@ -264,16 +295,37 @@ impl Application {
                         "request log writer stopped"
                     );
                 });
-                tasks.spawn(self.last_used_flusher.run(
-                    self.store.clone(),
-                    self.config.api_keys.last_used_flush_interval,
-                    background.clone(),
-                ));
-                tasks.spawn(
-                    self.invalidations
-                        .clone()
-                        .listen(self.services.keys.verifier().clone(), background.clone()),
+                tasks.once(
+                    "last-used flusher",
+                    self.last_used_flusher.run(
+                        self.store.clone(),
+                        self.config.api_keys.last_used_flush_interval,
+                        background.clone(),
+                    ),
                 );
+                let (invalidations, verifier, stop) = (
+                    self.invalidations.clone(),
+                    self.services.keys.verifier().clone(),
+                    background.clone(),
+                );
+                tasks.restartable("key invalidation listener", backoff, move || {
+                    let listen = invalidations.clone().listen(verifier.clone(), stop.clone());
+                    async move {
+                        listen.await;
+                        Ok::<(), Infallible>(())
+                    }
+                });
+                let (reporter, health_service) = tonic_health::server::health_reporter();
+                let health = ServiceHealth::new(reporter).await;
+                let (probe, pool, stop) = (health.clone(), self.pool.clone(), background.clone());
+                tasks.restartable("health probe", backoff, move || {
+                    probe.clone().watch_postgres(pool.clone(), stop.clone())
+                });
+                let draining = (health.clone(), shutdown.clone());
+                tokio::spawn(async move {
+                    draining.1.cancelled().await;
+                    draining.0.drain().await;
+                });
                 tracing::info!(public = %public.local_addr()?, internal = %internal.local_addr()?, "devgate listening");
                 if self.config.auth.service_callers.is_empty() {
                     tracing::warn!("DEVGATE_SERVICE_TOKENS is empty: every internal call will be refused");
@@ -292,6 +344,7 @@ impl Application {
                         public_listener,
                         None,
                         self.services.clone(),
+                        health_service.clone(),
                         shutdown.clone(),
                     ),
                     serve(
@@ -299,6 +352,7 @@ impl Application {
                         internal_listener,
                         self.internal_tls.clone(),
                         self.services.clone(),
+                        health_service,
                         shutdown.clone(),
                     ),
                 ))
@@ -328,9 +382,11 @@ impl Application {
             }
         };
         background.cancel();
-        while tasks.join_next().await.is_some() {}
+        let supervised = tasks.join().await;
         tracing::info!("devgate stopped");
-        result
+        result?;
+        supervised?;
+        Ok(())
     }
 }
 
@@ -342,6 +398,7 @@ async fn serve(
     auth: Listener,
     tls: Option<ServerTlsConfig>,
     services: Services,
+    health_service: HealthServer<impl Health>,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let public = matches!(&auth, Listener::Public { .. });
@@ -351,7 +408,6 @@ async fn serve(
         } => trusted_proxies.clone(),
         Listener::Internal { .. } => TrustedProxies::default(),
     };
-    let (health, health_service) = tonic_health::server::health_reporter();
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
@@ -423,31 +479,17 @@ async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
     let router = if public {
-        health
-            .set_serving::<ApiKeyServiceServer<ApiKeyGrpc>>()
-            .await;
-        health.set_serving::<UsageServiceServer<UsageGrpc>>().await;
         router
             .add_service(ApiKeyServiceServer::new(grpc))
             .add_service(UsageServiceServer::new(usage))
     } else {
-        health
-            .set_serving::<InternalApiKeyServiceServer<ApiKeyGrpc>>()
-            .await;
-        health
-            .set_serving::<InternalUsageServiceServer<UsageGrpc>>()
-            .await;
         router
             .add_service(InternalApiKeyServiceServer::new(grpc))
             .add_service(InternalUsageServiceServer::new(usage))
     };
+    // Statuses are set by `ServiceHealth` (NOT_SERVING as soon as draining starts).
     router
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            stop.cancelled().await;
-            health
-                .set_not_serving::<ApiKeyServiceServer<ApiKeyGrpc>>()
-                .await;
-        })
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled_owned())
         .await
 }
 

@@ -58,6 +58,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "Redis URL (failed-attempt limiter, cache invalidation pub/sub).",
     ),
     (
+        "DEVGATE_REDIS_CLUSTER_NODES",
+        "",
+        "Comma-separated redis:// URLs of some Redis Cluster nodes; when set, devgate uses the cluster and ignores DEVGATE_REDIS_URL.",
+    ),
+    (
         "DEVGATE_REDIS_PREFIX",
         "devgate:",
         "Prefix of every Redis key and channel, so several deployments (or tests) share one Redis.",
@@ -289,6 +294,9 @@ pub struct DatabaseConfig {
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
     pub url: SecretString,
+    /// Seed nodes of a Redis Cluster (empty: standalone Redis at `url`). URLs may hold a
+    /// password, hence secret.
+    pub cluster_nodes: Vec<SecretString>,
     pub prefix: String,
 }
 
@@ -498,6 +506,13 @@ impl Config {
             },
             redis: RedisConfig {
                 url: env.string("DEVGATE_REDIS_URL").into(),
+                cluster_nodes: env
+                    .string("DEVGATE_REDIS_CLUSTER_NODES")
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|n| !n.is_empty())
+                    .map(|n| SecretString::from(n.to_string()))
+                    .collect(),
                 prefix: env.string("DEVGATE_REDIS_PREFIX"),
             },
             auth: AuthConfig {

@@ -99,12 +99,12 @@ impl RateLimiter {
     ) -> Result<(Decision, Option<QuotaUsage>), RateLimitError> {
         let windows = limits.windows();
         let (month, reset) = month_bounds(chrono::Utc::now());
-        let counter = quota.map(|(metric, _)| self.quotas.key(tenant, metric, month));
-        // Hash-tagged by tenant, like the quota counters: one slot for both on Redis Cluster.
-        let mut invocation = self
-            .script
-            .key(self.redis.key(&format!("rl:{{{tenant}}}:{key_id}")));
-        invocation.key(counter.as_deref().unwrap_or("-"));
+        // KEYS[2] is always a real counter of the same tenant, even when no quota is checked
+        // (the script then leaves it alone): Redis Cluster refuses a script whose keys map to
+        // different slots (CROSSSLOT), and both keys are hash-tagged by tenant.
+        let metric = quota.map_or(Metric::Requests, |(metric, _)| metric);
+        let mut invocation = self.script.key(bucket_key(&self.redis, tenant, key_id));
+        invocation.key(self.quotas.key(tenant, metric, month));
         let (units, limit) = quota.map_or((0, 0), |(_, limit)| (1, limit));
         invocation
             .arg(cost)
@@ -173,6 +173,11 @@ impl RateLimiter {
             retry_after: (!allowed).then(|| Duration::from_millis(retry_ms.ceil() as u64)),
         }
     }
+}
+
+/// The key's bucket hash, hash-tagged by tenant like the quota counters.
+fn bucket_key(redis: &Redis, tenant: TenantId, key_id: &str) -> String {
+    redis.key(&format!("rl:{{{tenant}}}:{key_id}"))
 }
 
 fn rate_per_ms(w: &Window) -> f64 {

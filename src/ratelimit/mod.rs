@@ -8,7 +8,9 @@ pub mod quota;
 
 pub use limiter::RateLimiter;
 pub use model::{Decision, LimitOverrides, Limits, PlanLimits};
-pub use quota::{Metric, PlanQuotas, QuotaLimits, QuotaOverrides, QuotaUsage, Quotas};
+pub use quota::{
+    Metric, PlanQuotas, QuotaLimits, QuotaOverrides, QuotaUsage, Quotas, ReconcileStats,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RateLimitError {

@@ -2,9 +2,10 @@
 //! path and reconciled from Postgres by the worker, so a Redis restart loses at most the
 //! calls since the last reconciliation.
 
-use std::{fmt, str::FromStr, time::Duration};
+use std::{collections::HashMap, fmt, str::FromStr, time::Duration};
 
 use chrono::{DateTime, Datelike, TimeZone, Utc};
+use futures_util::StreamExt;
 
 use crate::{
     db::{PgPool, StoreError},
@@ -136,6 +137,8 @@ pub struct Quotas {
     consume: redis::Script,
     raise: redis::Script,
     outage: OutageLog,
+    /// The reconciler's watermark; the lock also keeps two passes from overlapping.
+    reconciled: tokio::sync::Mutex<Option<Watermark>>,
 }
 
 impl Quotas {
@@ -145,6 +148,7 @@ impl Quotas {
             consume: redis::Script::new(CONSUME),
             raise: redis::Script::new(RAISE),
             outage: OutageLog::new("quotas"),
+            reconciled: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -218,27 +222,164 @@ impl Quotas {
     }
 
     /// Raises this month's request counters to what Postgres recorded (after a Redis restart
-    /// or flush the counters would otherwise start from zero). Returns the tenants seen.
-    pub async fn reconcile_requests(&self, pool: &PgPool) -> Result<usize, StoreError> {
+    /// or flush the counters would otherwise start from zero). Counters only ever go up.
+    ///
+    /// Incremental: the first pass of a process (and of a month) counts the whole month;
+    /// later passes read only the request-log rows committed since the previous pass and add
+    /// them to per-tenant totals kept here, then raise every tenant's counter to its total
+    /// (so a flushed Redis is restored even for tenants with no new rows).
+    ///
+    /// The watermark is a transaction id, not a time: rows carry the id of the transaction
+    /// that inserted them (`insert_xid`), and each pass reads the ids in
+    /// `[previous horizon, horizon)`, where the horizon is the xmin of a fresh snapshot —
+    /// every transaction below it has ended, so nothing below it can still appear. Late or
+    /// batched inserts (the writer buffers through Postgres outages, with call times long
+    /// past) are therefore counted exactly once, when they commit; a long-running
+    /// transaction anywhere on the server only delays counting until it ends. A time-based
+    /// watermark with a safe lag would miss rows buffered for longer than the lag.
+    pub async fn reconcile_requests(&self, pool: &PgPool) -> Result<ReconcileStats, StoreError> {
         let (month, reset) = month_bounds(Utc::now());
-        let counts = crate::usage::store::UsageStore::new(pool.clone())
-            .key_requests_per_tenant(month)
-            .await?;
-        let mut conn = self.redis.conn();
-        for (tenant, count) in &counts {
-            let reply: redis::RedisResult<i64> = self
-                .raise
-                .key(self.key(*tenant, Metric::Requests, month))
-                .arg(*count)
-                .arg(expiry(reset))
-                .invoke_async(&mut conn)
-                .await;
-            if self.outage.observe(reply).is_none() {
-                break;
+        let mut state = self.reconciled.lock().await;
+        let previous = state.as_ref().filter(|w| w.month == month);
+        let (horizon, counts) =
+            committed_key_requests(pool, month, reset, previous.map(|w| w.horizon.as_str()))
+                .await?;
+        let full = previous.is_none();
+        let mut next = match state.take() {
+            Some(w) if !full => w,
+            _ => Watermark {
+                month,
+                horizon: String::new(),
+                totals: HashMap::new(),
+            },
+        };
+        next.horizon = horizon;
+        let mut rows_read = 0u64;
+        for (tenant, n) in counts {
+            rows_read += n;
+            *next.totals.entry(tenant).or_default() += n;
+        }
+        let totals: Vec<(TenantId, u64)> = next.totals.iter().map(|(t, n)| (*t, *n)).collect();
+        *state = Some(next);
+        drop(state);
+
+        let raised = futures_util::stream::iter(totals)
+            .map(|(tenant, total)| async move {
+                let mut conn = self.redis.conn();
+                let reply: redis::RedisResult<i64> = self
+                    .raise
+                    .key(self.key(tenant, Metric::Requests, month))
+                    .arg(total)
+                    .arg(expiry(reset))
+                    .invoke_async(&mut conn)
+                    .await;
+                reply
+            })
+            .buffer_unordered(RAISE_CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await;
+        let mut tenants = 0;
+        for reply in raised {
+            if self.outage.observe(reply).is_some() {
+                tenants += 1;
             }
         }
-        Ok(counts.len())
+        Ok(ReconcileStats {
+            full,
+            rows_read,
+            tenants,
+        })
     }
+}
+
+/// Counters raised at once by a reconciliation pass.
+const RAISE_CONCURRENCY: usize = 64;
+
+/// What one reconciliation pass did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReconcileStats {
+    /// The pass counted the whole month (first pass of the process or of the month).
+    pub full: bool,
+    /// Request-log rows the pass counted: after the first pass, only rows new since the last.
+    pub rows_read: u64,
+    /// Tenants whose counter Redis confirmed is at least what Postgres recorded.
+    pub tenants: usize,
+}
+
+/// Where the last pass stopped, and what it counted so far this month.
+struct Watermark {
+    month: DateTime<Utc>,
+    /// xid8 as text: rows from transactions below it are counted.
+    horizon: String,
+    totals: HashMap<TenantId, u64>,
+}
+
+#[derive(diesel::QueryableByName)]
+struct Horizon {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    xid: String,
+}
+
+#[derive(diesel::QueryableByName)]
+struct TenantRequests {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    tenant_id: uuid::Uuid,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    requests: i64,
+}
+
+/// API-key calls per tenant in `[month, next)` that counted against the quota (refusals by
+/// the limiter, RESOURCE_EXHAUSTED, did not), from transactions in `[since, horizon)`
+/// (`since` None: everything below the horizon, and rows logged before `insert_xid`
+/// existed). Returns the new horizon too.
+async fn committed_key_requests(
+    pool: &PgPool,
+    month: DateTime<Utc>,
+    next: DateTime<Utc>,
+    since: Option<&str>,
+) -> Result<(String, Vec<(TenantId, u64)>), StoreError> {
+    use diesel::sql_types::{Text, Timestamptz};
+    use diesel_async::RunQueryDsl;
+
+    const COUNT: &str = "SELECT tenant_id, count(*) AS requests FROM api_request_logs \
+        WHERE time >= $1 AND time < $2 AND api_key_id IS NOT NULL AND grpc_code <> 8 AND ";
+    let mut conn = pool.get().await?;
+    // Taken first: whatever is below it has committed (or aborted) before the count starts,
+    // so the count, even on a later snapshot, sees all of it.
+    let horizon: Horizon =
+        diesel::sql_query("SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS xid")
+            .get_result(&mut conn)
+            .await?;
+    let rows: Vec<TenantRequests> = match since {
+        Some(since) => {
+            diesel::sql_query(format!(
+                "{COUNT} insert_xid >= $3::text::xid8 AND insert_xid < $4::text::xid8 \
+                 GROUP BY tenant_id"
+            ))
+            .bind::<Timestamptz, _>(month)
+            .bind::<Timestamptz, _>(next)
+            .bind::<Text, _>(since)
+            .bind::<Text, _>(&horizon.xid)
+            .load(&mut conn)
+            .await?
+        }
+        None => {
+            diesel::sql_query(format!(
+                "{COUNT} (insert_xid IS NULL OR insert_xid < $3::text::xid8) GROUP BY tenant_id"
+            ))
+            .bind::<Timestamptz, _>(month)
+            .bind::<Timestamptz, _>(next)
+            .bind::<Text, _>(&horizon.xid)
+            .load(&mut conn)
+            .await?
+        }
+    };
+    Ok((
+        horizon.xid,
+        rows.into_iter()
+            .map(|r| (TenantId(r.tenant_id), r.requests.max(0) as u64))
+            .collect(),
+    ))
 }
 
 /// The first instant of `now`'s month and of the next one (UTC).

@@ -3,9 +3,10 @@
 --
 -- KEYS[1]  the key's bucket hash;  KEYS[2]  the tenant's quota counter for this month.
 --          Both are hash-tagged by tenant (`…rl:{<tenant>}:<key id>`, `…quota:{<tenant>}:…`),
---          so they share a slot on Redis Cluster.
+--          so they share a slot on Redis Cluster. KEYS[2] is passed even when no quota is
+--          checked (then it is neither read nor written), so the cluster can route the call.
 -- ARGV[1]  the call's cost (tokens);
--- ARGV[2]  quota units the call uses (0: no quota check, KEYS[2] unused);
+-- ARGV[2]  quota units the call uses (0: no quota check, KEYS[2] untouched);
 -- ARGV[3]  the quota's limit;  ARGV[4]  the counter's expiry (ms since the epoch);
 -- ARGV[3+2i], ARGV[4+2i]  window i's capacity (tokens) and refill rate (tokens per ms).
 -- Clock: Redis TIME (one clock for every replica). The hash stores per window the tokens

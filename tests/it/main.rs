@@ -6,12 +6,15 @@ mod harness;
 
 mod api_keys;
 mod auth;
+mod cluster;
 mod credits;
 mod edge;
 mod faults;
 mod grpcurl;
+mod health;
 mod quickstart;
 mod quota;
 mod ratelimit;
+mod reconcile;
 mod usage;
 mod usage_log;

@@ -171,7 +171,7 @@ async fn counters_are_reconciled_from_postgres_after_redis_loses_them() {
     );
     // What the worker does every minute.
     let quotas = Quotas::new(Redis::connect(&config.redis).unwrap());
-    assert!(quotas.reconcile_requests(&pool).await.unwrap() >= 1);
+    assert!(quotas.reconcile_requests(&pool).await.unwrap().tenants >= 1);
     assert_eq!(requests_used(&w.app, tenant).await, 4);
 }
 

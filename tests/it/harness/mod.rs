@@ -4,6 +4,7 @@
 pub mod db;
 pub mod envoy;
 pub mod proxy;
+pub mod redis_cluster;
 pub mod redis_server;
 
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
