@@ -37,6 +37,10 @@ impl UsageGrpc {
 
 type RpcResult<T> = Result<Response<T>, Status>;
 
+/// Largest quantity of one metered record: 10^12 leaves room for 9 million maximal records
+/// in one sum before `bigint` overflows, far beyond a 93-day query's worth.
+pub const MAX_QUANTITY: i64 = 1_000_000_000_000;
+
 #[tonic::async_trait]
 impl UsageService for UsageGrpc {
     async fn get_usage_summary(

@@ -6,10 +6,12 @@ mod harness;
 
 mod api_keys;
 mod auth;
+mod bounded;
 mod credits;
 mod edge;
 mod faults;
 mod grpcurl;
+mod jwt;
 mod quickstart;
 mod quota;
 mod ratelimit;
