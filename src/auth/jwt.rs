@@ -92,7 +92,11 @@ impl JwtVerifier {
             .find(|(alg, _)| *alg == header.alg)
             .ok_or_else(|| invalid(format!("algorithm {:?} is not accepted", header.alg)))?;
         let mut validation = Validation::new(*alg);
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // A configured audience or issuer is required, not only checked when present.
+        let mut required = vec!["exp", "sub"];
+        required.extend(self.audience.as_ref().map(|_| "aud"));
+        required.extend(self.issuer.as_ref().map(|_| "iss"));
+        validation.set_required_spec_claims(&required);
         validation.validate_exp = true;
         validation.validate_nbf = true;
         validation.leeway = self.leeway.as_secs();

@@ -201,7 +201,7 @@ async fn usage_queries_are_bounded_and_authorized_first() {
         end_time: Some(ts(now)),
     };
     let status = usage
-        .get_usage_summary(bearer(long.clone(), &admin))
+        .get_usage_summary(bearer(long, &admin))
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
