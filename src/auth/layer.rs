@@ -111,8 +111,13 @@ where
             if let Some(limiter) = limiter {
                 let admitted = match (&principal, &listener) {
                     (Principal::ApiKey(key), _) => Some(limiter.admit(key, 1).await),
+                    // DEVGATE_RATE_LIMIT_FAIL_CLOSED is about API keys: while Redis (or the
+                    // tenant's limits) cannot be read, portal users keep working.
                     (Principal::User(user), Listener::Public { authenticator, .. }) => {
-                        Some(admit_user(authenticator, limiter, user).await)
+                        match admit_user(authenticator, limiter, user).await {
+                            Err(RateLimitError::Unavailable) => None,
+                            admitted => Some(admitted),
+                        }
                     }
                     _ => None,
                 };
