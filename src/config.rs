@@ -53,6 +53,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "How long a request waits for a pooled connection before UNAVAILABLE.",
     ),
     (
+        "DEVGATE_DATABASE_STATEMENT_TIMEOUT",
+        "15s",
+        "Postgres statement_timeout of every pooled connection: a longer statement is cancelled (0s: no limit). Migrations are not subject to it.",
+    ),
+    (
         "DEVGATE_REDIS_URL",
         "redis://127.0.0.1:6379",
         "Redis URL (failed-attempt limiter, cache invalidation pub/sub).",
@@ -85,7 +90,12 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     (
         "DEVGATE_JWT_AUDIENCE",
         "",
-        "If set, user JWTs must carry this `aud`.",
+        "If set, user JWTs must carry this `aud` (as a string or in an array).",
+    ),
+    (
+        "DEVGATE_JWT_LEEWAY",
+        "30s",
+        "Clock skew allowed when checking a user JWT's `exp` and `nbf`.",
     ),
     (
         "DEVGATE_TRUSTED_PROXIES",
@@ -289,6 +299,7 @@ pub struct DatabaseConfig {
     pub url: SecretString,
     pub pool_size: u32,
     pub connect_timeout: Duration,
+    pub statement_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -306,6 +317,8 @@ pub struct AuthConfig {
     pub jwt_public_key_path: Option<PathBuf>,
     pub jwt_issuer: Option<String>,
     pub jwt_audience: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    pub jwt_leeway: Duration,
     /// Peers whose x-forwarded-for is believed (Envoy).
     pub trusted_proxies: TrustedProxies,
     /// Who may call the internal listener, and which RPCs.
@@ -503,6 +516,7 @@ impl Config {
                 url: env.string("DEVGATE_DATABASE_URL").into(),
                 pool_size,
                 connect_timeout: env.duration("DEVGATE_DATABASE_CONNECT_TIMEOUT")?,
+                statement_timeout: env.duration("DEVGATE_DATABASE_STATEMENT_TIMEOUT")?,
             },
             redis: RedisConfig {
                 url: env.string("DEVGATE_REDIS_URL").into(),
@@ -522,6 +536,7 @@ impl Config {
                     .map(PathBuf::from),
                 jwt_issuer: env.optional("DEVGATE_JWT_ISSUER"),
                 jwt_audience: env.optional("DEVGATE_JWT_AUDIENCE"),
+                jwt_leeway: env.duration("DEVGATE_JWT_LEEWAY")?,
                 trusted_proxies: env.parse("DEVGATE_TRUSTED_PROXIES")?,
                 service_callers: env.parse("DEVGATE_SERVICE_TOKENS")?,
                 internal_tls,

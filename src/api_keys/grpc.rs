@@ -57,6 +57,9 @@ impl ApiKeyService for ApiKeyGrpc {
         req: Request<v1::CreateApiKeyRequest>,
     ) -> RpcResult<v1::CreateApiKeyResponse> {
         let principal = principal(&req)?;
+        // Authorize before validating: a caller who may not create learns nothing more, and
+        // no validation work is done for them.
+        authorize(principal, Scope::ApiKeysWrite)?;
         let new = new_api_key(req.get_ref(), Utc::now()).map_err(ApiKeyError::from)?;
         let (key, token) = self.keys.create(principal, new).await?;
         Ok(Response::new(v1::CreateApiKeyResponse {
@@ -70,6 +73,7 @@ impl ApiKeyService for ApiKeyGrpc {
         req: Request<v1::ListApiKeysRequest>,
     ) -> RpcResult<v1::ListApiKeysResponse> {
         let principal = principal(&req)?;
+        authorize(principal, Scope::ApiKeysRead)?;
         let r = req.get_ref();
         let mut v = Violations::new();
         let page_size = pagination::page_size(r.page_size, &mut v);
@@ -92,6 +96,7 @@ impl ApiKeyService for ApiKeyGrpc {
 
     async fn get_api_key(&self, req: Request<v1::GetApiKeyRequest>) -> RpcResult<v1::ApiKey> {
         let principal = principal(&req)?;
+        authorize(principal, Scope::ApiKeysRead)?;
         let id = key_id(&req.get_ref().id, "id")?;
         let key = self.keys.get(principal, &id).await?;
         Ok(Response::new(to_proto(&key)))
@@ -99,6 +104,7 @@ impl ApiKeyService for ApiKeyGrpc {
 
     async fn update_api_key(&self, req: Request<v1::UpdateApiKeyRequest>) -> RpcResult<v1::ApiKey> {
         let principal = principal(&req)?;
+        authorize(principal, Scope::ApiKeysWrite)?;
         let r = req.get_ref();
         let Some(patch) = &r.api_key else {
             return Err(ApiKeyError::Invalid(Violations::one(
@@ -120,6 +126,7 @@ impl ApiKeyService for ApiKeyGrpc {
 
     async fn revoke_api_key(&self, req: Request<v1::RevokeApiKeyRequest>) -> RpcResult<v1::ApiKey> {
         let principal = principal(&req)?;
+        authorize(principal, Scope::ApiKeysWrite)?;
         let r = req.get_ref();
         let id = key_id(&r.id, "id")?;
         let mut v = Violations::new();
@@ -138,6 +145,7 @@ impl ApiKeyService for ApiKeyGrpc {
         req: Request<v1::RotateApiKeyRequest>,
     ) -> RpcResult<v1::RotateApiKeyResponse> {
         let principal = principal(&req)?;
+        authorize(principal, Scope::ApiKeysWrite)?;
         let r = req.get_ref();
         let id = key_id(&r.id, "id")?;
         let max = self.keys.config().rotation_grace_max;
@@ -167,6 +175,7 @@ impl ApiKeyService for ApiKeyGrpc {
 
     async fn delete_api_key(&self, req: Request<v1::DeleteApiKeyRequest>) -> RpcResult<()> {
         let principal = principal(&req)?;
+        authorize(principal, Scope::ApiKeysWrite)?;
         let id = key_id(&req.get_ref().id, "id")?;
         self.keys.delete(principal, &id).await?;
         Ok(Response::new(()))
@@ -300,6 +309,14 @@ impl InternalApiKeyService for ApiKeyGrpc {
     }
 }
 
+/// The tenant and scope check the service repeats, done before any validation.
+fn authorize(principal: &crate::auth::Principal, scope: Scope) -> Result<(), Status> {
+    principal
+        .tenant_with(scope)
+        .map(drop)
+        .map_err(|e| ApiKeyError::from(e).into())
+}
+
 fn key_id(raw: &str, field: &str) -> Result<KeyId, Status> {
     raw.parse::<KeyId>()
         .map_err(|e| ApiKeyError::Invalid(Violations::one(field, e.to_string())).into())
@@ -383,6 +400,18 @@ fn changes(
         "rate_limits",
     ];
     let mut v = Violations::new();
+    // Each path may appear once; more than that is refused before looking at any of them.
+    if paths.len() > UPDATABLE.len() {
+        v.add(
+            "update_mask",
+            format!(
+                "at most {} paths; updatable fields: {}",
+                UPDATABLE.len(),
+                UPDATABLE.join(", ")
+            ),
+        );
+        return Err(v);
+    }
     let named: Vec<&str> = if paths.is_empty() {
         let present = [
             !patch.name.is_empty(),
@@ -430,7 +459,8 @@ fn changes(
             other => v.add(
                 "update_mask",
                 format!(
-                    "{other:?} cannot be updated; updatable fields: {}",
+                    "{} cannot be updated; updatable fields: {}",
+                    crate::validation::quote(other),
                     UPDATABLE.join(", ")
                 ),
             ),

@@ -6,12 +6,19 @@ use chrono::{DateTime, Utc};
 use ipnetwork::IpNetwork;
 
 use super::token;
-use crate::{auth::Scopes, ratelimit::LimitOverrides, tenants::TenantId, validation::Violations};
+use crate::{
+    auth::Scopes,
+    ratelimit::LimitOverrides,
+    tenants::TenantId,
+    validation::{Violations, quote},
+};
 
 pub const MAX_NAME_CHARS: usize = 100;
 pub const MAX_DESCRIPTION_CHARS: usize = 1000;
 pub const MAX_REVOKE_REASON_CHARS: usize = 500;
 pub const MAX_ALLOWED_CIDRS: usize = 50;
+/// More names than there are scopes (with room for repeats) is never a real request.
+pub const MAX_SCOPES: usize = 2 * crate::auth::Scope::EVERY.len();
 
 /// The public id of a key: 12 base62 characters, embedded in the token.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -224,18 +231,26 @@ pub fn validate_scopes(names: &[String], field: &str, v: &mut Violations) -> Sco
         );
         return Scopes::default();
     }
+    // Checked before parsing: the work and the report stay bounded by the cap.
+    if names.len() > MAX_SCOPES {
+        v.add(field, format!("at most {MAX_SCOPES} scopes"));
+        return Scopes::default();
+    }
     match Scopes::parse(names) {
         Ok(scopes) => scopes,
         Err(unknown) => {
-            for u in unknown {
-                v.add(
-                    field,
+            // The known scopes are listed once, not once per unknown name.
+            for (i, u) in unknown.iter().enumerate() {
+                let description = if i == 0 {
                     format!(
-                        "unknown scope {:?}; known scopes: {}",
-                        u.0,
+                        "unknown scope {}; known scopes: {}",
+                        quote(&u.0),
                         crate::auth::Scope::EVERY.map(|s| s.as_str()).join(", ")
-                    ),
-                );
+                    )
+                } else {
+                    format!("unknown scope {}", quote(&u.0))
+                };
+                v.add(field, description);
             }
             Scopes::default()
         }
@@ -245,11 +260,11 @@ pub fn validate_scopes(names: &[String], field: &str, v: &mut Violations) -> Sco
 /// Parses CIDR networks; host bits must be zero (`10.0.0.0/8`, not `10.1.2.3/8`). A bare
 /// address means just that host.
 pub fn validate_cidrs(cidrs: &[String], field: &str, v: &mut Violations) -> Vec<IpNetwork> {
-    v.check(
-        cidrs.len() <= MAX_ALLOWED_CIDRS,
-        field,
-        "at most 50 networks",
-    );
+    // Checked before parsing: a request cannot make us parse (or report) thousands.
+    if cidrs.len() > MAX_ALLOWED_CIDRS {
+        v.add(field, format!("at most {MAX_ALLOWED_CIDRS} networks"));
+        return Vec::new();
+    }
     let mut nets = Vec::with_capacity(cidrs.len());
     for (i, text) in cidrs.iter().enumerate() {
         let at = format!("{field}[{i}]");
@@ -257,7 +272,8 @@ pub fn validate_cidrs(cidrs: &[String], field: &str, v: &mut Violations) -> Vec<
             Ok(net) if net.network() != net.ip() => v.add(
                 at,
                 format!(
-                    "{text:?} has host bits set; did you mean {}/{}?",
+                    "{} has host bits set; did you mean {}/{}?",
+                    quote(text),
                     net.network(),
                     net.prefix()
                 ),
@@ -265,7 +281,10 @@ pub fn validate_cidrs(cidrs: &[String], field: &str, v: &mut Violations) -> Vec<
             Ok(net) => nets.push(net),
             Err(_) => v.add(
                 at,
-                format!("{text:?} is not a CIDR network such as 203.0.113.0/24 or 2001:db8::/32"),
+                format!(
+                    "{} is not a CIDR network such as 203.0.113.0/24 or 2001:db8::/32",
+                    quote(text)
+                ),
             ),
         }
     }
@@ -344,5 +363,19 @@ mod tests {
         validate_scopes(&[], "scopes", &mut v);
         validate_scopes(&["usage:read".into(), "nope".into()], "scopes", &mut v);
         assert_eq!(v.iter().count(), 4);
+    }
+
+    #[test]
+    fn lists_are_capped_before_parsing() {
+        let mut v = Violations::new();
+        let many: Vec<String> = (0..10_000).map(|i| format!("bad{i}")).collect();
+        assert!(validate_cidrs(&many, "allowed_cidrs", &mut v).is_empty());
+        validate_scopes(&many, "scopes", &mut v);
+        let all: Vec<_> = v.iter().map(|f| f.field.as_str()).collect();
+        assert_eq!(all, ["allowed_cidrs", "scopes"]);
+        let mut v = Violations::new();
+        validate_scopes(&["x".repeat(100_000)], "scopes", &mut v);
+        let d = &v.iter().next().unwrap().description;
+        assert!(d.len() < 300, "{d}");
     }
 }

@@ -222,6 +222,11 @@ impl KeyVerifier {
         }
     }
 
+    /// The plans' default limits (user calls are limited by them too).
+    pub fn plans(&self) -> &PlanLimits {
+        &self.plans
+    }
+
     /// Drops every cached token of a tenant's keys (its plan or limits changed).
     pub fn invalidate_tenant(&self, tenant: TenantId) {
         if let Err(e) = self

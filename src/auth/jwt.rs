@@ -1,5 +1,8 @@
 //! User JWTs from the platform's auth service: HS256 with a shared secret and/or RS256 or
-//! EdDSA with a public key. Claims: `sub` (user id), `tenant_id`, `roles`, `exp`.
+//! EdDSA with a public key. Claims: `sub` (user id), `tenant_id`, `roles`, `exp` (required),
+//! `nbf` (honoured when present), `iss` and `aud` (checked when configured; `aud` may be a
+//! string or an array, as RFC 7519 allows). The token's `alg` must be one a configured key is
+//! for, and the key decides: `none`, or HS256 signed with the RSA public key, never verify.
 
 use std::time::Duration;
 
@@ -21,9 +24,19 @@ pub struct Claims {
     #[serde(default)]
     pub iat: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aud: Option<String>,
+    pub aud: Option<Audience>,
+}
+
+/// RFC 7519 §4.1.3: one audience as a string, or several as an array.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// Verifies user JWTs with every configured key; the token's `alg` picks the key.
@@ -32,6 +45,7 @@ pub struct JwtVerifier {
     keys: Vec<(Algorithm, DecodingKey)>,
     issuer: Option<String>,
     audience: Option<String>,
+    leeway: Duration,
 }
 
 impl JwtVerifier {
@@ -64,6 +78,7 @@ impl JwtVerifier {
             keys,
             issuer: config.jwt_issuer.clone(),
             audience: config.jwt_audience.clone(),
+            leeway: config.jwt_leeway,
         }))
     }
 
@@ -77,8 +92,14 @@ impl JwtVerifier {
             .find(|(alg, _)| *alg == header.alg)
             .ok_or_else(|| invalid(format!("algorithm {:?} is not accepted", header.alg)))?;
         let mut validation = Validation::new(*alg);
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        validation.leeway = 30;
+        // A configured audience or issuer is required, not only checked when present.
+        let mut required = vec!["exp", "sub"];
+        required.extend(self.audience.as_ref().map(|_| "aud"));
+        required.extend(self.issuer.as_ref().map(|_| "iss"));
+        validation.set_required_spec_claims(&required);
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.leeway = self.leeway.as_secs();
         match &self.audience {
             Some(aud) => validation.set_audience(&[aud]),
             None => validation.validate_aud = false,
@@ -125,6 +146,7 @@ pub fn mint_hs256(
         roles: roles.to_vec(),
         iat: now,
         exp: now + i64::try_from(ttl.as_secs())?,
+        nbf: None,
         iss: None,
         aud: None,
     };
@@ -147,6 +169,7 @@ mod tests {
             jwt_public_key_path: None,
             jwt_issuer: None,
             jwt_audience: None,
+            jwt_leeway: Duration::from_secs(30),
             trust_forwarded_for: true,
         };
         JwtVerifier::from_config(&config).unwrap().unwrap()
@@ -193,6 +216,7 @@ mod tests {
             roles: vec![],
             iat: now - 7200,
             exp: now - 3600,
+            nbf: None,
             iss: None,
             aud: None,
         };

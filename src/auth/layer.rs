@@ -11,10 +11,14 @@ use tonic::Status;
 use tower::{Layer, Service};
 
 use super::{
-    AuthError, Authenticator, Principal, ServiceIdentity,
+    AuthError, Authenticator, Principal, ServiceIdentity, UserPrincipal,
     service_token::{INTERNAL_PACKAGE, ServiceCallers},
 };
-use crate::{edge::client_ip::TrustedProxies, ratelimit::RateLimiter, usage::layer::CallIdentity};
+use crate::{
+    edge::client_ip::TrustedProxies,
+    ratelimit::{Decision, RateLimitError, RateLimiter},
+    usage::layer::CallIdentity,
+};
 
 /// Which listener the layer guards.
 #[derive(Clone)]
@@ -106,16 +110,29 @@ where
                 }
             };
             let identity = identity(&principal);
-            // Every API-key call pays one token, before the handler runs.
+            // Every API-key and user call pays one token, before the handler runs.
             let mut rate_headers = Vec::new();
-            if let (Principal::ApiKey(key), Some(limiter)) = (&principal, limiter) {
-                match limiter.admit(key, 1).await {
-                    Ok(decision) => rate_headers = decision.headers(),
-                    Err(refused) => {
+            if let Some(limiter) = limiter {
+                let admitted = match (&principal, &listener) {
+                    (Principal::ApiKey(key), _) => Some(limiter.admit(key, 1).await),
+                    // DEVGATE_RATE_LIMIT_FAIL_CLOSED is about API keys: while Redis (or the
+                    // tenant's limits) cannot be read, portal users keep working.
+                    (Principal::User(user), Listener::Public { authenticator, .. }) => {
+                        match admit_user(authenticator, limiter, user).await {
+                            Err(RateLimitError::Unavailable) => None,
+                            admitted => Some(admitted),
+                        }
+                    }
+                    _ => None,
+                };
+                match admitted {
+                    Some(Ok(decision)) => rate_headers = decision.headers(),
+                    Some(Err(refused)) => {
                         let mut response = Status::from(refused).into_http();
                         response.extensions_mut().extend(identity);
                         return Ok(response);
                     }
+                    None => {}
                 }
             }
             req.extensions_mut().insert(principal);
@@ -127,6 +144,34 @@ where
                 }
             }
             Ok(response)
+        })
+    }
+}
+
+/// One user call: a token from the (tenant, user) bucket, sized by the tenant's plan.
+/// Not the monthly request quota: that is the tenant's paid API allowance, and the portal
+/// must stay usable (to read usage, rotate keys) when it is used up.
+async fn admit_user(
+    authenticator: &Authenticator,
+    limiter: &RateLimiter,
+    user: &UserPrincipal,
+) -> Result<Decision, RateLimitError> {
+    let limits = authenticator
+        .user_limits(user.tenant_id)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "tenant limits unavailable");
+            RateLimitError::Unavailable
+        })?;
+    // "user:" keeps the bucket apart from every key's (key ids are base62 only).
+    let bucket = format!("user:{}", user.user_id);
+    let decision = limiter.check(user.tenant_id, &bucket, &limits, 1).await?;
+    if decision.allowed {
+        Ok(decision)
+    } else {
+        Err(RateLimitError::Exceeded {
+            key_id: bucket,
+            decision,
         })
     }
 }

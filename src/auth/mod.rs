@@ -16,8 +16,13 @@ pub use scope::{Scope, Scopes};
 use crate::{
     api_keys::verifier::{KeyVerifier, VerifyFailure},
     db::StoreError,
+    ratelimit::Limits,
     tenants::{TenantDirectory, TenantId},
 };
+
+/// How long a tenant's limits for user calls are trusted without re-reading them: user
+/// calls are rate limited before every handler, so they must not read Postgres each time.
+const USER_LIMITS_TTL: Duration = Duration::from_secs(30);
 
 /// Who is calling.
 #[derive(Debug, Clone)]
@@ -147,6 +152,8 @@ pub struct Authenticator {
     keys: Arc<KeyVerifier>,
     jwt: Option<jwt::JwtVerifier>,
     tenants: TenantDirectory,
+    /// Each tenant's effective limits (its overrides over its plan's), for user calls.
+    user_limits: moka::future::Cache<TenantId, Limits>,
 }
 
 impl Authenticator {
@@ -155,7 +162,28 @@ impl Authenticator {
         jwt: Option<jwt::JwtVerifier>,
         tenants: TenantDirectory,
     ) -> Self {
-        Self { keys, jwt, tenants }
+        let user_limits = moka::future::Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(USER_LIMITS_TTL)
+            .build();
+        Self {
+            keys,
+            jwt,
+            tenants,
+            user_limits,
+        }
+    }
+
+    /// The limits of a tenant's users: the tenant's overrides over its plan's defaults, as
+    /// for its keys (without a key's own overrides). Cached for [`USER_LIMITS_TTL`].
+    pub async fn user_limits(&self, tenant: TenantId) -> Result<Limits, AuthError> {
+        self.user_limits
+            .try_get_with(tenant, async {
+                let record = self.tenants.get(tenant).await?;
+                Ok::<_, StoreError>(record.limits.apply(self.keys.plans().of(record.plan)))
+            })
+            .await
+            .map_err(|e| AuthError::Unavailable(e.to_string()))
     }
 
     pub async fn authenticate(

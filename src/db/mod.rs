@@ -5,13 +5,14 @@ pub mod schema;
 
 use std::time::Duration;
 
-use diesel::{Connection, RunQueryDsl};
+use diesel::{Connection, ConnectionError, RunQueryDsl};
 use diesel_async::{
     AsyncPgConnection,
     async_connection_wrapper::AsyncConnectionWrapper,
-    pooled_connection::{AsyncDieselConnectionManager, PoolError},
+    pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, PoolError},
 };
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use futures_util::FutureExt;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::config::DatabaseConfig;
@@ -65,9 +66,30 @@ impl From<bb8::RunError<PoolError>> for StoreError {
 
 /// Builds the pool without connecting: the process starts (and reports UNAVAILABLE per call)
 /// while Postgres is down, and the pool reconnects by itself when it is back.
+///
+/// Every connection gets `statement_timeout` when it is opened, so no request can hold a
+/// connection (and a Postgres backend) longer than that, whatever query it caused.
 pub fn pool(config: &DatabaseConfig) -> PgPool {
-    let manager =
-        AsyncDieselConnectionManager::<AsyncPgConnection>::new(config.url.expose_secret());
+    let timeout_ms = config.statement_timeout.as_millis();
+    let mut manager_config = ManagerConfig::<AsyncPgConnection>::default();
+    manager_config.custom_setup = Box::new(move |url| {
+        async move {
+            let mut conn =
+                <AsyncPgConnection as diesel_async::AsyncConnection>::establish(url).await?;
+            diesel_async::RunQueryDsl::execute(
+                diesel::sql_query(format!("SET statement_timeout = {timeout_ms}")),
+                &mut conn,
+            )
+            .await
+            .map_err(ConnectionError::CouldntSetupConfiguration)?;
+            Ok(conn)
+        }
+        .boxed()
+    });
+    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(
+        config.url.expose_secret(),
+        manager_config,
+    );
     bb8::Pool::builder()
         .max_size(config.pool_size)
         .connection_timeout(config.connect_timeout)

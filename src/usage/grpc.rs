@@ -14,7 +14,7 @@ use super::{
 };
 use crate::{
     api_keys::grpc::{plan_to_proto, rate_limits_from_proto, rate_limits_to_proto},
-    auth::layer::principal,
+    auth::{Principal, Scope, layer::principal},
     pagination,
     proto::{
         convert::{from_timestamp, opt_timestamp, timestamp},
@@ -38,6 +38,22 @@ impl UsageGrpc {
 
 type RpcResult<T> = Result<Response<T>, Status>;
 
+/// Largest quantity of one metered record: 10^12 leaves room for 9 million maximal records
+/// in one sum before `bigint` overflows, far beyond a 93-day query's worth.
+pub const MAX_QUANTITY: i64 = 1_000_000_000_000;
+
+/// Longest period one usage query may span: the monthly partitions and the
+/// (tenant, ..., time) indexes serve a quarter with a bounded scan.
+pub const MAX_QUERY_DAYS: i64 = 93;
+
+/// The scope check the service repeats, done before any validation.
+fn authorize(principal: &Principal, scope: Scope) -> Result<(), Status> {
+    principal
+        .tenant_with(scope)
+        .map(drop)
+        .map_err(|e| UsageError::from(e).into())
+}
+
 #[tonic::async_trait]
 impl UsageService for UsageGrpc {
     async fn get_usage_summary(
@@ -45,6 +61,7 @@ impl UsageService for UsageGrpc {
         req: Request<v1::GetUsageSummaryRequest>,
     ) -> RpcResult<v1::UsageSummary> {
         let principal = principal(&req)?;
+        authorize(principal, Scope::UsageRead)?;
         let r = req.get_ref();
         let mut v = Violations::new();
         let period = period(r.start_time.as_ref(), r.end_time.as_ref(), &mut v);
@@ -77,6 +94,7 @@ impl UsageService for UsageGrpc {
         req: Request<v1::GetUsageBreakdownRequest>,
     ) -> RpcResult<v1::GetUsageBreakdownResponse> {
         let principal = principal(&req)?;
+        authorize(principal, Scope::UsageRead)?;
         let r = req.get_ref();
         let mut v = Violations::new();
         let period = period(r.start_time.as_ref(), r.end_time.as_ref(), &mut v);
@@ -126,6 +144,7 @@ impl UsageService for UsageGrpc {
         req: Request<v1::GetQuotaStatusRequest>,
     ) -> RpcResult<v1::QuotaStatus> {
         let principal = principal(&req)?;
+        authorize(principal, Scope::UsageRead)?;
         let status = self.usage.quota_status(principal).await?;
         let windows = status
             .windows
@@ -165,6 +184,7 @@ impl UsageService for UsageGrpc {
         req: Request<v1::ListRequestLogsRequest>,
     ) -> RpcResult<v1::ListRequestLogsResponse> {
         let principal = principal(&req)?;
+        authorize(principal, Scope::UsageRead)?;
         let r = req.get_ref();
         let mut v = Violations::new();
         let limit = pagination::page_size(r.page_size, &mut v);
@@ -187,12 +207,27 @@ impl UsageService for UsageGrpc {
         } else {
             None
         };
+        let to = time(r.end_time.as_ref(), "end_time", &mut v);
+        // No start: the last MAX_QUERY_DAYS before the end, so a filter that matches
+        // nothing still scans a bounded range.
+        let from = time(r.start_time.as_ref(), "start_time", &mut v).unwrap_or_else(|| {
+            to.unwrap_or_else(Utc::now) - chrono::Duration::days(MAX_QUERY_DAYS)
+        });
+        if let Some(to) = to {
+            check_span(from, to, &mut v);
+        }
+        v.check(
+            r.api_key_id.len() <= 64,
+            "api_key_id",
+            "at most 64 characters",
+        );
+        v.check(r.rpc.len() <= 200, "rpc", "at most 200 characters");
         let filter = LogFilter {
             api_key_id: (!r.api_key_id.is_empty()).then(|| r.api_key_id.clone()),
             grpc_code,
             rpc: (!r.rpc.is_empty()).then(|| r.rpc.clone()),
-            from: time(r.start_time.as_ref(), "start_time", &mut v),
-            to: time(r.end_time.as_ref(), "end_time", &mut v),
+            from: Some(from),
+            to,
         };
         v.into_result(()).map_err(UsageError::from)?;
         let mut logs = self
@@ -284,6 +319,15 @@ impl InternalUsageService for UsageGrpc {
         let r = req.get_ref();
         let mut v = Violations::new();
         let tenant = tenant_id(&r.tenant_id, &mut v);
+        // The ledger's own bound, checked here too so no work starts on a wild amount.
+        v.check(
+            (1..=crate::credits::service::MAX_AMOUNT).contains(&r.amount),
+            "amount",
+            format!(
+                "must be between 1 and {}",
+                crate::credits::service::MAX_AMOUNT
+            ),
+        );
         v.into_result(()).map_err(UsageError::from)?;
         let entry = self
             .usage
@@ -322,7 +366,11 @@ impl InternalUsageService for UsageGrpc {
             "metric",
             "required: lower_snake_case, e.g. generation_seconds",
         );
-        v.check(r.quantity > 0, "quantity", "must be positive");
+        v.check(
+            (1..=MAX_QUANTITY).contains(&r.quantity),
+            "quantity",
+            format!("must be between 1 and {MAX_QUANTITY}"),
+        );
         v.check(
             (1..=200).contains(&r.idempotency_id.chars().count()),
             "idempotency_id",
@@ -385,7 +433,17 @@ fn period(
         })
     };
     let (from, to) = (at(start, "start_time"), at(end, "end_time"));
-    Period::new(from, to, v)
+    let period = Period::new(from, to, v);
+    check_span(period.from, period.to, v);
+    period
+}
+
+fn check_span(from: DateTime<Utc>, to: DateTime<Utc>, v: &mut Violations) {
+    v.check(
+        to - from <= chrono::Duration::days(MAX_QUERY_DAYS),
+        "end_time",
+        format!("a query spans at most {MAX_QUERY_DAYS} days; split longer periods"),
+    );
 }
 
 fn tenant_id(raw: &str, v: &mut Violations) -> Option<TenantId> {

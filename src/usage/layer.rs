@@ -6,12 +6,17 @@
 //! It sits outside the auth layer, so refusals that happen there (rate limits) are recorded
 //! too; the auth layer tells it who called through the response's extensions
 //! ([`CallIdentity`]). Unauthenticated calls have no identity and are not recorded.
+//!
+//! Calls whose request stream the peer reset are not recorded either: Envoy does that when
+//! it refuses a REST body it cannot transcode (`{"":1}`, bad JSON) after it has already
+//! forwarded the headers. Its client got Envoy's 400, not the INTERNAL tonic answers to the
+//! broken stream, so a record would report a server error that no client saw.
 
 use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::Instant,
@@ -111,10 +116,12 @@ where
                 }
             };
             let request_bytes = Arc::new(AtomicU64::new(0));
+            let request_failed = Arc::new(AtomicBool::new(false));
             let (parts, body) = req.into_parts();
             let counted = Body::new(MeteredBody {
                 inner: body,
                 bytes: request_bytes.clone(),
+                failed: request_failed.clone(),
                 pending: None,
             });
             let response = inner
@@ -131,12 +138,14 @@ where
                 identity,
                 started,
                 request_bytes,
+                request_failed,
                 log,
                 status,
             };
             let body = MeteredBody {
                 inner: body,
                 bytes: Arc::new(AtomicU64::new(0)),
+                failed: Arc::new(AtomicBool::new(false)),
                 pending: Some(pending),
             };
             Ok(http::Response::from_parts(parts, Body::new(body)))
@@ -158,12 +167,21 @@ struct Pending {
     identity: CallIdentity,
     started: Instant,
     request_bytes: Arc<AtomicU64>,
+    /// Set when the request body ended in an error (the peer reset the stream).
+    request_failed: Arc<AtomicBool>,
     log: RequestLog,
     status: Option<Status>,
 }
 
 impl Pending {
     fn finish(self, response_bytes: u64) {
+        if self.request_failed.load(Ordering::Relaxed) {
+            tracing::debug!(
+                rpc = %self.call.rpc,
+                "request stream reset by the peer; the client never saw this answer: not recorded"
+            );
+            return;
+        }
         let (code, error_code) = match &self.status {
             None => (0, None),
             Some(s) => (
@@ -198,6 +216,8 @@ impl Pending {
 struct MeteredBody {
     inner: Body,
     bytes: Arc<AtomicU64>,
+    /// Set when the inner body yields an error (for a request: the stream was reset).
+    failed: Arc<AtomicBool>,
     pending: Option<Pending>,
 }
 
@@ -222,7 +242,11 @@ impl http_body::Body for MeteredBody {
                         Status::from_header_map(trailers).filter(|s| s.code() != tonic::Code::Ok);
                 }
             }
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.finish(),
+            Poll::Ready(Some(Err(_))) => {
+                this.failed.store(true, Ordering::Relaxed);
+                this.finish();
+            }
+            Poll::Ready(None) => this.finish(),
             Poll::Pending => {}
         }
         polled

@@ -428,7 +428,7 @@ impl UsageStore {
     ) -> Result<Vec<(String, i64)>, StoreError> {
         let mut conn = self.pool.get().await?;
         let rows: Vec<MeteredTotal> = diesel::sql_query(
-            "SELECT metric, SUM(quantity)::bigint AS quantity FROM metered_usage \
+            "SELECT metric, LEAST(SUM(quantity), 9223372036854775807)::bigint AS quantity FROM metered_usage \
              WHERE tenant_id = $1 AND time >= $2 AND time < $3 GROUP BY metric ORDER BY metric",
         )
         .bind::<SqlUuid, _>(tenant.0)

@@ -21,6 +21,7 @@ fn credits(db: &TestDb) -> Credits {
         url: db.url().to_string().into(),
         pool_size: 8,
         connect_timeout: Duration::from_secs(30),
+        statement_timeout: Duration::from_secs(30),
     });
     Credits::new(pool)
 }

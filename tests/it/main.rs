@@ -6,12 +6,14 @@ mod harness;
 
 mod api_keys;
 mod auth;
+mod bounded;
 mod cluster;
 mod credits;
 mod edge;
 mod faults;
 mod grpcurl;
 mod health;
+mod jwt;
 mod quickstart;
 mod quota;
 mod ratelimit;
