@@ -170,7 +170,9 @@ mod tests {
             jwt_issuer: None,
             jwt_audience: None,
             jwt_leeway: Duration::from_secs(30),
-            trust_forwarded_for: true,
+            trusted_proxies: Default::default(),
+            service_callers: Default::default(),
+            internal_tls: None,
         };
         JwtVerifier::from_config(&config).unwrap().unwrap()
     }

@@ -1,5 +1,6 @@
 //! The API-key lifecycle over gRPC on the public and internal listeners.
 
+use devgate::proto::internal::v1 as internal;
 use std::time::Duration;
 
 use devgate::proto::v1;
@@ -119,6 +120,7 @@ async fn full_lifecycle() {
             v1::RotateApiKeyRequest {
                 id: key.id.clone(),
                 grace_period: None,
+                end_grace_now: false,
             },
             &admin,
         ))
@@ -141,11 +143,11 @@ async fn full_lifecycle() {
     );
     assert!(verify_from(&w.app, &secret, "::1").await.valid);
     let outside = verify_from(&w.app, &secret, "192.0.2.1").await;
-    assert_eq!(reason(&outside), v1::VerifyFailureReason::IpNotAllowed);
+    assert_eq!(reason(&outside), internal::VerifyFailureReason::IpNotAllowed);
     let unknown = verify(&w.app, &secret).await;
     assert_eq!(
         reason(&unknown),
-        v1::VerifyFailureReason::IpNotAllowed,
+        internal::VerifyFailureReason::IpNotAllowed,
         "no address, no entry"
     );
 
@@ -166,7 +168,7 @@ async fn full_lifecycle() {
     for token in [&secret, &rotated.secret] {
         let r = verify(&w.app, token).await;
         assert!(!r.valid);
-        assert_eq!(reason(&r), v1::VerifyFailureReason::Revoked);
+        assert_eq!(reason(&r), internal::VerifyFailureReason::Revoked);
         let err = client
             .list_api_keys(api_key(v1::ListApiKeysRequest::default(), token))
             .await
@@ -179,6 +181,7 @@ async fn full_lifecycle() {
             v1::RotateApiKeyRequest {
                 id: key.id.clone(),
                 grace_period: None,
+                end_grace_now: false,
             },
             &admin,
         ))
@@ -231,7 +234,7 @@ async fn rotation_grace_ends_then_old_secret_is_refused() {
     tokio::time::sleep(Duration::from_millis(2300)).await;
     let r = verify(&w.app, &old).await;
     assert!(!r.valid);
-    assert_eq!(reason(&r), v1::VerifyFailureReason::NotFound);
+    assert_eq!(reason(&r), internal::VerifyFailureReason::NotFound);
     let err = client
         .list_api_keys(api_key(v1::ListApiKeysRequest::default(), &old))
         .await
@@ -279,7 +282,7 @@ async fn expired_ip_refused_and_insufficient_scope() {
     let r = verify(&w.app, &short).await;
     assert_eq!(
         reason(&r),
-        v1::VerifyFailureReason::Expired,
+        internal::VerifyFailureReason::Expired,
         "cache entries end at the key's expiry"
     );
     let err = client
@@ -317,7 +320,7 @@ async fn expired_ip_refused_and_insufficient_scope() {
         .unwrap_err();
     assert_refused(&err, Code::PermissionDenied, "API_KEY_IP_NOT_ALLOWED");
     let mut internal = w.app.internal_client().await;
-    let check = |ip: &str| v1::VerifyApiKeyRequest {
+    let check = |ip: &str| internal::VerifyApiKeyRequest {
         token: office.clone(),
         client_ip: ip.into(),
         ..Default::default()
@@ -335,7 +338,7 @@ async fn expired_ip_refused_and_insufficient_scope() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(reason(&r), v1::VerifyFailureReason::IpNotAllowed);
+    assert_eq!(reason(&r), internal::VerifyFailureReason::IpNotAllowed);
     let err = internal
         .verify_api_key(check("not-an-ip"))
         .await
@@ -350,7 +353,7 @@ async fn expired_ip_refused_and_insufficient_scope() {
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     let r = internal
-        .verify_api_key(v1::VerifyApiKeyRequest {
+        .verify_api_key(internal::VerifyApiKeyRequest {
             token: reader.clone(),
             required_scope: "generations:write".into(),
             ..Default::default()
@@ -359,10 +362,10 @@ async fn expired_ip_refused_and_insufficient_scope() {
         .unwrap()
         .into_inner();
     assert!(!r.valid);
-    assert_eq!(reason(&r), v1::VerifyFailureReason::InsufficientScope);
+    assert_eq!(reason(&r), internal::VerifyFailureReason::InsufficientScope);
     assert_eq!(r.tenant_id, tenant.to_string());
     let r = internal
-        .verify_api_key(v1::VerifyApiKeyRequest {
+        .verify_api_key(internal::VerifyApiKeyRequest {
             token: reader.clone(),
             required_scope: "usage:read".into(),
             ..Default::default()
@@ -374,7 +377,7 @@ async fn expired_ip_refused_and_insufficient_scope() {
     assert_eq!(r.plan, v1::Plan::Free as i32);
     assert_eq!(r.environment, v1::Environment::Test as i32);
     let err = internal
-        .verify_api_key(v1::VerifyApiKeyRequest {
+        .verify_api_key(internal::VerifyApiKeyRequest {
             token: reader,
             required_scope: "usage:write".into(),
             ..Default::default()
@@ -385,7 +388,7 @@ async fn expired_ip_refused_and_insufficient_scope() {
 
     // Malformed and unknown tokens.
     let r = verify(&w.app, "dg_test_nonsense").await;
-    assert_eq!(reason(&r), v1::VerifyFailureReason::Malformed);
+    assert_eq!(reason(&r), internal::VerifyFailureReason::Malformed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -406,7 +409,7 @@ async fn revocation_on_one_instance_is_seen_by_another_at_once() {
     .await;
     assert_eq!(
         reason(&verify(&b, &token).await),
-        v1::VerifyFailureReason::Revoked
+        internal::VerifyFailureReason::Revoked
     );
 }
 
@@ -427,19 +430,19 @@ async fn failed_attempts_lock_the_key_id_before_hashing() {
                 .token;
         assert_eq!(
             reason(&verify(&w.app, &wrong).await),
-            v1::VerifyFailureReason::NotFound
+            internal::VerifyFailureReason::NotFound
         );
     }
     let wrong =
         devgate::api_keys::token::generate(devgate::api_keys::model::Environment::Test, &id).token;
     assert_eq!(
         reason(&verify(&w.app, &wrong).await),
-        v1::VerifyFailureReason::TooManyAttempts
+        internal::VerifyFailureReason::TooManyAttempts
     );
     // Locked: even the right secret is refused until the window passes (it was never cached).
     assert_eq!(
         reason(&verify(&w.app, &token).await),
-        v1::VerifyFailureReason::TooManyAttempts
+        internal::VerifyFailureReason::TooManyAttempts
     );
     let err = w
         .app

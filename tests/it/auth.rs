@@ -1,5 +1,6 @@
 //! Identity, tenancy and authorization on the public and internal listeners.
 
+use devgate::proto::internal::v1 as internal;
 use devgate::proto::v1;
 use tonic::{Code, Request};
 use tonic_types::StatusExt;
@@ -44,6 +45,7 @@ async fn another_tenants_key_is_not_found_on_every_rpc() {
             c.rotate_api_key(credential.on(v1::RotateApiKeyRequest {
                 id: id.clone(),
                 grace_period: None,
+                end_grace_now: false,
             }))
             .await
             .unwrap_err()
@@ -144,6 +146,7 @@ async fn keys_only_grant_scopes_they_hold() {
             v1::RotateApiKeyRequest {
                 id: root.id.clone(),
                 grace_period: None,
+                end_grace_now: false,
             },
             &manager,
         ))
@@ -236,29 +239,33 @@ async fn credentials_are_required_and_checked() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn internal_rpcs_are_refused_on_the_public_listener() {
+async fn each_listener_serves_only_its_own_package() {
     let w = World::new().await;
     let tenant = Uuid::new_v4();
     let (_, token) = create_key(&w.app, tenant, &["*"]).await;
-    let mut c = w.app.public_client().await;
-    let req = v1::VerifyApiKeyRequest {
-        token: token.clone(),
-        ..Default::default()
-    };
-    let err = c
-        .verify_api_key(api_key(req.clone(), &token))
+    // The public listener has no internal RPCs, whatever the credential.
+    let err = internal::api_key_service_client::ApiKeyServiceClient::new(channel(w.app.public).await)
+        .verify_api_key(api_key(
+            internal::VerifyApiKeyRequest {
+                token: token.clone(),
+                ..Default::default()
+            },
+            &token,
+        ))
         .await
         .unwrap_err();
-    assert_refused(&err, Code::PermissionDenied, "INTERNAL_ONLY");
-    // Tenant RPCs on the internal listener need a tenant principal.
-    let err = w
-        .app
-        .internal_client()
-        .await
+    assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
+    // The internal listener has no public RPCs, even for an authenticated caller.
+    let mut public_on_internal =
+        v1::api_key_service_client::ApiKeyServiceClient::with_interceptor(
+            channel(w.app.internal).await,
+            ServiceAuth::new(SERVICE_TOKEN),
+        );
+    let err = public_on_internal
         .list_api_keys(v1::ListApiKeysRequest::default())
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,6 +2,7 @@
 //! details stay small whatever the request's size, queries stay within what the indexes
 //! serve, user calls are rate limited, and the request log records what the client got.
 
+use devgate::proto::internal::v1 as internal;
 use std::time::Duration;
 
 use devgate::{
@@ -258,8 +259,8 @@ async fn usage_queries_are_bounded_and_authorized_first() {
 async fn metered_quantities_cannot_overflow_sums() {
     let w = World::new().await;
     let tenant = Uuid::new_v4();
-    let mut internal = UsageServiceClient::new(channel(w.app.internal).await);
-    let record = |quantity: i64, id: &str| v1::RecordUsageRequest {
+    let mut internal = w.app.internal_usage().await;
+    let record = |quantity: i64, id: &str| internal::RecordUsageRequest {
         tenant_id: tenant.to_string(),
         metric: "generation_seconds".into(),
         quantity,
@@ -292,7 +293,7 @@ async fn metered_quantities_cannot_overflow_sums() {
         .into_inner();
     assert_eq!(summary.metered[0].quantity, 3 * max);
 
-    let grant = |amount: i64| v1::GrantCreditsRequest {
+    let grant = |amount: i64| internal::GrantCreditsRequest {
         tenant_id: tenant.to_string(),
         amount,
         reason: "test".into(),
@@ -321,6 +322,7 @@ async fn user_calls_are_rate_limited_per_tenant_and_user() {
                 ..Default::default()
             },
             QuotaOverrides::default(),
+            "service:test-suite",
         )
         .await
         .unwrap();

@@ -1,6 +1,7 @@
 //! Redis Cluster: the limiter (rate windows and the monthly quota in one script) and the
 //! cache-invalidation broadcast against a local 3-node cluster started by the test.
 
+use devgate::proto::internal::v1 as internal;
 use std::time::Duration;
 
 use devgate::proto::v1;
@@ -141,7 +142,7 @@ async fn api_key_calls_and_revocations_work_on_a_redis_cluster() {
     .await;
     assert_eq!(
         reason(&verify(&b, &token).await),
-        v1::VerifyFailureReason::Revoked
+        internal::VerifyFailureReason::Revoked
     );
     b.stop().await;
 }

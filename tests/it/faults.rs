@@ -1,6 +1,7 @@
 //! Faults: Redis and Postgres going away and coming back, and shutdown flushing what it
 //! holds.
 
+use devgate::proto::internal::v1 as internal;
 use std::{net::SocketAddr, time::Duration};
 
 use devgate::proto::v1;
@@ -83,7 +84,7 @@ async fn postgres_outage_answers_unavailable_then_recovers() {
     let err = app
         .internal_client()
         .await
-        .verify_api_key(v1::VerifyApiKeyRequest {
+        .verify_api_key(internal::VerifyApiKeyRequest {
             token: uncached.clone(),
             ..Default::default()
         })

@@ -93,14 +93,44 @@ async fn list_describe_and_call() {
     let secret = created["secret"].as_str().unwrap().to_string();
     assert!(secret.starts_with("dg_live_"));
 
+    // The internal listener lists only the internal package, and needs a service token.
+    let internal_services = tokio::task::spawn_blocking({
+        let internal = internal.clone();
+        move || grpcurl(&["-plaintext", &internal, "list"])
+    })
+    .await
+    .unwrap();
+    assert!(
+        internal_services
+            .lines()
+            .any(|l| l == "devgate.internal.v1.ApiKeyService"),
+        "{internal_services}"
+    );
+    assert!(
+        !internal_services.lines().any(|l| l.starts_with("devgate.v1.")),
+        "{internal_services}"
+    );
+    assert!(
+        !services.lines().any(|l| l.starts_with("devgate.internal.")),
+        "{services}"
+    );
     let verified = tokio::task::spawn_blocking(move || {
         let body = serde_json::json!({"token": secret, "requiredScope": "usage:read"}).to_string();
+        let refused = Command::new(grpcurl_binary())
+            .args(["-plaintext", "-d", &body, &internal])
+            .arg("devgate.internal.v1.ApiKeyService/VerifyApiKey")
+            .output()
+            .unwrap();
+        let refused = String::from_utf8_lossy(&refused.stderr).to_string();
+        assert!(refused.contains("Unauthenticated"), "{refused}");
         grpcurl(&[
             "-plaintext",
+            "-H",
+            &format!("authorization: Bearer {SERVICE_TOKEN}"),
             "-d",
             &body,
             &internal,
-            "devgate.v1.ApiKeyService/VerifyApiKey",
+            "devgate.internal.v1.ApiKeyService/VerifyApiKey",
         ])
     })
     .await

@@ -13,6 +13,7 @@ mod edge;
 mod faults;
 mod grpcurl;
 mod health;
+mod internal;
 mod jwt;
 mod quickstart;
 mod quota;

@@ -1,6 +1,7 @@
 //! Monthly quotas: counted per tenant in Redis on the hot path, refused with
 //! RESOURCE_EXHAUSTED (QuotaFailure, retry at the month's end), reconciled from Postgres.
 
+use devgate::proto::internal::v1 as internal;
 use std::time::Duration;
 
 use devgate::{
@@ -20,8 +21,8 @@ async fn set_quota(
     monthly_requests: i64,
     limits: Option<v1::RateLimits>,
 ) {
-    UsageServiceClient::new(channel(app.internal).await)
-        .set_plan(v1::SetPlanRequest {
+    app.internal_usage().await
+        .set_plan(internal::SetPlanRequest {
             tenant_id: tenant.to_string(),
             plan: v1::Plan::Standard as i32,
             rate_limits: limits,
@@ -182,7 +183,7 @@ async fn consuming_verifications_count_against_the_quota() {
     let (_, token) = create_key(&w.app, tenant, &["*"]).await;
     set_quota(&w.app, tenant, 2, None).await;
     let mut internal = w.app.internal_client().await;
-    let consume = || v1::VerifyApiKeyRequest {
+    let consume = || internal::VerifyApiKeyRequest {
         token: token.clone(),
         consume: true,
         operation: "POST /v2/render".into(),
@@ -204,7 +205,7 @@ async fn consuming_verifications_count_against_the_quota() {
         .unwrap()
         .into_inner();
     assert!(!refused.valid);
-    assert_eq!(reason(&refused), v1::VerifyFailureReason::QuotaExhausted);
+    assert_eq!(reason(&refused), internal::VerifyFailureReason::QuotaExhausted);
     assert!(refused.rate_limit.is_some());
     assert_eq!(requests_used(&w.app, tenant).await, 2);
 }

@@ -1,6 +1,7 @@
 //! Rate limits: exact under concurrency across replicas, refill, per-key overrides, the
 //! headers (gRPC and through Envoy), consuming verifications, and Redis outages.
 
+use devgate::proto::internal::v1 as internal;
 use std::{sync::Arc, time::Duration};
 
 use devgate::proto::v1;
@@ -245,7 +246,7 @@ async fn consuming_verification_gates_another_api() {
     let w = World::new().await;
     let (_, token) = limited_key(&w.app, Uuid::new_v4(), [60, 100_000, 1_000_000, 5]).await;
     let mut internal = w.app.internal_client().await;
-    let consume = |cost: u32| v1::VerifyApiKeyRequest {
+    let consume = |cost: u32| internal::VerifyApiKeyRequest {
         token: token.clone(),
         consume: true,
         cost,
@@ -271,7 +272,7 @@ async fn consuming_verification_gates_another_api() {
         .unwrap()
         .into_inner();
     assert!(!refused.valid);
-    assert_eq!(reason(&refused), v1::VerifyFailureReason::RateLimited);
+    assert_eq!(reason(&refused), internal::VerifyFailureReason::RateLimited);
     assert_eq!(refused.rate_limit.unwrap().retry_after_seconds, 1);
     // Without consume nothing is taken; the key is still valid.
     assert!(verify(&w.app, &token).await.valid);

@@ -1,6 +1,7 @@
 //! UsageService end to end: calls are recorded by the usage layer, and summaries,
 //! breakdowns, request logs, quota status, plans and credits read them back.
 
+use devgate::proto::internal::v1 as internal;
 use std::time::Duration;
 
 use devgate::proto::v1::{self, usage_service_client::UsageServiceClient};
@@ -358,11 +359,11 @@ async fn plans_credits_and_quota_status() {
     let w = World::new().await;
     let tenant = Uuid::new_v4();
     let (key, token) = create_key(&w.app, tenant, &["*"]).await;
-    let mut internal = usage_client(w.app.internal).await;
+    let mut internal = w.app.internal_usage().await;
     let mut public = usage_client(w.app.public).await;
 
     // Internal-only RPCs are refused on the public listener.
-    let set_plan = v1::SetPlanRequest {
+    let set_plan = internal::SetPlanRequest {
         tenant_id: tenant.to_string(),
         plan: v1::Plan::Enterprise as i32,
         rate_limits: Some(v1::RateLimits {
@@ -373,11 +374,12 @@ async fn plans_credits_and_quota_status() {
         }),
         quotas: None,
     };
-    let err = public
+    // The public listener does not serve the internal package at all.
+    let err = internal::usage_service_client::UsageServiceClient::new(channel(w.app.public).await)
         .set_plan(bearer(set_plan.clone(), &admin_token(tenant)))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(err.code(), Code::Unimplemented);
 
     // The key was verified and cached under the default plan; SetPlan reaches it at once.
     assert_eq!(verify(&w.app, &token).await.plan, v1::Plan::Free as i32);
@@ -389,7 +391,7 @@ async fn plans_credits_and_quota_status() {
     );
 
     // Credits: idempotent grants.
-    let grant = |id: &str| v1::GrantCreditsRequest {
+    let grant = |id: &str| internal::GrantCreditsRequest {
         tenant_id: tenant.to_string(),
         amount: 500,
         reason: "welcome".into(),
@@ -487,8 +489,8 @@ async fn plans_credits_and_quota_status() {
 async fn metered_usage_is_recorded_once_per_idempotency_id() {
     let w = World::new().await;
     let tenant = Uuid::new_v4();
-    let mut internal = usage_client(w.app.internal).await;
-    let record = |id: &str, quantity: i64| v1::RecordUsageRequest {
+    let mut internal = w.app.internal_usage().await;
+    let record = |id: &str, quantity: i64| internal::RecordUsageRequest {
         tenant_id: tenant.to_string(),
         metric: "generation_seconds".into(),
         quantity,
@@ -533,12 +535,11 @@ async fn metered_usage_is_recorded_once_per_idempotency_id() {
         .collect();
     assert_eq!(fields, vec!["metric", "quantity"]);
     // Only internal callers may record.
-    let err = usage_client(w.app.public)
-        .await
+    let err = internal::usage_service_client::UsageServiceClient::new(channel(w.app.public).await)
         .record_usage(bearer(record("job-4", 1), &admin_token(tenant)))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(err.code(), Code::Unimplemented);
 
     let summary = usage_client(w.app.public)
         .await

@@ -13,7 +13,10 @@ use devgate::{
     Application, Config,
     api_keys::verifier::KeyVerifier,
     app::Roles,
-    proto::v1::{self, api_key_service_client::ApiKeyServiceClient},
+    proto::{
+        internal::v1 as internal,
+        v1::{self, api_key_service_client::ApiKeyServiceClient},
+    },
 };
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, transport::Channel};
@@ -23,6 +26,37 @@ pub use db as dbx;
 pub use db::TestDb;
 
 pub const JWT_SECRET: &str = "test-only-jwt-secret-for-devgate-integration-tests";
+
+/// The service token of the internal caller `test-suite` (allowed every internal RPC);
+/// instances know only its SHA-256 (DEVGATE_SERVICE_TOKENS).
+pub const SERVICE_TOKEN: &str = "dgs_test-suite-service-token-0123456789abcdefghij";
+
+/// The source address of the tests' Envoy towards devgate (envoy/envoy.yaml): the only
+/// trusted proxy, so direct callers on 127.0.0.1 cannot forge x-forwarded-for.
+pub const TRUSTED_PROXY: &str = "127.0.0.2/32";
+
+/// Adds a caller's `authorization: Bearer <service token>` to every internal call.
+#[derive(Clone)]
+pub struct ServiceAuth(pub tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl ServiceAuth {
+    pub fn new(token: &str) -> Self {
+        Self(format!("Bearer {token}").parse().unwrap())
+    }
+}
+
+impl tonic::service::Interceptor for ServiceAuth {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+pub type Intercepted = tonic::service::interceptor::InterceptedService<Channel, ServiceAuth>;
+/// `devgate.internal.v1.ApiKeyService` as the `test-suite` caller.
+pub type InternalKeys = internal::api_key_service_client::ApiKeyServiceClient<Intercepted>;
+/// `devgate.internal.v1.UsageService` as the `test-suite` caller.
+pub type InternalUsage = internal::usage_service_client::UsageServiceClient<Intercepted>;
 
 pub fn manifest_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -40,6 +74,8 @@ pub struct Settings {
 
 impl Settings {
     pub fn new(db: &TestDb, redis_prefix: &str) -> Self {
+        let service_tokens =
+            devgate::auth::service_token::config_entry("test-suite", SERVICE_TOKEN, &[]);
         let vars = [
             ("DEVGATE_ENVIRONMENT", "development"),
             ("DEVGATE_PUBLIC_ADDR", "127.0.0.1:0"),
@@ -50,6 +86,8 @@ impl Settings {
             ("DEVGATE_REDIS_URL", &redis_url()),
             ("DEVGATE_REDIS_PREFIX", redis_prefix),
             ("DEVGATE_JWT_HS256_SECRET", JWT_SECRET),
+            ("DEVGATE_TRUSTED_PROXIES", TRUSTED_PROXY),
+            ("DEVGATE_SERVICE_TOKENS", &service_tokens),
             ("DEVGATE_LAST_USED_FLUSH_INTERVAL", "200ms"),
             ("DEVGATE_USAGE_FLUSH_INTERVAL", "100ms"),
             ("DEVGATE_SHUTDOWN_GRACE", "2s"),
@@ -121,8 +159,20 @@ impl TestApp {
         ApiKeyServiceClient::new(channel(self.public).await)
     }
 
-    pub async fn internal_client(&self) -> ApiKeyServiceClient<Channel> {
-        ApiKeyServiceClient::new(channel(self.internal).await)
+    /// The internal key service, as the `test-suite` caller.
+    pub async fn internal_client(&self) -> InternalKeys {
+        internal::api_key_service_client::ApiKeyServiceClient::with_interceptor(
+            channel(self.internal).await,
+            ServiceAuth::new(SERVICE_TOKEN),
+        )
+    }
+
+    /// The internal usage service, as the `test-suite` caller.
+    pub async fn internal_usage(&self) -> InternalUsage {
+        internal::usage_service_client::UsageServiceClient::with_interceptor(
+            channel(self.internal).await,
+            ServiceAuth::new(SERVICE_TOKEN),
+        )
     }
 
     /// Stops the instance and waits for it to drain.
@@ -266,6 +316,7 @@ pub async fn rotate(
     let req = v1::RotateApiKeyRequest {
         id: id.into(),
         grace_period,
+        end_grace_now: false,
     };
     app.public_client()
         .await
@@ -275,15 +326,15 @@ pub async fn rotate(
 }
 
 /// Verifies `token` on the internal listener.
-pub async fn verify(app: &TestApp, token: &str) -> v1::VerifyApiKeyResponse {
+pub async fn verify(app: &TestApp, token: &str) -> internal::VerifyApiKeyResponse {
     verify_from(app, token, "").await
 }
 
 /// Verifies `token` for a client at `ip` ("" for unknown).
-pub async fn verify_from(app: &TestApp, token: &str, ip: &str) -> v1::VerifyApiKeyResponse {
+pub async fn verify_from(app: &TestApp, token: &str, ip: &str) -> internal::VerifyApiKeyResponse {
     app.internal_client()
         .await
-        .verify_api_key(v1::VerifyApiKeyRequest {
+        .verify_api_key(internal::VerifyApiKeyRequest {
             token: token.into(),
             client_ip: ip.into(),
             ..Default::default()
@@ -293,8 +344,8 @@ pub async fn verify_from(app: &TestApp, token: &str, ip: &str) -> v1::VerifyApiK
         .into_inner()
 }
 
-pub fn reason(r: &v1::VerifyApiKeyResponse) -> v1::VerifyFailureReason {
-    v1::VerifyFailureReason::try_from(r.failure_reason).unwrap()
+pub fn reason(r: &internal::VerifyApiKeyResponse) -> internal::VerifyFailureReason {
+    internal::VerifyFailureReason::try_from(r.failure_reason).unwrap()
 }
 
 /// Polls `check` until it holds or `limit` passes (then panics).
