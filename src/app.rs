@@ -128,15 +128,17 @@ impl Application {
             config.rate_limits.fail_closed,
         ));
         let invalidations = Invalidations::new(redis);
+        let tenants = TenantDirectory::new(pool.clone());
         let keys = Arc::new(ApiKeys::new(
             store.clone(),
             hasher,
             verifier.clone(),
             invalidations.clone(),
             config.api_keys.clone(),
+            tenants.clone(),
+            config.rate_limits.plans,
         ));
         let jwt = JwtVerifier::from_config(&config.auth)?;
-        let tenants = TenantDirectory::new(pool.clone());
         let authenticator = Arc::new(Authenticator::new(verifier.clone(), jwt, tenants.clone()));
         let (request_log, request_log_writer) = RequestLog::with_capacity(config.usage.buffer);
         let usage = Arc::new(Usage::new(

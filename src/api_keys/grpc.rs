@@ -229,6 +229,17 @@ impl InternalApiKeyService for ApiKeyGrpc {
                 }));
             }
         };
+        if r.consume && cost > key.limits.burst {
+            // More than the bucket ever holds: the call could never be admitted.
+            return Err(ApiKeyError::Invalid(Violations::one(
+                "cost",
+                format!(
+                    "{cost} exceeds the key's burst ({}): such a call could never pass",
+                    key.limits.burst
+                ),
+            ))
+            .into());
+        }
         let mut reason = match required {
             Some(scope) if !key.scopes.grants(scope) => internal::VerifyFailureReason::InsufficientScope,
             _ => internal::VerifyFailureReason::Unspecified,

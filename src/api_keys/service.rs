@@ -18,7 +18,9 @@ use crate::{
     auth::{Principal, Scope, Scopes},
     config::ApiKeyConfig,
     db::StoreError,
-    tenants::TenantId,
+    ratelimit::{LimitOverrides, PlanLimits},
+    tenants::{TenantDirectory, TenantId},
+    validation::Violations,
 };
 
 /// One page of keys and the cursor after its last row.
@@ -33,6 +35,8 @@ pub struct ApiKeys {
     verifier: Arc<KeyVerifier>,
     invalidations: Invalidations,
     config: ApiKeyConfig,
+    tenants: TenantDirectory,
+    plans: PlanLimits,
 }
 
 impl ApiKeys {
@@ -42,6 +46,8 @@ impl ApiKeys {
         verifier: Arc<KeyVerifier>,
         invalidations: Invalidations,
         config: ApiKeyConfig,
+        tenants: TenantDirectory,
+        plans: PlanLimits,
     ) -> Self {
         Self {
             store,
@@ -49,6 +55,8 @@ impl ApiKeys {
             verifier,
             invalidations,
             config,
+            tenants,
+            plans,
         }
     }
 
@@ -68,6 +76,7 @@ impl ApiKeys {
     ) -> Result<(ApiKey, NewToken), ApiKeyError> {
         let tenant = principal.tenant_with(Scope::ApiKeysWrite)?;
         ensure_covers(principal, &new.scopes, "create a key with")?;
+        self.check_limits(tenant, &new.rate_limits).await?;
         // A 71-bit random id practically never collides; retry once if it does.
         for attempt in 0..2 {
             let id = token::new_key_id();
@@ -133,6 +142,9 @@ impl ApiKeys {
         let current = self.managed(principal, tenant, id).await?;
         if let Some(scopes) = &changes.scopes {
             ensure_covers(principal, scopes, "grant")?;
+        }
+        if let Some(limits) = &changes.rate_limits {
+            self.check_limits(tenant, limits).await?;
         }
         if changes.is_empty() {
             return Ok(current);
@@ -218,6 +230,37 @@ impl ApiKeys {
         self.broadcast(id).await;
         tracing::info!(tenant = %tenant, key_id = %id, actor = %principal.actor(), "api key deleted");
         Ok(())
+    }
+
+    /// A key's own limits may only lower what its tenant's plan grants (raising is
+    /// SetPlan's), and the limits the key ends up with must be consistent.
+    async fn check_limits(
+        &self,
+        tenant: TenantId,
+        own: &LimitOverrides,
+    ) -> Result<(), ApiKeyError> {
+        if own.is_empty() {
+            return Ok(());
+        }
+        let record = self.tenants.get(tenant).await?;
+        let ceiling = record.limits.apply(self.plans.of(record.plan));
+        let mut v = Violations::new();
+        for (field, value, max) in own.above(ceiling) {
+            v.add(
+                format!("rate_limits.{field}"),
+                format!(
+                    "{value} is above the {} plan's {max}: a key may only lower its tenant's limits",
+                    record.plan.as_str()
+                ),
+            );
+        }
+        for (field, why) in own.lower(ceiling).inconsistencies() {
+            v.add(
+                format!("rate_limits.{field}"),
+                format!("{why} (burst ≤ per_minute ≤ per_hour ≤ per_day, unset fields follow the plan)"),
+            );
+        }
+        v.into_result(()).map_err(ApiKeyError::from)
     }
 
     async fn find(&self, tenant: TenantId, id: &KeyId) -> Result<ApiKey, ApiKeyError> {

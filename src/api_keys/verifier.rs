@@ -157,9 +157,11 @@ impl KeyVerifier {
                 plan: record.plan,
                 environment: record.environment,
                 quotas: record.tenant_quotas.apply(self.quotas.of(record.plan)),
+                // The tenant's limits (its plan's, raised or lowered by SetPlan), lowered
+                // by the key's own: a key never lifts what its plan allows.
                 limits: record
                     .key_limits
-                    .apply(record.tenant_limits.apply(self.plans.of(record.plan))),
+                    .lower(record.tenant_limits.apply(self.plans.of(record.plan))),
             },
             allowed_cidrs: record.allowed_cidrs,
             valid_until: [valid_until, record.expire_time]

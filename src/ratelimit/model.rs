@@ -35,6 +35,32 @@ impl LimitOverrides {
     pub fn is_empty(&self) -> bool {
         *self == Self::default()
     }
+
+    /// A key's limits under its tenant's `ceiling`: a key's own values may only lower what
+    /// the tenant's plan grants (raising is SetPlan's), so a stored value above the ceiling
+    /// (the plan went down since) is capped here, at use time.
+    pub fn lower(&self, ceiling: Limits) -> Limits {
+        let cap = |own: Option<u32>, max: u32| own.map_or(max, |v| v.min(max));
+        Limits {
+            per_minute: cap(self.per_minute, ceiling.per_minute),
+            per_hour: cap(self.per_hour, ceiling.per_hour),
+            per_day: cap(self.per_day, ceiling.per_day),
+            burst: cap(self.burst, ceiling.burst),
+        }
+    }
+
+    /// The fields set above `ceiling`: (field name, value, ceiling).
+    pub fn above(&self, ceiling: Limits) -> Vec<(&'static str, u32, u32)> {
+        [
+            ("per_minute", self.per_minute, ceiling.per_minute),
+            ("per_hour", self.per_hour, ceiling.per_hour),
+            ("per_day", self.per_day, ceiling.per_day),
+            ("burst", self.burst, ceiling.burst),
+        ]
+        .into_iter()
+        .filter_map(|(name, own, max)| own.filter(|v| *v > max).map(|v| (name, v, max)))
+        .collect()
+    }
 }
 
 /// One token bucket of a key.
@@ -52,6 +78,32 @@ pub struct Window {
 }
 
 impl Limits {
+    /// What makes the limits contradict themselves: each window must allow at least what
+    /// the shorter one does (burst ≤ per minute ≤ per hour ≤ per day), else the longer
+    /// window silently becomes the real limit of the shorter. (field, message) pairs.
+    pub fn inconsistencies(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if self.burst > self.per_minute {
+            out.push((
+                "burst",
+                format!("{} exceeds per_minute ({})", self.burst, self.per_minute),
+            ));
+        }
+        if self.per_minute > self.per_hour {
+            out.push((
+                "per_minute",
+                format!("{} exceeds per_hour ({})", self.per_minute, self.per_hour),
+            ));
+        }
+        if self.per_hour > self.per_day {
+            out.push((
+                "per_hour",
+                format!("{} exceeds per_day ({})", self.per_hour, self.per_day),
+            ));
+        }
+        out
+    }
+
     pub fn windows(&self) -> [Window; 3] {
         [
             Window {
@@ -85,12 +137,16 @@ impl FromStr for Limits {
             "per_minute/per_hour/per_day/burst, e.g. 100/2000/20000/10",
         )?;
         let small = |v: u64| u32::try_from(v).map_err(|_| format!("{v} is too large"));
-        Ok(Limits {
+        let limits = Limits {
             per_minute: small(m)?,
             per_hour: small(h)?,
             per_day: small(d)?,
             burst: small(b)?,
-        })
+        };
+        match limits.inconsistencies().first() {
+            Some((field, why)) => Err(format!("{field} {why}")),
+            None => Ok(limits),
+        }
     }
 }
 
@@ -234,6 +290,23 @@ mod tests {
         assert!("100/2000/20000".parse::<Limits>().is_err());
         assert!("100/0/20000/10".parse::<Limits>().is_err());
         assert!("a/b/c/d".parse::<Limits>().is_err());
+        // burst ≤ per minute ≤ per hour ≤ per day.
+        assert!("100/2000/20000/101".parse::<Limits>().is_err());
+        assert!("100/99/20000/10".parse::<Limits>().is_err());
+        assert!("100/2000/1999/10".parse::<Limits>().is_err());
+    }
+
+    #[test]
+    fn a_key_only_lowers_its_tenants_limits() {
+        let plan: Limits = "30/500/5000/5".parse().unwrap();
+        let key = LimitOverrides {
+            per_minute: Some(100_000_000),
+            burst: Some(2),
+            ..Default::default()
+        };
+        assert_eq!(key.lower(plan), "30/500/5000/2".parse().unwrap());
+        assert_eq!(key.above(plan), vec![("per_minute", 100_000_000, 30)]);
+        assert!(LimitOverrides::default().above(plan).is_empty());
     }
 
     #[test]

@@ -212,6 +212,14 @@ impl Usage {
         quotas: QuotaOverrides,
     ) -> Result<TenantRecord, UsageError> {
         principal.require_internal()?;
+        let mut v = Violations::new();
+        for (field, why) in limits.apply(self.plans.of(plan)).inconsistencies() {
+            v.add(
+                format!("rate_limits.{field}"),
+                format!("{why} (burst ≤ per_minute ≤ per_hour ≤ per_day; unset fields follow the plan)"),
+            );
+        }
+        v.into_result(())?;
         let record = self
             .tenants
             .set_plan(tenant, plan, limits, quotas, &principal.actor())

@@ -7,6 +7,7 @@ mod harness;
 mod api_keys;
 mod auth;
 mod bounded;
+mod ceiling;
 mod cluster;
 mod credits;
 mod edge;

@@ -44,8 +44,9 @@ async fn concurrent_clients_on_two_replicas_get_exactly_the_burst() {
     let w = World::new().await;
     let b = w.replica().await;
     let tenant = Uuid::new_v4();
-    // 6 per minute = one token every 10 s: during this test only the burst is available.
-    let (_, key) = limited_key(&w.app, tenant, [6, 100_000, 1_000_000, 20]).await;
+    // 20 per minute with a burst of 20 (a burst may not exceed the minute rate): one token
+    // every 3 s, so a refill or two may fall inside the test; it is counted below.
+    let (_, key) = limited_key(&w.app, tenant, [20, 100_000, 1_000_000, 20]).await;
     let clients = [w.app.public_client().await, b.public_client().await];
     let key: Arc<str> = key.into();
     let started = std::time::Instant::now();
@@ -73,13 +74,10 @@ async fn concurrent_clients_on_two_replicas_get_exactly_the_burst() {
             Err(status) => assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}"),
         }
     }
+    let refills = started.elapsed().as_millis().div_ceil(3_000) as usize;
     assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "the refill of one token must not fall inside the test"
-    );
-    assert_eq!(
-        admitted, 20,
-        "burst 20, no refill yet: exactly 20 of 200 across both replicas"
+        (20..=20 + refills).contains(&admitted),
+        "burst 20 plus at most {refills} refilled tokens across both replicas, got {admitted}"
     );
 }
 
