@@ -267,6 +267,16 @@ impl From<ApiKeyError> for Status {
                 e.to_string(),
                 "FAILED_PRECONDITION",
             ),
+            ApiKeyError::GraceInProgress { until, .. } => Status::with_error_details(
+                Code::FailedPrecondition,
+                e.to_string(),
+                ErrorDetails::with_error_info(
+                    "PREVIOUS_SECRET_IN_GRACE",
+                    DOMAIN,
+                    HashMap::from([("previous_secret_expire_time".to_string(), until.to_rfc3339())]),
+                ),
+            ),
+            ApiKeyError::Aborted(_) => error_info(Code::Aborted, e.to_string(), "CONCURRENT_CHANGE"),
             ApiKeyError::Auth(a) => a.into(),
             ApiKeyError::Store(s) => s.into(),
             e @ ApiKeyError::Hashing(_) => internal(&e),

@@ -149,24 +149,35 @@ impl ApiKeyService for ApiKeyGrpc {
         let r = req.get_ref();
         let id = key_id(&r.id, "id")?;
         let max = self.keys.config().rotation_grace_max;
-        let grace = match &r.grace_period {
+        // Unset or zero (`{}` in JSON, which the transcoder reads as zero) is the default
+        // grace: ending a secret at once is only ever the explicit `end_grace_now`.
+        let grace = match r.grace_period.as_ref().map(from_duration) {
             None => None,
-            Some(d) => match from_duration(d) {
-                Some(g) if g <= max => Some(g),
-                Some(_) => {
-                    let msg = format!("at most {}", humantime::format_duration(max));
-                    return Err(ApiKeyError::Invalid(Violations::one("grace_period", msg)).into());
-                }
-                None => {
-                    return Err(ApiKeyError::Invalid(Violations::one(
-                        "grace_period",
-                        "must not be negative",
-                    ))
-                    .into());
-                }
-            },
+            Some(Some(g)) if g.is_zero() => None,
+            Some(Some(_)) if r.end_grace_now => {
+                return Err(ApiKeyError::Invalid(Violations::one(
+                    "grace_period",
+                    "must be unset when end_grace_now is true",
+                ))
+                .into());
+            }
+            Some(Some(g)) if g <= max => Some(g),
+            Some(Some(_)) => {
+                let msg = format!("at most {}", humantime::format_duration(max));
+                return Err(ApiKeyError::Invalid(Violations::one("grace_period", msg)).into());
+            }
+            Some(None) => {
+                return Err(ApiKeyError::Invalid(Violations::one(
+                    "grace_period",
+                    "must not be negative",
+                ))
+                .into());
+            }
         };
-        let (key, token) = self.keys.rotate(principal, &id, grace).await?;
+        let (key, token) = self
+            .keys
+            .rotate(principal, &id, grace, r.end_grace_now)
+            .await?;
         Ok(Response::new(v1::RotateApiKeyResponse {
             api_key: Some(to_proto(&key)),
             secret: token.token,

@@ -177,46 +177,42 @@ impl ApiKeys {
     }
 
     /// A new secret; the previous one keeps working for `grace` (default from config).
+    /// `end_grace` ends it now, and also any earlier secret still in its grace; without it,
+    /// rotating while an earlier secret is in its grace is refused with that grace's end.
     pub async fn rotate(
         &self,
         principal: &Principal,
         id: &KeyId,
         grace: Option<Duration>,
+        end_grace: bool,
     ) -> Result<(ApiKey, NewToken), ApiKeyError> {
         let tenant = principal.tenant_with(Scope::ApiKeysWrite)?;
         let current = self.managed(principal, tenant, id).await?;
         let now = Utc::now();
-        match current.state(now) {
-            KeyState::Active => {}
-            KeyState::Revoked => {
-                return Err(ApiKeyError::FailedPrecondition(format!(
-                    "api key {id} is revoked and cannot be rotated"
-                )));
-            }
-            KeyState::Expired => {
-                return Err(ApiKeyError::FailedPrecondition(format!(
-                    "api key {id} has expired and cannot be rotated"
-                )));
-            }
-        }
+        ensure_rotatable(&current, id, end_grace, now)?;
         let grace = grace.unwrap_or(self.config.rotation_grace_default);
-        let previous_until = (!grace.is_zero())
+        let previous_until = (!end_grace)
             .then(|| now + chrono::Duration::from_std(grace).expect("grace is bounded"));
         let token = token::generate(current.environment, id);
         let hash = self.hasher.hash(token.secret()).await?;
-        let key = self
+        let key = match self
             .store
-            .rotate(tenant, id, &hash, previous_until, now)
+            .rotate(tenant, id, &hash, previous_until, end_grace, now)
             .await
-            .map_err(|e| match e {
-                // Revoked between the check and the update.
-                StoreError::NotFound => ApiKeyError::FailedPrecondition(format!(
-                    "api key {id} is revoked and cannot be rotated"
-                )),
-                other => other.into(),
-            })?;
+        {
+            Ok(key) => key,
+            // Revoked, deleted or rotated by someone else since it was read: say which.
+            Err(StoreError::NotFound) => {
+                let latest = self.find(tenant, id).await?;
+                ensure_rotatable(&latest, id, end_grace, Utc::now())?;
+                return Err(ApiKeyError::Aborted(format!(
+                    "api key {id} changed during the rotation; retry"
+                )));
+            }
+            Err(other) => return Err(other.into()),
+        };
         self.broadcast(id).await;
-        tracing::info!(tenant = %tenant, key_id = %id, actor = %principal.actor(), grace_s = grace.as_secs(), "api key rotated");
+        tracing::info!(tenant = %tenant, key_id = %id, actor = %principal.actor(), grace_s = if end_grace { 0 } else { grace.as_secs() }, "api key rotated");
         Ok((key, token))
     }
 
@@ -299,6 +295,36 @@ fn ensure_covers(principal: &Principal, requested: &Scopes, what: &str) -> Resul
             "cannot {what} scopes the caller does not hold: {}",
             names.join(", ")
         )))
+    }
+}
+
+/// Whether `key` may be rotated now: active, and no earlier secret still in its grace
+/// period unless the caller ends it.
+fn ensure_rotatable(
+    key: &ApiKey,
+    id: &KeyId,
+    end_grace: bool,
+    now: chrono::DateTime<Utc>,
+) -> Result<(), ApiKeyError> {
+    match key.state(now) {
+        KeyState::Active => {}
+        KeyState::Revoked => {
+            return Err(ApiKeyError::FailedPrecondition(format!(
+                "api key {id} is revoked and cannot be rotated"
+            )));
+        }
+        KeyState::Expired => {
+            return Err(ApiKeyError::FailedPrecondition(format!(
+                "api key {id} has expired and cannot be rotated"
+            )));
+        }
+    }
+    match key.previous_secret_expire_time {
+        Some(until) if until > now && !end_grace => Err(ApiKeyError::GraceInProgress {
+            id: id.to_string(),
+            until,
+        }),
+        _ => Ok(()),
     }
 }
 

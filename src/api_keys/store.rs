@@ -339,12 +339,27 @@ impl ApiKeyStore {
         id: &KeyId,
         new_hash: &str,
         previous_until: Option<DateTime<Utc>>,
+        end_grace: bool,
         now: DateTime<Utc>,
     ) -> Result<ApiKey, StoreError> {
+        // Compare-and-swap: unless the caller ends it explicitly, a rotated-out secret still
+        // in its grace period blocks the update, so of two concurrent rotations the second
+        // matches no row (under READ COMMITTED it re-checks the row the first one changed)
+        // instead of silently cutting the first one's grace short.
+        let grace_may_end_before = if end_grace {
+            DateTime::<Utc>::MAX_UTC
+        } else {
+            now
+        };
         let target = api_keys::table
             .filter(api_keys::tenant_id.eq(tenant.0))
             .filter(api_keys::id.eq(id.as_str()))
-            .filter(api_keys::revoke_time.is_null());
+            .filter(api_keys::revoke_time.is_null())
+            .filter(
+                api_keys::previous_secret_expire_time
+                    .is_null()
+                    .or(api_keys::previous_secret_expire_time.le(grace_may_end_before)),
+            );
         let mut conn = self.pool.get().await?;
         let row: ApiKeyRow = match previous_until {
             Some(until) => {

@@ -242,8 +242,8 @@ async fn rotation_grace_ends_then_old_secret_is_refused() {
     assert_eq!(err.code(), Code::Unauthenticated);
     assert!(verify(&w.app, &rotated.secret).await.valid);
 
-    // Zero grace: the previous secret stops at once.
-    let again = rotate(&w.app, tenant, &key.id, Some(0)).await.unwrap();
+    // Ending the grace at once is explicit: the previous secret stops now.
+    let again = rotate_ending_grace(&w.app, tenant, &key.id).await.unwrap();
     assert!(again.api_key.unwrap().previous_secret_expire_time.is_none());
     assert!(!verify(&w.app, &rotated.secret).await.valid);
     assert!(verify(&w.app, &again.secret).await.valid);
@@ -265,7 +265,8 @@ async fn rotation_grace_ends_then_old_secret_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_ip_refused_and_insufficient_scope() {
-    let w = World::new().await;
+    // The test client plays the trusted proxy (see internal.rs for untrusted peers).
+    let w = World::with(|s| s.set("DEVGATE_TRUSTED_PROXIES", "127.0.0.1/32")).await;
     let tenant = Uuid::new_v4();
     let mut client = w.app.public_client().await;
 
@@ -303,7 +304,7 @@ async fn expired_ip_refused_and_insufficient_scope() {
         .into_inner();
     assert_eq!(expired_list.api_keys.len(), 1);
 
-    // IP allow-list: the public listener takes the client address from x-forwarded-for.
+    // IP allow-list: from a trusted proxy, the client address is its x-forwarded-for.
     let mut req = create_request("office only", &["api_keys:read"]);
     req.allowed_cidrs = vec!["203.0.113.0/24".into()];
     let (_, office) = create_key_with(&w.app, tenant, req).await;

@@ -20,5 +20,6 @@ mod quickstart;
 mod quota;
 mod ratelimit;
 mod reconcile;
+mod rotation;
 mod usage;
 mod usage_log;

@@ -325,6 +325,24 @@ pub async fn rotate(
         .map(|r| r.into_inner())
 }
 
+/// Rotates key `id` as the tenant's admin, ending every previous secret's grace at once.
+pub async fn rotate_ending_grace(
+    app: &TestApp,
+    tenant: Uuid,
+    id: &str,
+) -> Result<v1::RotateApiKeyResponse, tonic::Status> {
+    let req = v1::RotateApiKeyRequest {
+        id: id.into(),
+        grace_period: None,
+        end_grace_now: true,
+    };
+    app.public_client()
+        .await
+        .rotate_api_key(bearer(req, &admin_token(tenant)))
+        .await
+        .map(|r| r.into_inner())
+}
+
 /// Verifies `token` on the internal listener.
 pub async fn verify(app: &TestApp, token: &str) -> internal::VerifyApiKeyResponse {
     verify_from(app, token, "").await
