@@ -15,12 +15,12 @@ use tower_http::{
 
 use crate::{
     api_keys::{
+        self,
         grpc::ApiKeyGrpc,
         hashing::SecretHasher,
         invalidation::Invalidations,
         last_used::{LastUsedFlusher, LastUsedRecorder},
         service::ApiKeys,
-        store::ApiKeyStore,
         verifier::KeyVerifier,
     },
     auth::{
@@ -30,10 +30,10 @@ use crate::{
     },
     config::Config,
     credits::Credits,
-    db::{self, PgPool},
+    db::{self, PgPool, StoreError},
+    edge::client_ip::TrustedProxies,
     health::ServiceHealth,
     kv::Redis,
-    edge::client_ip::TrustedProxies,
     proto::v1::usage_service_server::UsageServiceServer,
     proto::{
         self,
@@ -92,7 +92,6 @@ pub struct Application {
     listeners: Option<(TcpListener, TcpListener)>,
     services: Services,
     authenticator: Arc<Authenticator>,
-    store: ApiKeyStore,
     last_used_flusher: LastUsedFlusher,
     request_log_writer: RequestLogWriter,
     invalidations: Invalidations,
@@ -108,14 +107,13 @@ impl Application {
     pub async fn build(config: Config, roles: Roles) -> anyhow::Result<Self> {
         let pool = db::pool(&config.database);
         let redis = Redis::connect(&config.redis)?;
-        let store = ApiKeyStore::new(pool.clone());
         let hasher = Arc::new(SecretHasher::new(
             config.api_keys.argon2,
             config.api_keys.hash_concurrency,
         ));
         let (last_used, last_used_flusher) = LastUsedRecorder::new();
         let verifier = Arc::new(KeyVerifier::new(
-            store.clone(),
+            pool.clone(),
             hasher.clone(),
             redis.clone(),
             last_used,
@@ -130,7 +128,7 @@ impl Application {
         let invalidations = Invalidations::new(redis);
         let tenants = TenantDirectory::new(pool.clone());
         let keys = Arc::new(ApiKeys::new(
-            store.clone(),
+            pool.clone(),
             hasher,
             verifier.clone(),
             invalidations.clone(),
@@ -181,7 +179,6 @@ impl Application {
                 request_log,
             },
             authenticator,
-            store,
             last_used_flusher,
             request_log_writer,
             invalidations,
@@ -247,11 +244,11 @@ impl Application {
         });
 
         if self.roles.worker {
-            let (store, stop) = (self.store.clone(), background.clone());
+            let (pool, stop) = (self.pool.clone(), background.clone());
             tasks.restartable("secret maintenance", backoff, move || {
-                let (store, stop) = (store.clone(), stop.clone());
+                let (pool, stop) = (pool.clone(), stop.clone());
                 async move {
-                    maintenance(store, stop).await;
+                    maintenance(pool, stop).await;
                     Ok::<(), Infallible>(())
                 }
             });
@@ -300,7 +297,7 @@ impl Application {
                 tasks.once(
                     "last-used flusher",
                     self.last_used_flusher.run(
-                        self.store.clone(),
+                        self.pool.clone(),
                         self.config.api_keys.last_used_flush_interval,
                         background.clone(),
                     ),
@@ -330,7 +327,9 @@ impl Application {
                 });
                 tracing::info!(public = %public.local_addr()?, internal = %internal.local_addr()?, "devgate listening");
                 if self.config.auth.service_callers.is_empty() {
-                    tracing::warn!("DEVGATE_SERVICE_TOKENS is empty: every internal call will be refused");
+                    tracing::warn!(
+                        "DEVGATE_SERVICE_TOKENS is empty: every internal call will be refused"
+                    );
                 }
                 let public_listener = Listener::Public {
                     authenticator: self.authenticator.clone(),
@@ -499,7 +498,8 @@ async fn serve(
 /// verified (and optional: callers without one authenticate with a service token).
 fn internal_tls_config(tls: &crate::config::InternalTls) -> anyhow::Result<ServerTlsConfig> {
     let read = |path: &std::path::Path, var: &str| {
-        std::fs::read(path).map_err(|e| anyhow::anyhow!("{var}: cannot read {}: {e}", path.display()))
+        std::fs::read(path)
+            .map_err(|e| anyhow::anyhow!("{var}: cannot read {}: {e}", path.display()))
     };
     let identity = Identity::from_pem(
         read(&tls.cert, "DEVGATE_INTERNAL_TLS_CERT")?,
@@ -508,19 +508,27 @@ fn internal_tls_config(tls: &crate::config::InternalTls) -> anyhow::Result<Serve
     let mut config = ServerTlsConfig::new().identity(identity);
     if let Some(ca) = &tls.client_ca {
         config = config
-            .client_ca_root(Certificate::from_pem(read(ca, "DEVGATE_INTERNAL_TLS_CLIENT_CA")?))
+            .client_ca_root(Certificate::from_pem(read(
+                ca,
+                "DEVGATE_INTERNAL_TLS_CLIENT_CA",
+            )?))
             .client_auth_optional(true);
     }
     Ok(config)
 }
 
+async fn purge_expired_previous_secrets(pool: &PgPool) -> Result<usize, StoreError> {
+    let mut conn = db::connect(pool).await?;
+    api_keys::store::purge_expired_previous_secrets(&mut conn, chrono::Utc::now()).await
+}
+
 /// Worker housekeeping: rotated-out secret hashes are deleted once their grace has ended.
-async fn maintenance(store: ApiKeyStore, stop: CancellationToken) {
+async fn maintenance(pool: PgPool, stop: CancellationToken) {
     let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tick.tick() => match store.purge_expired_previous_secrets(chrono::Utc::now()).await {
+            _ = tick.tick() => match purge_expired_previous_secrets(&pool).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(keys = n, "cleared rotated-out secrets past their grace period"),
                 Err(e) => tracing::warn!(error = %e, "maintenance failed; will retry"),

@@ -484,7 +484,9 @@ impl Config {
             (Some(cert), Some(key)) => Some(InternalTls {
                 cert: cert.into(),
                 key: key.into(),
-                client_ca: env.optional("DEVGATE_INTERNAL_TLS_CLIENT_CA").map(Into::into),
+                client_ca: env
+                    .optional("DEVGATE_INTERNAL_TLS_CLIENT_CA")
+                    .map(Into::into),
             }),
             (None, None) => {
                 if let Some(ca) = env.optional("DEVGATE_INTERNAL_TLS_CLIENT_CA") {

@@ -14,7 +14,8 @@ use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{model::KeyId, store::ApiKeyStore};
+use super::{model::KeyId, store};
+use crate::db::{self, PgPool, StoreError};
 
 const CHANNEL_CAPACITY: usize = 65_536;
 
@@ -54,19 +55,14 @@ pub struct LastUsedFlusher {
 
 impl LastUsedFlusher {
     /// Runs until `shutdown`, then writes what is pending and returns.
-    pub async fn run(
-        mut self,
-        store: ApiKeyStore,
-        interval: Duration,
-        shutdown: CancellationToken,
-    ) {
+    pub async fn run(mut self, pool: PgPool, interval: Duration, shutdown: CancellationToken) {
         let mut pending: HashMap<KeyId, DateTime<Utc>> = HashMap::new();
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = tick.tick() => flush(&store, &mut pending, &self.dropped).await,
+                _ = tick.tick() => flush(&pool, &mut pending, &self.dropped).await,
                 Some((key, at)) = self.rx.recv() => {
                     let slot = pending.entry(key).or_insert(at);
                     if at > *slot { *slot = at; }
@@ -79,15 +75,11 @@ impl LastUsedFlusher {
                 *slot = at;
             }
         }
-        flush(&store, &mut pending, &self.dropped).await;
+        flush(&pool, &mut pending, &self.dropped).await;
     }
 }
 
-async fn flush(
-    store: &ApiKeyStore,
-    pending: &mut HashMap<KeyId, DateTime<Utc>>,
-    dropped: &AtomicU64,
-) {
+async fn flush(pool: &PgPool, pending: &mut HashMap<KeyId, DateTime<Utc>>, dropped: &AtomicU64) {
     let lost = dropped.swap(0, Ordering::Relaxed);
     if lost > 0 {
         tracing::warn!(
@@ -99,7 +91,8 @@ async fn flush(
         return;
     }
     let batch: Vec<(KeyId, DateTime<Utc>)> = pending.drain().collect();
-    match store.touch_last_used(&batch).await {
+    let written = async { store::touch_last_used(&mut *db::connect(pool).await?, &batch).await };
+    match written.await as Result<usize, StoreError> {
         Ok(n) => tracing::debug!(keys = n, "last_used_time written"),
         // Keep the newest time per key for the next round; the database may be back by then.
         Err(e) => {

@@ -10,14 +10,14 @@ use super::{
     hashing::SecretHasher,
     invalidation::Invalidations,
     model::{ApiKey, ApiKeyChanges, KeyId, KeyState, ListFilter, NewApiKey},
-    store::{ApiKeyStore, Cursor, InsertKey},
+    store::{self, Cursor, InsertKey},
     token::{self, NewToken},
     verifier::KeyVerifier,
 };
 use crate::{
     auth::{Principal, Scope, Scopes},
     config::ApiKeyConfig,
-    db::StoreError,
+    db::{self, PgPool, StoreError},
     ratelimit::{LimitOverrides, PlanLimits},
     tenants::{TenantDirectory, TenantId},
     validation::Violations,
@@ -30,7 +30,7 @@ pub struct Page {
 }
 
 pub struct ApiKeys {
-    store: ApiKeyStore,
+    pool: PgPool,
     hasher: Arc<SecretHasher>,
     verifier: Arc<KeyVerifier>,
     invalidations: Invalidations,
@@ -41,7 +41,7 @@ pub struct ApiKeys {
 
 impl ApiKeys {
     pub fn new(
-        store: ApiKeyStore,
+        pool: PgPool,
         hasher: Arc<SecretHasher>,
         verifier: Arc<KeyVerifier>,
         invalidations: Invalidations,
@@ -50,7 +50,7 @@ impl ApiKeys {
         plans: PlanLimits,
     ) -> Self {
         Self {
-            store,
+            pool,
             hasher,
             verifier,
             invalidations,
@@ -90,7 +90,7 @@ impl ApiKeys {
                 created_by: principal.actor(),
                 now: Utc::now(),
             };
-            match self.store.insert(insert).await {
+            match store::insert(&mut *db::connect(&self.pool).await?, insert).await {
                 Ok(key) => {
                     tracing::info!(tenant = %tenant, key_id = %key.id, actor = %principal.actor(), "api key created");
                     return Ok((key, token));
@@ -111,10 +111,15 @@ impl ApiKeys {
     ) -> Result<Page, ApiKeyError> {
         let tenant = principal.tenant_with(Scope::ApiKeysRead)?;
         // One extra row tells whether another page follows.
-        let mut keys = self
-            .store
-            .list(tenant, filter, after.as_ref(), page_size + 1, Utc::now())
-            .await?;
+        let mut keys = store::list(
+            &mut *db::connect(&self.pool).await?,
+            tenant,
+            filter,
+            after.as_ref(),
+            page_size + 1,
+            Utc::now(),
+        )
+        .await?;
         let next = if keys.len() as i64 > page_size {
             keys.truncate(page_size as usize);
             keys.last().map(|k| Cursor {
@@ -149,11 +154,15 @@ impl ApiKeys {
         if changes.is_empty() {
             return Ok(current);
         }
-        let key = self
-            .store
-            .update(tenant, id, &changes, Utc::now())
-            .await
-            .map_err(|e| not_found(e, id))?;
+        let key = store::update(
+            &mut *db::connect(&self.pool).await?,
+            tenant,
+            id,
+            &changes,
+            Utc::now(),
+        )
+        .await
+        .map_err(|e| not_found(e, id))?;
         self.broadcast(id).await;
         Ok(key)
     }
@@ -166,11 +175,15 @@ impl ApiKeys {
     ) -> Result<ApiKey, ApiKeyError> {
         let tenant = principal.tenant_with(Scope::ApiKeysWrite)?;
         self.managed(principal, tenant, id).await?;
-        let key = self
-            .store
-            .revoke(tenant, id, reason, Utc::now())
-            .await
-            .map_err(|e| not_found(e, id))?;
+        let key = store::revoke(
+            &mut *db::connect(&self.pool).await?,
+            tenant,
+            id,
+            reason,
+            Utc::now(),
+        )
+        .await
+        .map_err(|e| not_found(e, id))?;
         self.broadcast(id).await;
         tracing::info!(tenant = %tenant, key_id = %id, actor = %principal.actor(), "api key revoked");
         Ok(key)
@@ -195,11 +208,18 @@ impl ApiKeys {
             .then(|| now + chrono::Duration::from_std(grace).expect("grace is bounded"));
         let token = token::generate(current.environment, id);
         let hash = self.hasher.hash(token.secret()).await?;
-        let key = match self
-            .store
-            .rotate(tenant, id, &hash, previous_until, end_grace, now)
-            .await
-        {
+        // Bound first: the connection goes back to the pool before `find` takes another.
+        let rotated = store::rotate(
+            &mut *db::connect(&self.pool).await?,
+            tenant,
+            id,
+            &hash,
+            previous_until,
+            end_grace,
+            now,
+        )
+        .await;
+        let key = match rotated {
             Ok(key) => key,
             // Revoked, deleted or rotated by someone else since it was read: say which.
             Err(StoreError::NotFound) => {
@@ -219,8 +239,7 @@ impl ApiKeys {
     pub async fn delete(&self, principal: &Principal, id: &KeyId) -> Result<(), ApiKeyError> {
         let tenant = principal.tenant_with(Scope::ApiKeysWrite)?;
         self.managed(principal, tenant, id).await?;
-        self.store
-            .delete(tenant, id)
+        store::delete(&mut *db::connect(&self.pool).await?, tenant, id)
             .await
             .map_err(|e| not_found(e, id))?;
         self.broadcast(id).await;
@@ -253,15 +272,16 @@ impl ApiKeys {
         for (field, why) in own.lower(ceiling).inconsistencies() {
             v.add(
                 format!("rate_limits.{field}"),
-                format!("{why} (burst ≤ per_minute ≤ per_hour ≤ per_day, unset fields follow the plan)"),
+                format!(
+                    "{why} (burst ≤ per_minute ≤ per_hour ≤ per_day, unset fields follow the plan)"
+                ),
             );
         }
         v.into_result(()).map_err(ApiKeyError::from)
     }
 
     async fn find(&self, tenant: TenantId, id: &KeyId) -> Result<ApiKey, ApiKeyError> {
-        self.store
-            .get(tenant, id)
+        store::get(&mut *db::connect(&self.pool).await?, tenant, id)
             .await
             .map_err(|e| not_found(e, id))
     }

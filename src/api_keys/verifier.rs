@@ -19,12 +19,13 @@ use super::{
     hashing::SecretHasher,
     last_used::LastUsedRecorder,
     model::{Environment, KeyId, ip_allowed},
-    store::{ApiKeyStore, AuthRecord},
+    store::{self, AuthRecord},
     token::{self, TokenError},
 };
 use crate::{
     auth::Scopes,
     config::ApiKeyConfig,
+    db::{self, PgPool},
     kv::{OutageLog, Redis},
     ratelimit::{Limits, PlanLimits, PlanQuotas, QuotaLimits},
     tenants::{Plan, TenantId},
@@ -71,7 +72,7 @@ struct CachedKey {
 type TokenDigest = [u8; 32];
 
 pub struct KeyVerifier {
-    store: ApiKeyStore,
+    pool: PgPool,
     hasher: Arc<SecretHasher>,
     cache: moka::future::Cache<TokenDigest, Arc<CachedKey>>,
     failures: FailureLimiter,
@@ -84,7 +85,7 @@ pub struct KeyVerifier {
 
 impl KeyVerifier {
     pub fn new(
-        store: ApiKeyStore,
+        pool: PgPool,
         hasher: Arc<SecretHasher>,
         redis: Redis,
         last_used: LastUsedRecorder,
@@ -98,7 +99,7 @@ impl KeyVerifier {
             .support_invalidation_closures()
             .build();
         Self {
-            store,
+            pool,
             hasher,
             cache,
             failures: FailureLimiter::new(redis, config.failure_limit, config.failure_window),
@@ -132,7 +133,9 @@ impl KeyVerifier {
         if let Some(retry_after) = self.failures.locked(&parsed.key_id).await {
             return Ok(Err(VerifyFailure::TooManyAttempts { retry_after }));
         }
-        let Some(record) = self.store.find_for_auth(&parsed.key_id).await? else {
+        let record =
+            store::find_for_auth(&mut *db::connect(&self.pool).await?, &parsed.key_id).await?;
+        let Some(record) = record else {
             self.failures.record(&parsed.key_id).await;
             return Ok(Err(VerifyFailure::NotFound));
         };

@@ -118,3 +118,9 @@ pub async fn migrate(url: &SecretString) -> anyhow::Result<Vec<String>> {
     })
     .await?
 }
+
+/// A connection from the pool, for a service to run one store call or open a transaction
+/// that spans stores (`conn.transaction(|c| async move { … }.scope_boxed())`).
+pub async fn connect(pool: &PgPool) -> Result<PgConn<'_>, StoreError> {
+    Ok(pool.get().await?)
+}
