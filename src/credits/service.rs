@@ -4,9 +4,14 @@
 use super::{
     CreditError,
     model::LedgerEntry,
-    store::{Applied, CreditStore, NewEntry},
+    store::{self, Applied, NewEntry},
 };
-use crate::{db::PgPool, pagination::MAX_PAGE_SIZE, tenants::TenantId, validation::Violations};
+use crate::{
+    db::{self, PgPool},
+    pagination::MAX_PAGE_SIZE,
+    tenants::TenantId,
+    validation::Violations,
+};
 
 /// Largest amount of one entry: far above any real grant, and far enough below `i64::MAX`
 /// that balances cannot overflow in practice.
@@ -17,14 +22,12 @@ pub const MAX_TEXT_CHARS: usize = 200;
 
 #[derive(Clone)]
 pub struct Credits {
-    store: CreditStore,
+    pool: PgPool,
 }
 
 impl Credits {
     pub fn new(pool: PgPool) -> Self {
-        Self {
-            store: CreditStore::new(pool),
-        }
+        Self { pool }
     }
 
     /// Adds `amount` credits. A retry with the same `idempotency_id` returns the original
@@ -60,7 +63,7 @@ impl Credits {
     ) -> Result<LedgerEntry, CreditError> {
         let mut entry = validate(tenant, amount, reason, reference, Some(idempotency_id))?;
         entry.created_by = actor;
-        let applied = self.store.credit(&entry).await?;
+        let applied = store::credit(&mut *db::connect(&self.pool).await?, &entry).await?;
         settle(&entry, entry.amount, applied)
     }
 
@@ -90,13 +93,13 @@ impl Credits {
         idempotency_id: Option<&str>,
     ) -> Result<LedgerEntry, CreditError> {
         let entry = validate(tenant, amount, reason, reference, idempotency_id)?;
-        let applied = self.store.debit(&entry).await?;
+        let applied = store::debit(&mut *db::connect(&self.pool).await?, &entry).await?;
         settle(&entry, -entry.amount, applied)
     }
 
     /// The current balance; 0 for a tenant that never had credits.
     pub async fn balance(&self, tenant: TenantId) -> Result<i64, CreditError> {
-        Ok(self.store.balance(tenant).await?)
+        Ok(store::balance(&mut *db::connect(&self.pool).await?, tenant).await?)
     }
 
     /// At most `limit` (1..=100) entries, newest first; `before_id` (the last entry of the
@@ -114,12 +117,14 @@ impl Credits {
             format!("must be between 1 and {MAX_PAGE_SIZE}"),
         );
         v.into_result(())?;
-        self.store
-            .ledger(tenant, limit, before_id)
-            .await?
-            .ok_or_else(|| {
-                Violations::one("before_id", "not an entry of this tenant's ledger").into()
-            })
+        store::ledger(
+            &mut *db::connect(&self.pool).await?,
+            tenant,
+            limit,
+            before_id,
+        )
+        .await?
+        .ok_or_else(|| Violations::one("before_id", "not an entry of this tenant's ledger").into())
     }
 }
 
@@ -196,6 +201,6 @@ impl Credits {
         from: chrono::DateTime<chrono::Utc>,
         to: chrono::DateTime<chrono::Utc>,
     ) -> Result<i64, CreditError> {
-        Ok(self.store.spent(tenant, from, to).await?)
+        Ok(store::spent(&mut *db::connect(&self.pool).await?, tenant, from, to).await?)
     }
 }

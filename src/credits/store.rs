@@ -9,6 +9,10 @@
 //! the unique index on (tenant_id, idempotency_id): the entry is inserted with
 //! `ON CONFLICT DO NOTHING`, and when nothing is inserted the whole transaction (and so its
 //! balance change) is rolled back and the existing entry returned instead.
+//!
+//! The writes take the caller's connection, so they can run inside a caller's transaction
+//! (a deduction committing with the row it pays for): their own transaction then becomes a
+//! savepoint, and the idempotency rollback undoes only this write, not the caller's work.
 
 use chrono::{DateTime, Utc};
 use diesel::{dsl::sql, prelude::*, sql_types::Timestamptz};
@@ -18,7 +22,7 @@ use uuid::Uuid;
 use super::model::LedgerEntry;
 use crate::{
     db::{
-        PgPool, StoreError,
+        StoreError,
         schema::{credit_balances, credit_ledger, tenants},
     },
     tenants::TenantId,
@@ -94,130 +98,121 @@ impl From<diesel::result::Error> for TxError {
     }
 }
 
-#[derive(Clone)]
-pub struct CreditStore {
-    pool: PgPool,
+/// Adds `entry.amount` (> 0), creating the tenant and balance rows on first use.
+pub async fn credit(
+    conn: &mut AsyncPgConnection,
+    entry: &NewEntry<'_>,
+) -> Result<Applied, StoreError> {
+    debug_assert!(entry.amount > 0);
+    // A plain retry finds its entry without taking the balance row's lock.
+    if let Some(existing) = find_replay(conn, entry).await? {
+        return Ok(Applied::Existing(existing));
+    }
+    let tenant = entry.tenant.0;
+    let result = conn
+        .transaction(async |conn| {
+            diesel::insert_into(tenants::table)
+                .values(tenants::id.eq(tenant))
+                .on_conflict_do_nothing()
+                .execute(conn)
+                .await?;
+            let balance: i64 = diesel::insert_into(credit_balances::table)
+                .values((
+                    credit_balances::tenant_id.eq(tenant),
+                    credit_balances::balance.eq(entry.amount),
+                ))
+                .on_conflict(credit_balances::tenant_id)
+                .do_update()
+                .set((
+                    credit_balances::balance.eq(credit_balances::balance + entry.amount),
+                    credit_balances::update_time.eq(diesel::dsl::now),
+                ))
+                .returning(credit_balances::balance)
+                .get_result(conn)
+                .await?;
+            insert_entry(conn, entry, entry.amount, balance).await
+        })
+        .await;
+    settle(conn, entry, result).await
 }
 
-impl CreditStore {
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+/// Subtracts `entry.amount` (> 0) unless the balance is lower: the conditional UPDATE
+/// re-checks the balance after waiting for any concurrent writer, so however many
+/// debits race, the balance never goes negative.
+pub async fn debit(
+    conn: &mut AsyncPgConnection,
+    entry: &NewEntry<'_>,
+) -> Result<Applied, StoreError> {
+    debug_assert!(entry.amount > 0);
+    // Checked first so a retried debit answers with its entry even after the balance
+    // has since dropped below the amount.
+    if let Some(existing) = find_replay(conn, entry).await? {
+        return Ok(Applied::Existing(existing));
     }
-
-    /// Adds `entry.amount` (> 0), creating the tenant and balance rows on first use.
-    pub async fn credit(&self, entry: &NewEntry<'_>) -> Result<Applied, StoreError> {
-        debug_assert!(entry.amount > 0);
-        let mut conn = self.pool.get().await?;
-        // A plain retry finds its entry without taking the balance row's lock.
-        if let Some(existing) = find_replay(&mut conn, entry).await? {
-            return Ok(Applied::Existing(existing));
-        }
-        let tenant = entry.tenant.0;
-        let result = conn
-            .transaction(async |conn| {
-                diesel::insert_into(tenants::table)
-                    .values(tenants::id.eq(tenant))
-                    .on_conflict_do_nothing()
-                    .execute(conn)
-                    .await?;
-                let balance: i64 = diesel::insert_into(credit_balances::table)
-                    .values((
-                        credit_balances::tenant_id.eq(tenant),
-                        credit_balances::balance.eq(entry.amount),
-                    ))
-                    .on_conflict(credit_balances::tenant_id)
-                    .do_update()
-                    .set((
-                        credit_balances::balance.eq(credit_balances::balance + entry.amount),
-                        credit_balances::update_time.eq(diesel::dsl::now),
-                    ))
-                    .returning(credit_balances::balance)
-                    .get_result(conn)
-                    .await?;
-                insert_entry(conn, entry, entry.amount, balance).await
-            })
-            .await;
-        settle(&mut conn, entry, result).await
-    }
-
-    /// Subtracts `entry.amount` (> 0) unless the balance is lower: the conditional UPDATE
-    /// re-checks the balance after waiting for any concurrent writer, so however many
-    /// debits race, the balance never goes negative.
-    pub async fn debit(&self, entry: &NewEntry<'_>) -> Result<Applied, StoreError> {
-        debug_assert!(entry.amount > 0);
-        let mut conn = self.pool.get().await?;
-        // Checked first so a retried debit answers with its entry even after the balance
-        // has since dropped below the amount.
-        if let Some(existing) = find_replay(&mut conn, entry).await? {
-            return Ok(Applied::Existing(existing));
-        }
-        let tenant = entry.tenant.0;
-        let result = conn
-            .transaction(async |conn| {
-                let balance: Option<i64> = diesel::update(credit_balances::table)
-                    .filter(credit_balances::tenant_id.eq(tenant))
-                    .filter(credit_balances::balance.ge(entry.amount))
-                    .set((
-                        credit_balances::balance.eq(credit_balances::balance - entry.amount),
-                        credit_balances::update_time.eq(diesel::dsl::now),
-                    ))
-                    .returning(credit_balances::balance)
-                    .get_result(conn)
-                    .await
-                    .optional()?;
-                let Some(balance) = balance else {
-                    return Err(TxError::Insufficient);
-                };
-                insert_entry(conn, entry, -entry.amount, balance).await
-            })
-            .await;
-        settle(&mut conn, entry, result).await
-    }
-
-    pub async fn balance(&self, tenant: TenantId) -> Result<i64, StoreError> {
-        let mut conn = self.pool.get().await?;
-        balance_of(&mut conn, tenant).await
-    }
-
-    /// At most `limit` entries, newest first, older than the entry `before_id`; `None` when
-    /// `before_id` is not an entry of this tenant.
-    pub async fn ledger(
-        &self,
-        tenant: TenantId,
-        limit: i64,
-        before_id: Option<i64>,
-    ) -> Result<Option<Vec<LedgerEntry>>, StoreError> {
-        let mut conn = self.pool.get().await?;
-        let mut query = credit_ledger::table
-            .filter(credit_ledger::tenant_id.eq(tenant.0))
-            .into_boxed();
-        if let Some(before) = before_id {
-            let cursor: Option<DateTime<Utc>> = credit_ledger::table
-                .filter(credit_ledger::tenant_id.eq(tenant.0))
-                .filter(credit_ledger::id.eq(before))
-                .select(credit_ledger::create_time)
-                .first(&mut conn)
+    let tenant = entry.tenant.0;
+    let result = conn
+        .transaction(async |conn| {
+            let balance: Option<i64> = diesel::update(credit_balances::table)
+                .filter(credit_balances::tenant_id.eq(tenant))
+                .filter(credit_balances::balance.ge(entry.amount))
+                .set((
+                    credit_balances::balance.eq(credit_balances::balance - entry.amount),
+                    credit_balances::update_time.eq(diesel::dsl::now),
+                ))
+                .returning(credit_balances::balance)
+                .get_result(conn)
                 .await
                 .optional()?;
-            let Some(time) = cursor else {
-                return Ok(None);
+            let Some(balance) = balance else {
+                return Err(TxError::Insufficient);
             };
-            query = query.filter(
-                credit_ledger::create_time
-                    .lt(time)
-                    .or(credit_ledger::create_time
-                        .eq(time)
-                        .and(credit_ledger::id.lt(before))),
-            );
-        }
-        let rows: Vec<LedgerRow> = query
-            .order((credit_ledger::create_time.desc(), credit_ledger::id.desc()))
-            .limit(limit)
-            .select(LedgerRow::as_select())
-            .load(&mut conn)
-            .await?;
-        Ok(Some(rows.into_iter().map(LedgerEntry::from).collect()))
+            insert_entry(conn, entry, -entry.amount, balance).await
+        })
+        .await;
+    settle(conn, entry, result).await
+}
+
+pub async fn balance(conn: &mut AsyncPgConnection, tenant: TenantId) -> Result<i64, StoreError> {
+    balance_of(conn, tenant).await
+}
+
+/// At most `limit` entries, newest first, older than the entry `before_id`; `None` when
+/// `before_id` is not an entry of this tenant.
+pub async fn ledger(
+    conn: &mut AsyncPgConnection,
+    tenant: TenantId,
+    limit: i64,
+    before_id: Option<i64>,
+) -> Result<Option<Vec<LedgerEntry>>, StoreError> {
+    let mut query = credit_ledger::table
+        .filter(credit_ledger::tenant_id.eq(tenant.0))
+        .into_boxed();
+    if let Some(before) = before_id {
+        let cursor: Option<DateTime<Utc>> = credit_ledger::table
+            .filter(credit_ledger::tenant_id.eq(tenant.0))
+            .filter(credit_ledger::id.eq(before))
+            .select(credit_ledger::create_time)
+            .first(conn)
+            .await
+            .optional()?;
+        let Some(time) = cursor else {
+            return Ok(None);
+        };
+        query = query.filter(
+            credit_ledger::create_time
+                .lt(time)
+                .or(credit_ledger::create_time
+                    .eq(time)
+                    .and(credit_ledger::id.lt(before))),
+        );
     }
+    let rows: Vec<LedgerRow> = query
+        .order((credit_ledger::create_time.desc(), credit_ledger::id.desc()))
+        .limit(limit)
+        .select(LedgerRow::as_select())
+        .load(conn)
+        .await?;
+    Ok(Some(rows.into_iter().map(LedgerEntry::from).collect()))
 }
 
 /// Turns a write transaction's outcome into an [`Applied`], looking up the entry that
@@ -314,25 +309,22 @@ struct Spent {
     spent: i64,
 }
 
-impl CreditStore {
-    /// The sum of deductions (as a positive number) in `[from, to)`.
-    pub async fn spent(
-        &self,
-        tenant: TenantId,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-    ) -> Result<i64, StoreError> {
-        use diesel::sql_types::{Timestamptz, Uuid as SqlUuid};
-        let mut conn = self.pool.get().await?;
-        let row: Spent = diesel::sql_query(
-            "SELECT COALESCE(-SUM(amount), 0)::bigint AS spent FROM credit_ledger \
-             WHERE tenant_id = $1 AND amount < 0 AND create_time >= $2 AND create_time < $3",
-        )
-        .bind::<SqlUuid, _>(tenant.0)
-        .bind::<Timestamptz, _>(from)
-        .bind::<Timestamptz, _>(to)
-        .get_result(&mut conn)
-        .await?;
-        Ok(row.spent)
-    }
+/// The sum of deductions (as a positive number) in `[from, to)`.
+pub async fn spent(
+    conn: &mut AsyncPgConnection,
+    tenant: TenantId,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<i64, StoreError> {
+    use diesel::sql_types::{Timestamptz, Uuid as SqlUuid};
+    let row: Spent = diesel::sql_query(
+        "SELECT COALESCE(-SUM(amount), 0)::bigint AS spent FROM credit_ledger \
+         WHERE tenant_id = $1 AND amount < 0 AND create_time >= $2 AND create_time < $3",
+    )
+    .bind::<SqlUuid, _>(tenant.0)
+    .bind::<Timestamptz, _>(from)
+    .bind::<Timestamptz, _>(to)
+    .get_result(conn)
+    .await?;
+    Ok(row.spent)
 }

@@ -143,7 +143,10 @@ async fn full_lifecycle() {
     );
     assert!(verify_from(&w.app, &secret, "::1").await.valid);
     let outside = verify_from(&w.app, &secret, "192.0.2.1").await;
-    assert_eq!(reason(&outside), internal::VerifyFailureReason::IpNotAllowed);
+    assert_eq!(
+        reason(&outside),
+        internal::VerifyFailureReason::IpNotAllowed
+    );
     let unknown = verify(&w.app, &secret).await;
     assert_eq!(
         reason(&unknown),

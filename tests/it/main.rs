@@ -16,6 +16,7 @@ mod grpcurl;
 mod health;
 mod internal;
 mod jwt;
+mod layering;
 mod quickstart;
 mod quota;
 mod ratelimit;
