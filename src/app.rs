@@ -46,10 +46,7 @@ use crate::{
     ratelimit::RateLimiter,
     supervise::{Backoff, Supervisor},
     tenants::TenantDirectory,
-    usage::{
-        RequestLog, RequestLogWriter, UsageStore, grpc::UsageGrpc, layer::UsageLayer,
-        service::Usage,
-    },
+    usage::{RequestLog, RequestLogWriter, grpc::UsageGrpc, layer::UsageLayer, service::Usage},
 };
 
 /// The feature services both listeners serve (cheap to clone).
@@ -140,7 +137,7 @@ impl Application {
         let authenticator = Arc::new(Authenticator::new(verifier.clone(), jwt, tenants.clone()));
         let (request_log, request_log_writer) = RequestLog::with_capacity(config.usage.buffer);
         let usage = Arc::new(Usage::new(
-            UsageStore::new(pool.clone()),
+            pool.clone(),
             Credits::new(pool.clone()),
             tenants,
             limiter.clone(),

@@ -30,7 +30,7 @@ use tokio::{sync::mpsc, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{model::RequestRecord, store};
-use crate::db::{PgPool, StoreError};
+use crate::db::{self, PgPool, StoreError};
 
 /// Default channel capacity of [`RequestLog::new`].
 pub const DEFAULT_CAPACITY: usize = 65_536;
@@ -297,7 +297,11 @@ impl Buffer {
     async fn flush(&mut self, all: bool) {
         while self.rows.len() >= self.batch_size || (all && !self.rows.is_empty()) {
             let n = self.rows.len().min(self.batch_size);
-            match store::insert_rows(&self.pool, self.rows.range(..n)).await {
+            let written = async {
+                let mut conn = db::connect(&self.pool).await?;
+                store::insert_rows(&mut conn, self.rows.range(..n)).await
+            };
+            match written.await as Result<usize, StoreError> {
                 Ok(_) => {
                     self.rows.drain(..n);
                     self.stats.batches_written += 1;

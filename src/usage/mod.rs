@@ -3,8 +3,8 @@
 //! aggregates over it.
 //!
 //! A library feature: the auth/usage layer builds a [`RequestRecord`] per call and hands it
-//! to [`RequestLog::record`]; the [`RequestLogWriter`] task writes batches; [`UsageStore`]
-//! answers the queries; the worker runs [`log::maintain_partitions`].
+//! to [`RequestLog::record`]; the [`RequestLogWriter`] task writes batches; [`store`]
+//! answers the queries (over a connection the caller passes); the worker runs [`log::maintain_partitions`].
 //!
 //! Errors are [`StoreError`](crate::db::StoreError): nothing here fails in another way.
 
@@ -19,4 +19,3 @@ pub use log::{RequestLog, RequestLogWriter, WriterStats};
 pub use model::{
     BreakdownRow, GroupBy, LogFilter, RequestRecord, StatusClasses, UsageSummary, http_status_for,
 };
-pub use store::UsageStore;

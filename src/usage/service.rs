@@ -6,14 +6,15 @@ use chrono::{DateTime, Datelike, TimeZone, Utc};
 use uuid::Uuid;
 
 use super::{
-    BreakdownRow, GroupBy, LogFilter, RequestRecord, UsageStore, UsageSummary, store::MeteredRecord,
+    BreakdownRow, GroupBy, LogFilter, RequestRecord, UsageSummary,
+    store::{self, MeteredRecord},
 };
 use crate::{
     api_keys::invalidation::Invalidations,
     api_keys::verifier::KeyVerifier,
     auth::{AuthError, Principal, Scope},
     credits::{CreditError, Credits, LedgerEntry},
-    db::StoreError,
+    db::{self, PgPool, StoreError},
     ratelimit::{
         Decision, LimitOverrides, Limits, Metric, PlanLimits, PlanQuotas, QuotaOverrides,
         QuotaUsage, RateLimitError, RateLimiter,
@@ -62,7 +63,7 @@ pub struct QuotaStatus {
 }
 
 pub struct Usage {
-    store: UsageStore,
+    pool: PgPool,
     credits: Credits,
     tenants: TenantDirectory,
     limiter: Arc<RateLimiter>,
@@ -74,7 +75,7 @@ pub struct Usage {
 
 impl Usage {
     pub fn new(
-        store: UsageStore,
+        pool: PgPool,
         credits: Credits,
         tenants: TenantDirectory,
         limiter: Arc<RateLimiter>,
@@ -84,7 +85,7 @@ impl Usage {
     ) -> Self {
         Self {
             plan_quotas,
-            store,
+            pool,
             credits,
             tenants,
             limiter,
@@ -103,16 +104,28 @@ impl Usage {
         let tenant = principal.tenant_with(Scope::UsageRead)?;
         let (calls, credits_used, metered) = tokio::try_join!(
             async {
-                Ok::<_, UsageError>(self.store.summary(tenant, period.from, period.to).await?)
+                Ok::<_, UsageError>(
+                    store::summary(
+                        &mut *db::connect(&self.pool).await?,
+                        tenant,
+                        period.from,
+                        period.to,
+                    )
+                    .await?,
+                )
             },
             async {
                 Ok::<_, UsageError>(self.credits.spent(tenant, period.from, period.to).await?)
             },
             async {
                 Ok::<_, UsageError>(
-                    self.store
-                        .metered_totals(tenant, period.from, period.to)
-                        .await?,
+                    store::metered_totals(
+                        &mut *db::connect(&self.pool).await?,
+                        tenant,
+                        period.from,
+                        period.to,
+                    )
+                    .await?,
                 )
             },
         )?;
@@ -131,7 +144,7 @@ impl Usage {
     ) -> Result<bool, UsageError> {
         principal.require_internal()?;
         self.tenants.ensure(record.tenant).await?;
-        Ok(self.store.record_metered(record).await?)
+        Ok(store::record_metered(&mut *db::connect(&self.pool).await?, record).await?)
     }
 
     pub async fn breakdown(
@@ -143,10 +156,16 @@ impl Usage {
         after: Option<&str>,
     ) -> Result<Vec<BreakdownRow>, UsageError> {
         let tenant = principal.tenant_with(Scope::UsageRead)?;
-        Ok(self
-            .store
-            .breakdown(tenant, period.from, period.to, group_by, limit, after)
-            .await?)
+        Ok(store::breakdown(
+            &mut *db::connect(&self.pool).await?,
+            tenant,
+            period.from,
+            period.to,
+            group_by,
+            limit,
+            after,
+        )
+        .await?)
     }
 
     pub async fn list(
@@ -157,7 +176,14 @@ impl Usage {
         before: Option<(DateTime<Utc>, Uuid)>,
     ) -> Result<Vec<RequestRecord>, UsageError> {
         let tenant = principal.tenant_with(Scope::UsageRead)?;
-        Ok(self.store.list(tenant, filter, limit, before).await?)
+        Ok(store::list(
+            &mut *db::connect(&self.pool).await?,
+            tenant,
+            filter,
+            limit,
+            before,
+        )
+        .await?)
     }
 
     pub async fn quota_status(&self, principal: &Principal) -> Result<QuotaStatus, UsageError> {

@@ -6,13 +6,13 @@ use diesel::{
     prelude::*,
     sql_types::{BigInt, Double, Nullable, Text, Timestamptz, Uuid as SqlUuid},
 };
-use diesel_async::RunQueryDsl;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use ipnetwork::IpNetwork;
 use uuid::Uuid;
 
 use super::model::{BreakdownRow, GroupBy, LogFilter, RequestRecord, StatusClasses, UsageSummary};
 use crate::{
-    db::{PgPool, StoreError, schema::api_request_logs},
+    db::{StoreError, schema::api_request_logs},
     tenants::TenantId,
 };
 
@@ -119,7 +119,7 @@ impl From<RequestRow> for RequestRecord {
 /// stored (a retry after a commit whose acknowledgement was lost) is skipped, so retries
 /// are idempotent. Returns the rows inserted.
 pub(crate) async fn insert_rows<'a>(
-    pool: &PgPool,
+    conn: &mut AsyncPgConnection,
     records: impl Iterator<Item = &'a RequestRecord>,
 ) -> Result<usize, StoreError> {
     let rows: Vec<NewRow<'a>> = records.map(NewRow::from).collect();
@@ -127,19 +127,12 @@ pub(crate) async fn insert_rows<'a>(
         return Ok(0);
     }
     debug_assert!(rows.len() * COLUMNS <= 65_535);
-    let mut conn = pool.get().await?;
     let inserted = diesel::insert_into(api_request_logs::table)
         .values(&rows)
         .on_conflict_do_nothing()
-        .execute(&mut conn)
+        .execute(conn)
         .await?;
     Ok(inserted)
-}
-
-/// Queries over `api_request_logs`.
-#[derive(Clone)]
-pub struct UsageStore {
-    pool: PgPool,
 }
 
 #[derive(QueryableByName)]
@@ -202,150 +195,144 @@ fn key_sql(group_by: GroupBy) -> &'static str {
     }
 }
 
-impl UsageStore {
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+/// Writes `records` now, in INSERTs of at most [`super::log::MAX_BATCH_SIZE`] rows,
+/// bypassing the channel (backfills, tests). Rows already stored are skipped. Returns
+/// the rows inserted.
+pub async fn insert(
+    conn: &mut AsyncPgConnection,
+    records: &[RequestRecord],
+) -> Result<usize, StoreError> {
+    let mut inserted = 0;
+    for chunk in records.chunks(super::log::MAX_BATCH_SIZE) {
+        inserted += insert_rows(conn, chunk.iter()).await?;
     }
+    Ok(inserted)
+}
 
-    /// Writes `records` now, in INSERTs of at most [`super::log::MAX_BATCH_SIZE`] rows,
-    /// bypassing the channel (backfills, tests). Rows already stored are skipped. Returns
-    /// the rows inserted.
-    pub async fn insert(&self, records: &[RequestRecord]) -> Result<usize, StoreError> {
-        let mut inserted = 0;
-        for chunk in records.chunks(super::log::MAX_BATCH_SIZE) {
-            inserted += insert_rows(&self.pool, chunk.iter()).await?;
-        }
-        Ok(inserted)
+/// Totals of the tenant's calls in `[from, to)`.
+pub async fn summary(
+    conn: &mut AsyncPgConnection,
+    tenant: TenantId,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<UsageSummary, StoreError> {
+    let row: SummarySqlRow = diesel::sql_query(SUMMARY_SQL)
+        .bind::<SqlUuid, _>(tenant.0)
+        .bind::<Timestamptz, _>(from)
+        .bind::<Timestamptz, _>(to)
+        .get_result(conn)
+        .await?;
+    Ok(UsageSummary {
+        requests: row.requests,
+        errors: row.errors,
+        cost_total: row.cost_total,
+        by_status_class: StatusClasses {
+            status_2xx: row.status_2xx,
+            status_4xx: row.status_4xx,
+            status_5xx: row.status_5xx,
+        },
+        latency_p50_us: row.latency_p50_us,
+        latency_p99_us: row.latency_p99_us,
+    })
+}
+
+/// The tenant's calls in `[from, to)` grouped by `group_by`, ordered by key (byte
+/// order), at most `limit` groups with a key greater than `after` (the last key of
+/// the previous page).
+pub async fn breakdown(
+    conn: &mut AsyncPgConnection,
+    tenant: TenantId,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    group_by: GroupBy,
+    limit: i64,
+    after: Option<&str>,
+) -> Result<Vec<BreakdownRow>, StoreError> {
+    // For time buckets the cursor also narrows the scanned range (partition pruning).
+    let bucket = match group_by {
+        GroupBy::Day => Some(TimeDelta::days(1)),
+        GroupBy::Hour => Some(TimeDelta::hours(1)),
+        GroupBy::ApiKey | GroupBy::Endpoint => None,
+    };
+    let from = match (bucket, after) {
+        (Some(len), Some(after)) => DateTime::parse_from_rfc3339(after)
+            .ok()
+            .and_then(|t| t.with_timezone(&Utc).checked_add_signed(len))
+            .map_or(from, |next| next.max(from)),
+        _ => from,
+    };
+    let key = key_sql(group_by);
+    let mut sql = format!(
+        "SELECT key, count(*) AS requests, \
+                count(*) FILTER (WHERE grpc_code <> 0) AS errors, \
+                coalesce(sum(cost), 0)::int8 AS cost \
+         FROM (SELECT {key} AS key, grpc_code, cost FROM api_request_logs \
+               WHERE tenant_id = $1 AND \"time\" >= $2 AND \"time\" < $3) AS calls"
+    );
+    if after.is_some() {
+        sql.push_str(" WHERE key > $5");
     }
-
-    /// Totals of the tenant's calls in `[from, to)`.
-    pub async fn summary(
-        &self,
-        tenant: TenantId,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-    ) -> Result<UsageSummary, StoreError> {
-        let mut conn = self.pool.get().await?;
-        let row: SummarySqlRow = diesel::sql_query(SUMMARY_SQL)
-            .bind::<SqlUuid, _>(tenant.0)
-            .bind::<Timestamptz, _>(from)
-            .bind::<Timestamptz, _>(to)
-            .get_result(&mut conn)
-            .await?;
-        Ok(UsageSummary {
-            requests: row.requests,
-            errors: row.errors,
-            cost_total: row.cost_total,
-            by_status_class: StatusClasses {
-                status_2xx: row.status_2xx,
-                status_4xx: row.status_4xx,
-                status_5xx: row.status_5xx,
-            },
-            latency_p50_us: row.latency_p50_us,
-            latency_p99_us: row.latency_p99_us,
+    sql.push_str(" GROUP BY key ORDER BY key LIMIT $4");
+    let mut query = diesel::sql_query(sql)
+        .into_boxed()
+        .bind::<SqlUuid, _>(tenant.0)
+        .bind::<Timestamptz, _>(from)
+        .bind::<Timestamptz, _>(to)
+        .bind::<BigInt, _>(limit.max(0));
+    if let Some(after) = after {
+        query = query.bind::<Text, _>(after.to_string());
+    }
+    let rows: Vec<BreakdownSqlRow> = query.load(conn).await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| BreakdownRow {
+            key: r.key,
+            requests: r.requests,
+            errors: r.errors,
+            cost: r.cost,
         })
-    }
+        .collect())
+}
 
-    /// The tenant's calls in `[from, to)` grouped by `group_by`, ordered by key (byte
-    /// order), at most `limit` groups with a key greater than `after` (the last key of
-    /// the previous page).
-    pub async fn breakdown(
-        &self,
-        tenant: TenantId,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-        group_by: GroupBy,
-        limit: i64,
-        after: Option<&str>,
-    ) -> Result<Vec<BreakdownRow>, StoreError> {
-        // For time buckets the cursor also narrows the scanned range (partition pruning).
-        let bucket = match group_by {
-            GroupBy::Day => Some(TimeDelta::days(1)),
-            GroupBy::Hour => Some(TimeDelta::hours(1)),
-            GroupBy::ApiKey | GroupBy::Endpoint => None,
-        };
-        let from = match (bucket, after) {
-            (Some(len), Some(after)) => DateTime::parse_from_rfc3339(after)
-                .ok()
-                .and_then(|t| t.with_timezone(&Utc).checked_add_signed(len))
-                .map_or(from, |next| next.max(from)),
-            _ => from,
-        };
-        let key = key_sql(group_by);
-        let mut sql = format!(
-            "SELECT key, count(*) AS requests, \
-                    count(*) FILTER (WHERE grpc_code <> 0) AS errors, \
-                    coalesce(sum(cost), 0)::int8 AS cost \
-             FROM (SELECT {key} AS key, grpc_code, cost FROM api_request_logs \
-                   WHERE tenant_id = $1 AND \"time\" >= $2 AND \"time\" < $3) AS calls"
-        );
-        if after.is_some() {
-            sql.push_str(" WHERE key > $5");
-        }
-        sql.push_str(" GROUP BY key ORDER BY key LIMIT $4");
-        let mut query = diesel::sql_query(sql)
-            .into_boxed()
-            .bind::<SqlUuid, _>(tenant.0)
-            .bind::<Timestamptz, _>(from)
-            .bind::<Timestamptz, _>(to)
-            .bind::<BigInt, _>(limit.max(0));
-        if let Some(after) = after {
-            query = query.bind::<Text, _>(after.to_string());
-        }
-        let mut conn = self.pool.get().await?;
-        let rows: Vec<BreakdownSqlRow> = query.load(&mut conn).await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| BreakdownRow {
-                key: r.key,
-                requests: r.requests,
-                errors: r.errors,
-                cost: r.cost,
-            })
-            .collect())
+/// The tenant's calls matching `filter`, newest first: at most `limit` of them older
+/// than `before` (the (time, id) of the last record of the previous page).
+pub async fn list(
+    conn: &mut AsyncPgConnection,
+    tenant: TenantId,
+    filter: &LogFilter,
+    limit: i64,
+    before: Option<(DateTime<Utc>, Uuid)>,
+) -> Result<Vec<RequestRecord>, StoreError> {
+    use api_request_logs as t;
+    let mut query = t::table.filter(t::tenant_id.eq(tenant.0)).into_boxed();
+    if let Some(key) = &filter.api_key_id {
+        query = query.filter(t::api_key_id.eq(key));
     }
-
-    /// The tenant's calls matching `filter`, newest first: at most `limit` of them older
-    /// than `before` (the (time, id) of the last record of the previous page).
-    pub async fn list(
-        &self,
-        tenant: TenantId,
-        filter: &LogFilter,
-        limit: i64,
-        before: Option<(DateTime<Utc>, Uuid)>,
-    ) -> Result<Vec<RequestRecord>, StoreError> {
-        use api_request_logs as t;
-        let mut query = t::table.filter(t::tenant_id.eq(tenant.0)).into_boxed();
-        if let Some(key) = &filter.api_key_id {
-            query = query.filter(t::api_key_id.eq(key));
-        }
-        if let Some(code) = filter.grpc_code {
-            query = query.filter(t::grpc_code.eq(code));
-        }
-        if let Some(rpc) = &filter.rpc {
-            query = query.filter(t::rpc.eq(rpc));
-        }
-        if let Some(from) = filter.from {
-            query = query.filter(t::time.ge(from));
-        }
-        if let Some(to) = filter.to {
-            query = query.filter(t::time.lt(to));
-        }
-        if let Some((time, id)) = before {
-            // `time <= $t` bounds the index scan; the OR breaks ties on the id.
-            query = query
-                .filter(t::time.le(time))
-                .filter(t::time.lt(time).or(t::id.lt(id)));
-        }
-        let mut conn = self.pool.get().await?;
-        let rows: Vec<RequestRow> = query
-            .order((t::time.desc(), t::id.desc()))
-            .limit(limit.max(0))
-            .select(RequestRow::as_select())
-            .load(&mut conn)
-            .await?;
-        Ok(rows.into_iter().map(RequestRecord::from).collect())
+    if let Some(code) = filter.grpc_code {
+        query = query.filter(t::grpc_code.eq(code));
     }
+    if let Some(rpc) = &filter.rpc {
+        query = query.filter(t::rpc.eq(rpc));
+    }
+    if let Some(from) = filter.from {
+        query = query.filter(t::time.ge(from));
+    }
+    if let Some(to) = filter.to {
+        query = query.filter(t::time.lt(to));
+    }
+    if let Some((time, id)) = before {
+        // `time <= $t` bounds the index scan; the OR breaks ties on the id.
+        query = query
+            .filter(t::time.le(time))
+            .filter(t::time.lt(time).or(t::id.lt(id)));
+    }
+    let rows: Vec<RequestRow> = query
+        .order((t::time.desc(), t::id.desc()))
+        .limit(limit.max(0))
+        .select(RequestRow::as_select())
+        .load(conn)
+        .await?;
+    Ok(rows.into_iter().map(RequestRecord::from).collect())
 }
 
 #[derive(diesel::QueryableByName)]
@@ -356,26 +343,23 @@ struct TenantCount {
     requests: i64,
 }
 
-impl UsageStore {
-    /// API-key calls per tenant since `from` that counted against the monthly quota
-    /// (refusals by the limiter itself, RESOURCE_EXHAUSTED, did not).
-    pub async fn key_requests_per_tenant(
-        &self,
-        from: DateTime<Utc>,
-    ) -> Result<Vec<(TenantId, i64)>, StoreError> {
-        let mut conn = self.pool.get().await?;
-        let rows: Vec<TenantCount> = diesel::sql_query(
-            "SELECT tenant_id, count(*) AS requests FROM api_request_logs \
-             WHERE time >= $1 AND api_key_id IS NOT NULL AND grpc_code <> 8 GROUP BY tenant_id",
-        )
-        .bind::<Timestamptz, _>(from)
-        .load(&mut conn)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| (TenantId(r.tenant_id), r.requests))
-            .collect())
-    }
+/// API-key calls per tenant since `from` that counted against the monthly quota
+/// (refusals by the limiter itself, RESOURCE_EXHAUSTED, did not).
+pub async fn key_requests_per_tenant(
+    conn: &mut AsyncPgConnection,
+    from: DateTime<Utc>,
+) -> Result<Vec<(TenantId, i64)>, StoreError> {
+    let rows: Vec<TenantCount> = diesel::sql_query(
+        "SELECT tenant_id, count(*) AS requests FROM api_request_logs \
+         WHERE time >= $1 AND api_key_id IS NOT NULL AND grpc_code <> 8 GROUP BY tenant_id",
+    )
+    .bind::<Timestamptz, _>(from)
+    .load(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (TenantId(r.tenant_id), r.requests))
+        .collect())
 }
 
 #[derive(diesel::QueryableByName)]
@@ -398,44 +382,43 @@ pub struct MeteredRecord<'a> {
     pub recorded_by: &'a str,
 }
 
-impl UsageStore {
-    /// Stores metered usage once per (tenant, idempotency id); false for a repeat.
-    pub async fn record_metered(&self, r: &MeteredRecord<'_>) -> Result<bool, StoreError> {
-        use crate::db::schema::metered_usage as m;
-        let mut conn = self.pool.get().await?;
-        let inserted = diesel::insert_into(m::table)
-            .values((
-                m::tenant_id.eq(r.tenant.0),
-                m::idempotency_id.eq(r.idempotency_id),
-                m::api_key_id.eq(r.api_key_id),
-                m::metric.eq(r.metric),
-                m::quantity.eq(r.quantity),
-                m::time.eq(r.time),
-                m::recorded_by.eq(r.recorded_by),
-            ))
-            .on_conflict_do_nothing()
-            .execute(&mut conn)
-            .await?;
-        Ok(inserted == 1)
-    }
-
-    /// Metered usage in `[from, to)`, summed per metric, by metric name.
-    pub async fn metered_totals(
-        &self,
-        tenant: TenantId,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-    ) -> Result<Vec<(String, i64)>, StoreError> {
-        let mut conn = self.pool.get().await?;
-        let rows: Vec<MeteredTotal> = diesel::sql_query(
-            "SELECT metric, LEAST(SUM(quantity), 9223372036854775807)::bigint AS quantity FROM metered_usage \
-             WHERE tenant_id = $1 AND time >= $2 AND time < $3 GROUP BY metric ORDER BY metric",
-        )
-        .bind::<SqlUuid, _>(tenant.0)
-        .bind::<Timestamptz, _>(from)
-        .bind::<Timestamptz, _>(to)
-        .load(&mut conn)
+/// Stores metered usage once per (tenant, idempotency id); false for a repeat.
+pub async fn record_metered(
+    conn: &mut AsyncPgConnection,
+    r: &MeteredRecord<'_>,
+) -> Result<bool, StoreError> {
+    use crate::db::schema::metered_usage as m;
+    let inserted = diesel::insert_into(m::table)
+        .values((
+            m::tenant_id.eq(r.tenant.0),
+            m::idempotency_id.eq(r.idempotency_id),
+            m::api_key_id.eq(r.api_key_id),
+            m::metric.eq(r.metric),
+            m::quantity.eq(r.quantity),
+            m::time.eq(r.time),
+            m::recorded_by.eq(r.recorded_by),
+        ))
+        .on_conflict_do_nothing()
+        .execute(conn)
         .await?;
-        Ok(rows.into_iter().map(|r| (r.metric, r.quantity)).collect())
-    }
+    Ok(inserted == 1)
+}
+
+/// Metered usage in `[from, to)`, summed per metric, by metric name.
+pub async fn metered_totals(
+    conn: &mut AsyncPgConnection,
+    tenant: TenantId,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<Vec<(String, i64)>, StoreError> {
+    let rows: Vec<MeteredTotal> = diesel::sql_query(
+        "SELECT metric, LEAST(SUM(quantity), 9223372036854775807)::bigint AS quantity FROM metered_usage \
+         WHERE tenant_id = $1 AND time >= $2 AND time < $3 GROUP BY metric ORDER BY metric",
+    )
+    .bind::<SqlUuid, _>(tenant.0)
+    .bind::<Timestamptz, _>(from)
+    .bind::<Timestamptz, _>(to)
+    .load(conn)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.metric, r.quantity)).collect())
 }

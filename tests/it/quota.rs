@@ -150,11 +150,10 @@ async fn counters_are_reconciled_from_postgres_after_redis_loses_them() {
     // Wait until the request log has the four calls, then lose Redis' data.
     let config = w.app.settings.config();
     let pool = devgate::db::pool(&config.database);
-    let usage = devgate::usage::UsageStore::new(pool.clone());
+    let usage = pool.clone();
     let month = devgate::ratelimit::quota::month_bounds(chrono::Utc::now()).0;
     wait_until(Duration::from_secs(10), || async {
-        usage
-            .key_requests_per_tenant(month)
+        devgate::usage::store::key_requests_per_tenant(&mut *usage.get().await.unwrap(), month)
             .await
             .unwrap()
             .iter()

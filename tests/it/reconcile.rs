@@ -96,18 +96,20 @@ async fn reconciliation_restores_counters_and_then_reads_only_new_rows() {
     let (_, token) = create_key(&w.app, tenant, &["*"]).await;
     let config = w.app.settings.config();
     let pool = devgate::db::pool(&config.database);
-    let usage = devgate::usage::UsageStore::new(pool.clone());
+    let usage = pool.clone();
     let month = month_bounds(chrono::Utc::now()).0;
     let logged = |n: i64| {
         let usage = &usage;
         async move {
             wait_until(Duration::from_secs(10), || async {
-                usage
-                    .key_requests_per_tenant(month)
-                    .await
-                    .unwrap()
-                    .iter()
-                    .any(|(t, c)| t.0 == tenant && *c == n)
+                devgate::usage::store::key_requests_per_tenant(
+                    &mut *usage.get().await.unwrap(),
+                    month,
+                )
+                .await
+                .unwrap()
+                .iter()
+                .any(|(t, c)| t.0 == tenant && *c == n)
             })
             .await
         }

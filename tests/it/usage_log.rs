@@ -13,16 +13,17 @@ use devgate::{
     db::PgPool,
     tenants::TenantId,
     usage::{
-        BreakdownRow, GroupBy, LogFilter, RequestLog, RequestRecord, StatusClasses, UsageStore,
-        WriterStats, http_status_for,
+        BreakdownRow, GroupBy, LogFilter, RequestLog, RequestRecord, StatusClasses, WriterStats,
+        http_status_for,
         log::{maintain_partitions, rows_in_default_partition},
+        store,
     },
 };
 use diesel::{
     QueryableByName,
     sql_types::{BigInt, Text},
 };
-use diesel_async::RunQueryDsl;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -242,9 +243,8 @@ async fn writer_flushes_on_interval_and_stores_every_field() {
         rows_of(&pool, tenant).await == 2
     })
     .await;
-    let store = UsageStore::new(pool.clone());
-    let listed = store
-        .list(tenant, &LogFilter::default(), 10, None)
+    let mut conn = pool.clone().get_owned().await.unwrap();
+    let listed = store::list(&mut *conn, tenant, &LogFilter::default(), 10, None)
         .await
         .unwrap();
     assert_eq!(listed[0], full, "every field round-trips");
@@ -397,7 +397,7 @@ struct DataSet {
     end: DateTime<Utc>,
 }
 
-async fn load_data_set(store: &UsageStore) -> DataSet {
+async fn load_data_set(conn: &mut AsyncPgConnection) -> DataSet {
     let cur = month_start(Utc::now());
     let prev = cur - Months::new(1);
     let end = cur + Months::new(1);
@@ -422,7 +422,7 @@ async fn load_data_set(store: &UsageStore) -> DataSet {
         // tenant B
         record(b, at(prev, 2, 10, 20, 0), Some(KEY_1), LIST, 7, 9_000, 100),
     ];
-    assert_eq!(store.insert(&rows).await.unwrap(), rows.len());
+    assert_eq!(store::insert(&mut *conn, &rows).await.unwrap(), rows.len());
     DataSet {
         a,
         b,
@@ -448,10 +448,12 @@ fn close(actual: Option<f64>, expected: f64) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn summary_is_exact_and_per_tenant() {
     let db = TestDb::create().await;
-    let store = UsageStore::new(pool(&db));
-    let d = load_data_set(&store).await;
+    let mut conn = pool(&db).get_owned().await.unwrap();
+    let d = load_data_set(&mut conn).await;
 
-    let all = store.summary(d.a, d.prev, d.end).await.unwrap();
+    let all = store::summary(&mut *conn, d.a, d.prev, d.end)
+        .await
+        .unwrap();
     assert_eq!(all.requests, 8);
     assert_eq!(all.errors, 4);
     assert_eq!(all.cost_total, 21);
@@ -468,7 +470,7 @@ async fn summary_is_exact_and_per_tenant() {
     assert!(close(all.latency_p99_us, 793.0), "{:?}", all.latency_p99_us);
 
     // [cur, end): the current month only; `to` is exclusive, `from` inclusive.
-    let month = store.summary(d.a, d.cur, d.end).await.unwrap();
+    let month = store::summary(&mut *conn, d.a, d.cur, d.end).await.unwrap();
     assert_eq!((month.requests, month.errors, month.cost_total), (3, 2, 13));
     assert_eq!(
         month.by_status_class,
@@ -480,18 +482,24 @@ async fn summary_is_exact_and_per_tenant() {
     );
     assert!(close(month.latency_p50_us, 700.0));
     assert!(close(month.latency_p99_us, 798.0));
-    let before = store.summary(d.a, d.prev, d.cur).await.unwrap();
+    let before = store::summary(&mut *conn, d.a, d.prev, d.cur)
+        .await
+        .unwrap();
     assert_eq!(
         (before.requests, before.errors, before.cost_total),
         (5, 2, 8)
     );
 
     // Tenant B sees only its own call; a tenant without calls sees zeros.
-    let b = store.summary(d.b, d.prev, d.end).await.unwrap();
+    let b = store::summary(&mut *conn, d.b, d.prev, d.end)
+        .await
+        .unwrap();
     assert_eq!((b.requests, b.errors, b.cost_total), (1, 1, 100));
     assert_eq!(b.by_status_class.status_4xx, 1);
     assert!(close(b.latency_p50_us, 9_000.0));
-    let none = store.summary(new_tenant(), d.prev, d.end).await.unwrap();
+    let none = store::summary(&mut *conn, new_tenant(), d.prev, d.end)
+        .await
+        .unwrap();
     assert_eq!((none.requests, none.errors, none.cost_total), (0, 0, 0));
     assert_eq!(none.by_status_class, StatusClasses::default());
     assert_eq!((none.latency_p50_us, none.latency_p99_us), (None, None));
@@ -500,15 +508,14 @@ async fn summary_is_exact_and_per_tenant() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn breakdowns_are_exact_ordered_and_paginated() {
     let db = TestDb::create().await;
-    let store = UsageStore::new(pool(&db));
-    let d = load_data_set(&store).await;
+    let mut conn = pool(&db).get_owned().await.unwrap();
+    let d = load_data_set(&mut conn).await;
     let day = |base: DateTime<Utc>, n: i64| rfc3339(base + chrono::Duration::days(n));
     let hour = |base: DateTime<Utc>, n: i64, h: i64| {
         rfc3339(base + chrono::Duration::days(n) + chrono::Duration::hours(h))
     };
 
-    let by_key = store
-        .breakdown(d.a, d.prev, d.end, GroupBy::ApiKey, 100, None)
+    let by_key = store::breakdown(&mut *conn, d.a, d.prev, d.end, GroupBy::ApiKey, 100, None)
         .await
         .unwrap();
     assert_eq!(
@@ -516,17 +523,16 @@ async fn breakdowns_are_exact_ordered_and_paginated() {
         vec![row("", 1, 0, 5), row(KEY_1, 4, 2, 4), row(KEY_2, 3, 2, 12)]
     );
 
-    let by_endpoint = store
-        .breakdown(d.a, d.prev, d.end, GroupBy::Endpoint, 100, None)
-        .await
-        .unwrap();
+    let by_endpoint =
+        store::breakdown(&mut *conn, d.a, d.prev, d.end, GroupBy::Endpoint, 100, None)
+            .await
+            .unwrap();
     assert_eq!(
         by_endpoint,
         vec![row(CREATE, 3, 2, 5), row(GET, 1, 1, 10), row(LIST, 4, 1, 6)]
     );
 
-    let by_day = store
-        .breakdown(d.a, d.prev, d.end, GroupBy::Day, 100, None)
+    let by_day = store::breakdown(&mut *conn, d.a, d.prev, d.end, GroupBy::Day, 100, None)
         .await
         .unwrap();
     let expected_days = vec![
@@ -537,8 +543,7 @@ async fn breakdowns_are_exact_ordered_and_paginated() {
     ];
     assert_eq!(by_day, expected_days);
 
-    let by_hour = store
-        .breakdown(d.a, d.prev, d.end, GroupBy::Hour, 100, None)
+    let by_hour = store::breakdown(&mut *conn, d.a, d.prev, d.end, GroupBy::Hour, 100, None)
         .await
         .unwrap();
     assert_eq!(
@@ -562,10 +567,17 @@ async fn breakdowns_are_exact_ordered_and_paginated() {
         let mut paged = Vec::new();
         let mut after: Option<String> = None;
         loop {
-            let page = store
-                .breakdown(d.a, d.prev, d.end, group_by, 2, after.as_deref())
-                .await
-                .unwrap();
+            let page = store::breakdown(
+                &mut *conn,
+                d.a,
+                d.prev,
+                d.end,
+                group_by,
+                2,
+                after.as_deref(),
+            )
+            .await
+            .unwrap();
             if page.is_empty() {
                 break;
             }
@@ -577,15 +589,13 @@ async fn breakdowns_are_exact_ordered_and_paginated() {
     }
 
     // The range narrows every grouping.
-    let cur_keys = store
-        .breakdown(d.a, d.cur, d.end, GroupBy::ApiKey, 100, None)
+    let cur_keys = store::breakdown(&mut *conn, d.a, d.cur, d.end, GroupBy::ApiKey, 100, None)
         .await
         .unwrap();
     assert_eq!(cur_keys, vec![row(KEY_1, 2, 1, 3), row(KEY_2, 1, 1, 10)]);
 
     // Tenant isolation: B has the same key id but sees only its own call.
-    let b = store
-        .breakdown(d.b, d.prev, d.end, GroupBy::ApiKey, 100, None)
+    let b = store::breakdown(&mut *conn, d.b, d.prev, d.end, GroupBy::ApiKey, 100, None)
         .await
         .unwrap();
     assert_eq!(b, vec![row(KEY_1, 1, 1, 100)]);
@@ -595,8 +605,7 @@ async fn breakdowns_are_exact_ordered_and_paginated() {
         GroupBy::Day,
         GroupBy::Hour,
     ] {
-        let none = store
-            .breakdown(new_tenant(), d.prev, d.end, group_by, 100, None)
+        let none = store::breakdown(&mut *conn, new_tenant(), d.prev, d.end, group_by, 100, None)
             .await
             .unwrap();
         assert!(none.is_empty());
@@ -606,7 +615,7 @@ async fn breakdowns_are_exact_ordered_and_paginated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_pages_newest_first_without_duplicates() {
     let db = TestDb::create().await;
-    let store = UsageStore::new(pool(&db));
+    let mut conn = pool(&db).get_owned().await.unwrap();
     let (a, b) = (new_tenant(), new_tenant());
     let base = Utc::now() - chrono::Duration::hours(1);
     let base = DateTime::from_timestamp(base.timestamp(), 0).unwrap();
@@ -625,15 +634,19 @@ async fn list_pages_newest_first_without_duplicates() {
         })
         .collect();
     rows.push(record(b, base, Some(KEY_1), LIST, 0, 1, 0));
-    store.insert(&rows).await.unwrap();
+    store::insert(&mut *conn, &rows).await.unwrap();
     let mut expected: Vec<RequestRecord> = rows.into_iter().filter(|r| r.tenant_id == a).collect();
     expected.sort_by_key(|r| std::cmp::Reverse((r.time, r.id)));
 
-    async fn all_pages(store: &UsageStore, tenant: TenantId, f: &LogFilter) -> Vec<RequestRecord> {
+    async fn all_pages(
+        conn: &mut AsyncPgConnection,
+        tenant: TenantId,
+        f: &LogFilter,
+    ) -> Vec<RequestRecord> {
         let mut out: Vec<RequestRecord> = Vec::new();
         loop {
             let before = out.last().map(|r| (r.time, r.id));
-            let page = store.list(tenant, f, 7, before).await.unwrap();
+            let page = store::list(&mut *conn, tenant, f, 7, before).await.unwrap();
             assert!(page.len() <= 7);
             if page.is_empty() {
                 return out;
@@ -642,7 +655,7 @@ async fn list_pages_newest_first_without_duplicates() {
         }
     }
 
-    let listed = all_pages(&store, a, &LogFilter::default()).await;
+    let listed = all_pages(&mut conn, a, &LogFilter::default()).await;
     assert_eq!(listed, expected, "newest first, (time, id) order");
     let ids: HashSet<Uuid> = listed.iter().map(|r| r.id).collect();
     assert_eq!(ids.len(), 25, "no duplicates across pages");
@@ -651,7 +664,7 @@ async fn list_pages_newest_first_without_duplicates() {
         api_key_id: Some(KEY_2.into()),
         ..Default::default()
     };
-    let key_rows = all_pages(&store, a, &by_key).await;
+    let key_rows = all_pages(&mut conn, a, &by_key).await;
     let expected_key: Vec<_> = expected
         .iter()
         .filter(|r| r.api_key_id.as_deref() == Some(KEY_2))
@@ -665,7 +678,7 @@ async fn list_pages_newest_first_without_duplicates() {
         rpc: Some(CREATE.into()),
         ..Default::default()
     };
-    let error_rows = all_pages(&store, a, &errors).await;
+    let error_rows = all_pages(&mut conn, a, &errors).await;
     let latencies: Vec<i32> = error_rows.iter().map(|r| r.latency_us).collect();
     assert_eq!(latencies, vec![20, 0], "i % 4 == 0 and i % 5 == 0");
 
@@ -674,21 +687,21 @@ async fn list_pages_newest_first_without_duplicates() {
         to: Some(base + chrono::Duration::seconds(4)),
         ..Default::default()
     };
-    let window_rows = all_pages(&store, a, &window).await;
+    let window_rows = all_pages(&mut conn, a, &window).await;
     let mut lat: Vec<i32> = window_rows.iter().map(|r| r.latency_us).collect();
     lat.sort();
     assert_eq!(lat, vec![6, 7, 8, 9, 10, 11], "[from, to)");
 
     // Tenant isolation.
-    let b_rows = all_pages(&store, b, &LogFilter::default()).await;
+    let b_rows = all_pages(&mut conn, b, &LogFilter::default()).await;
     assert_eq!(b_rows.len(), 1);
     assert!(
-        all_pages(&store, new_tenant(), &LogFilter::default())
+        all_pages(&mut conn, new_tenant(), &LogFilter::default())
             .await
             .is_empty()
     );
     assert!(
-        all_pages(&store, b, &by_key).await.is_empty(),
+        all_pages(&mut conn, b, &by_key).await.is_empty(),
         "B never sees A's KEY_2 calls"
     );
 }
@@ -697,7 +710,7 @@ async fn list_pages_newest_first_without_duplicates() {
 async fn monthly_partitions_are_created_dropped_and_used() {
     let db = TestDb::create().await;
     let pool = pool(&db);
-    let store = UsageStore::new(pool.clone());
+    let mut conn = pool.clone().get_owned().await.unwrap();
     let now = Utc::now();
     let cur = month_start(now);
     let prev = cur - Months::new(1);
@@ -714,14 +727,16 @@ async fn monthly_partitions_are_created_dropped_and_used() {
     // Rows land in their month's partition, not in the default one.
     let tenant = new_tenant();
     let last_month = prev + chrono::Duration::days(10);
-    store
-        .insert(&[
+    store::insert(
+        &mut *conn,
+        &[
             record(tenant, last_month, Some(KEY_1), LIST, 0, 1, 0),
             record(tenant, now, Some(KEY_1), LIST, 0, 1, 0),
             record(tenant, cur + Months::new(2), Some(KEY_1), LIST, 0, 1, 0),
-        ])
-        .await
-        .unwrap();
+        ],
+    )
+    .await
+    .unwrap();
     let homes = names(
         &pool,
         &format!(
@@ -735,8 +750,7 @@ async fn monthly_partitions_are_created_dropped_and_used() {
 
     // A row beyond the partitions goes to the default partition instead of failing.
     let far = cur + Months::new(5) + chrono::Duration::days(3);
-    store
-        .insert(&[record(tenant, far, None, GET, 0, 1, 0)])
+    store::insert(&mut *conn, &[record(tenant, far, None, GET, 0, 1, 0)])
         .await
         .unwrap();
     assert_eq!(rows_in_default_partition(&pool).await.unwrap(), 1);
