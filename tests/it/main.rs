@@ -22,5 +22,6 @@ mod quota;
 mod ratelimit;
 mod reconcile;
 mod rotation;
+mod transactions;
 mod usage;
 mod usage_log;
