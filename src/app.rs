@@ -493,7 +493,7 @@ async fn serve(
 
 /// The internal listener's TLS from its PEM files; with a client CA, client certificates are
 /// verified (and optional: callers without one authenticate with a service token).
-fn internal_tls_config(tls: &crate::config::InternalTls) -> anyhow::Result<ServerTlsConfig> {
+fn internal_tls_config(tls: &crate::auth::config::InternalTls) -> anyhow::Result<ServerTlsConfig> {
     let read = |path: &std::path::Path, var: &str| {
         std::fs::read(path)
             .map_err(|e| anyhow::anyhow!("{var}: cannot read {}: {e}", path.display()))

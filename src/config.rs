@@ -9,9 +9,13 @@ use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 use secrecy::SecretString;
 
 use crate::{
-    auth::service_token::ServiceCallers,
-    edge::client_ip::TrustedProxies,
-    ratelimit::{Limits, PlanLimits, PlanQuotas, QuotaLimits},
+    api_keys::config::{ApiKeyConfig, Argon2Params},
+    auth::config::{AuthConfig, InternalTls},
+    db::DatabaseConfig,
+    kv::RedisConfig,
+    ratelimit::{Limits, PlanLimits, PlanQuotas, QuotaLimits, RateLimitConfig},
+    telemetry::{LogConfig, LogFormat},
+    usage::UsageConfig,
 };
 
 /// `(name, default, meaning)` of every variable devgate reads. An empty default means
@@ -273,12 +277,6 @@ pub enum RunEnvironment {
     Production,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Json,
-    Pretty,
-}
-
 #[derive(Debug, Clone)]
 pub struct Config {
     pub environment: RunEnvironment,
@@ -292,91 +290,6 @@ pub struct Config {
     pub usage: UsageConfig,
     pub log: LogConfig,
     pub shutdown_grace: Duration,
-}
-
-#[derive(Debug, Clone)]
-pub struct DatabaseConfig {
-    pub url: SecretString,
-    pub pool_size: u32,
-    pub connect_timeout: Duration,
-    pub statement_timeout: Duration,
-}
-
-#[derive(Debug, Clone)]
-pub struct RedisConfig {
-    pub url: SecretString,
-    /// Seed nodes of a Redis Cluster (empty: standalone Redis at `url`). URLs may hold a
-    /// password, hence secret.
-    pub cluster_nodes: Vec<SecretString>,
-    pub prefix: String,
-}
-
-#[derive(Debug, Clone)]
-pub struct AuthConfig {
-    pub jwt_hs256_secret: Option<SecretString>,
-    pub jwt_public_key_path: Option<PathBuf>,
-    pub jwt_issuer: Option<String>,
-    pub jwt_audience: Option<String>,
-    /// Clock skew allowed on `exp` and `nbf`.
-    pub jwt_leeway: Duration,
-    /// Peers whose x-forwarded-for is believed (Envoy).
-    pub trusted_proxies: TrustedProxies,
-    /// Who may call the internal listener, and which RPCs.
-    pub service_callers: ServiceCallers,
-    /// TLS (and optionally mTLS) of the internal listener.
-    pub internal_tls: Option<InternalTls>,
-}
-
-/// Files of the internal listener's TLS setup.
-#[derive(Debug, Clone)]
-pub struct InternalTls {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    /// Client certificates from this CA authenticate internal callers (mTLS).
-    pub client_ca: Option<PathBuf>,
-}
-
-/// argon2id cost parameters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Argon2Params {
-    pub memory_kib: u32,
-    pub iterations: u32,
-    pub parallelism: u32,
-}
-
-#[derive(Debug, Clone)]
-pub struct ApiKeyConfig {
-    pub argon2: Argon2Params,
-    pub hash_concurrency: usize,
-    pub cache_ttl: Duration,
-    pub cache_capacity: u64,
-    pub failure_limit: u32,
-    pub failure_window: Duration,
-    pub last_used_flush_interval: Duration,
-    pub rotation_grace_default: Duration,
-    pub rotation_grace_max: Duration,
-}
-
-#[derive(Debug, Clone)]
-pub struct RateLimitConfig {
-    pub plans: PlanLimits,
-    pub quotas: PlanQuotas,
-    pub fail_closed: bool,
-}
-
-#[derive(Debug, Clone)]
-pub struct UsageConfig {
-    pub retention: Duration,
-    pub flush_interval: Duration,
-    pub batch_size: usize,
-    pub buffer: usize,
-}
-
-#[derive(Debug, Clone)]
-pub struct LogConfig {
-    pub filter: String,
-    pub format: LogFormat,
-    pub otlp_endpoint: Option<String>,
 }
 
 /// A variable that is set but cannot be used.

@@ -15,7 +15,7 @@ use argon2::{
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::sync::Semaphore;
 
-use crate::config::Argon2Params;
+use super::config::Argon2Params;
 
 const SALT_LEN: usize = 16;
 const OUTPUT_LEN: usize = 32;

@@ -1,6 +1,7 @@
 //! API keys: creation, listing, update, revocation, rotation with a grace period, deletion,
 //! and verification (the hot path of every key-authenticated call).
 
+pub mod config;
 pub mod grpc;
 pub mod hashing;
 pub mod invalidation;

@@ -7,6 +7,7 @@ use chrono::Utc;
 
 use super::{
     ApiKeyError,
+    config::ApiKeyConfig,
     hashing::SecretHasher,
     invalidation::Invalidations,
     model::{ApiKey, ApiKeyChanges, KeyId, KeyState, ListFilter, NewApiKey},
@@ -16,7 +17,6 @@ use super::{
 };
 use crate::{
     auth::{Principal, Scope, Scopes},
-    config::ApiKeyConfig,
     db::{self, PgPool, StoreError},
     ratelimit::{LimitOverrides, PlanLimits},
     tenants::{TenantDirectory, TenantId},

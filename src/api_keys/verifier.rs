@@ -16,6 +16,7 @@ use ipnetwork::IpNetwork;
 
 use super::{
     ApiKeyError,
+    config::ApiKeyConfig,
     hashing::SecretHasher,
     last_used::LastUsedRecorder,
     model::{Environment, KeyId, ip_allowed},
@@ -24,7 +25,6 @@ use super::{
 };
 use crate::{
     auth::Scopes,
-    config::ApiKeyConfig,
     db::{self, PgPool},
     kv::{OutageLog, Redis},
     ratelimit::{Limits, PlanLimits, PlanQuotas, QuotaLimits},

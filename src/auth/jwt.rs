@@ -11,8 +11,9 @@ use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::config::AuthConfig;
 use super::{AuthError, Scope, Scopes, UserPrincipal};
-use crate::{config::AuthConfig, tenants::TenantId};
+use crate::tenants::TenantId;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Claims {

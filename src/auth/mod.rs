@@ -1,6 +1,7 @@
 //! Identity and authorization: one [`Principal`] per call, resolved by [`layer::AuthLayer`]
 //! before the handler runs; handlers ask it for the scope they need.
 
+pub mod config;
 pub mod jwt;
 pub mod layer;
 pub mod mtls;

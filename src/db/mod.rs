@@ -15,7 +15,14 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use futures_util::FutureExt;
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::config::DatabaseConfig;
+/// The `DEVGATE_DATABASE_*` section, composed by `crate::config`.
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    pub url: SecretString,
+    pub pool_size: u32,
+    pub connect_timeout: Duration,
+    pub statement_timeout: Duration,
+}
 
 pub type PgPool = bb8::Pool<AsyncDieselConnectionManager<AsyncPgConnection>>;
 pub type PgConn<'a> = bb8::PooledConnection<'a, AsyncDieselConnectionManager<AsyncPgConnection>>;

@@ -18,9 +18,17 @@ use redis::{
     cluster::{ClusterClient, ClusterConfig},
     cluster_async::ClusterConnection,
 };
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 
-use crate::config::RedisConfig;
+/// The `DEVGATE_REDIS_*` section, composed by `crate::config`.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub url: SecretString,
+    /// Seed nodes of a Redis Cluster (empty: standalone Redis at `url`). URLs may hold a
+    /// password, hence secret.
+    pub cluster_nodes: Vec<SecretString>,
+    pub prefix: String,
+}
 
 /// How long one Redis call may take before the caller treats Redis as down.
 const RESPONSE_TIMEOUT: Duration = Duration::from_millis(500);

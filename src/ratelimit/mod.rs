@@ -12,6 +12,14 @@ pub use quota::{
     Metric, PlanQuotas, QuotaLimits, QuotaOverrides, QuotaUsage, Quotas, ReconcileStats,
 };
 
+/// The rate-limit and quota section, composed by `crate::config`.
+#[derive(Debug, Clone)]
+pub struct RateLimitConfig {
+    pub plans: PlanLimits,
+    pub quotas: PlanQuotas,
+    pub fail_closed: bool,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RateLimitError {
     /// The call would exceed a window; the decision says which and for how long.

@@ -8,6 +8,8 @@
 //!
 //! Errors are [`StoreError`](crate::db::StoreError): nothing here fails in another way.
 
+use std::time::Duration;
+
 pub mod grpc;
 pub mod layer;
 pub mod log;
@@ -19,3 +21,12 @@ pub use log::{RequestLog, RequestLogWriter, WriterStats};
 pub use model::{
     BreakdownRow, GroupBy, LogFilter, RequestRecord, StatusClasses, UsageSummary, http_status_for,
 };
+
+/// The `DEVGATE_USAGE_*` section, composed by `crate::config`.
+#[derive(Debug, Clone)]
+pub struct UsageConfig {
+    pub retention: Duration,
+    pub flush_interval: Duration,
+    pub batch_size: usize,
+    pub buffer: usize,
+}

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use devgate::proto::v1;
 use devgate::{
-    config::RedisConfig,
     kv::Redis,
+    kv::RedisConfig,
     ratelimit::{Limits, RateLimitError, RateLimiter},
     tenants::TenantId,
 };

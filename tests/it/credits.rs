@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use devgate::{
-    config::DatabaseConfig,
     credits::{CreditError, Credits, LedgerEntry},
+    db::DatabaseConfig,
     tenants::TenantId,
 };
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};

@@ -4,7 +4,7 @@
 use std::{path::Path, process::Command, time::Duration};
 
 use base64::Engine;
-use devgate::{auth::jwt::JwtVerifier, config::AuthConfig};
+use devgate::{auth::config::AuthConfig, auth::jwt::JwtVerifier};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use uuid::Uuid;
