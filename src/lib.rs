@@ -14,6 +14,7 @@ pub mod credits;
 pub mod db;
 pub mod edge;
 pub mod health;
+pub mod identity;
 pub mod kv;
 pub mod pagination;
 pub mod proto;

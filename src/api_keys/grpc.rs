@@ -14,7 +14,9 @@ use super::{
     verifier::VerifyFailure,
 };
 use crate::{
-    auth::{Scope, layer::principal},
+    auth::layer::principal,
+    identity::Plan,
+    identity::Scope,
     pagination,
     proto::{
         convert::{from_duration, from_timestamp, opt_timestamp, timestamp},
@@ -24,7 +26,6 @@ use crate::{
         v1::{self, api_key_service_server::ApiKeyService},
     },
     ratelimit::{LimitOverrides, RateLimitError, RateLimiter, model::retry_after_secs},
-    tenants::Plan,
     usage::{RequestLog, RequestRecord},
     validation::Violations,
 };
@@ -211,9 +212,7 @@ impl InternalApiKeyService for ApiKeyGrpc {
             "" => None,
             s => s
                 .parse()
-                .map_err(|e: crate::auth::scope::UnknownScope| {
-                    v.add("required_scope", e.to_string())
-                })
+                .map_err(|e: crate::identity::UnknownScope| v.add("required_scope", e.to_string()))
                 .ok(),
         };
         let client_ip: Option<IpAddr> = match r.client_ip.as_str() {

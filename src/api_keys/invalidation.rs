@@ -7,7 +7,7 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::{model::KeyId, verifier::KeyVerifier};
-use crate::{kv::Redis, tenants::TenantId};
+use crate::{identity::TenantId, kv::Redis};
 
 /// Messages that name a tenant instead of a key id start with this.
 const TENANT_PREFIX: &str = "tenant:";

@@ -7,9 +7,9 @@ use ipnetwork::IpNetwork;
 
 use super::token;
 use crate::{
-    auth::Scopes,
+    identity::Scopes,
+    identity::TenantId,
     ratelimit::LimitOverrides,
-    tenants::TenantId,
     validation::{Violations, quote},
 };
 
@@ -18,7 +18,7 @@ pub const MAX_DESCRIPTION_CHARS: usize = 1000;
 pub const MAX_REVOKE_REASON_CHARS: usize = 500;
 pub const MAX_ALLOWED_CIDRS: usize = 50;
 /// More names than there are scopes (with room for repeats) is never a real request.
-pub const MAX_SCOPES: usize = 2 * crate::auth::Scope::EVERY.len();
+pub const MAX_SCOPES: usize = 2 * crate::identity::Scope::EVERY.len();
 
 /// The public id of a key: 12 base62 characters, embedded in the token.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -245,7 +245,7 @@ pub fn validate_scopes(names: &[String], field: &str, v: &mut Violations) -> Sco
                     format!(
                         "unknown scope {}; known scopes: {}",
                         quote(&u.0),
-                        crate::auth::Scope::EVERY.map(|s| s.as_str()).join(", ")
+                        crate::identity::Scope::EVERY.map(|s| s.as_str()).join(", ")
                     )
                 } else {
                     format!("unknown scope {}", quote(&u.0))

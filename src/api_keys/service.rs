@@ -16,10 +16,12 @@ use super::{
     verifier::KeyVerifier,
 };
 use crate::{
-    auth::{Principal, Scope, Scopes},
+    auth::Principal,
     db::{self, PgPool, StoreError},
+    identity::TenantId,
+    identity::{Scope, Scopes},
     ratelimit::{LimitOverrides, PlanLimits},
-    tenants::{TenantDirectory, TenantId},
+    tenants::TenantDirectory,
     validation::Violations,
 };
 

@@ -10,12 +10,12 @@ use uuid::Uuid;
 use super::model::{ApiKey, ApiKeyChanges, Environment, KeyId, KeyState, ListFilter};
 use crate::ratelimit::{LimitOverrides, QuotaOverrides};
 use crate::{
-    auth::Scopes,
     db::{
         StoreError,
         schema::{api_keys, tenants},
     },
-    tenants::{Plan, TenantId},
+    identity::Scopes,
+    identity::{Plan, TenantId},
 };
 
 #[derive(Debug, Queryable, Selectable, Insertable)]
@@ -470,7 +470,7 @@ pub async fn find_for_auth(
             previous_secret_expire_time: r.previous_secret_expire_time,
             expire_time: r.expire_time,
             revoke_time: r.revoke_time,
-            plan: r.plan.parse()?,
+            plan: crate::tenants::parse_plan(&r.plan)?,
             key_limits: overrides(km, kh, kd, kb),
             tenant_limits: overrides(tm, th, td, tb),
             tenant_quotas: quota_overrides(r.tenant_quotas.0, r.tenant_quotas.1),

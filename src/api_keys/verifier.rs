@@ -24,11 +24,11 @@ use super::{
     token::{self, TokenError},
 };
 use crate::{
-    auth::Scopes,
     db::{self, PgPool},
+    identity::Scopes,
+    identity::{Plan, TenantId},
     kv::{OutageLog, Redis},
     ratelimit::{Limits, PlanLimits, PlanQuotas, QuotaLimits},
-    tenants::{Plan, TenantId},
 };
 
 /// Why a well-formed request's token does not authenticate.

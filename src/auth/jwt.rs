@@ -12,8 +12,9 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::config::AuthConfig;
-use super::{AuthError, Scope, Scopes, UserPrincipal};
-use crate::tenants::TenantId;
+use super::{AuthError, UserPrincipal};
+use crate::identity::TenantId;
+use crate::identity::{Scope, Scopes};
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Claims {

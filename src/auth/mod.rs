@@ -5,20 +5,18 @@ pub mod config;
 pub mod jwt;
 pub mod layer;
 pub mod mtls;
-pub mod scope;
 pub mod service_token;
 
 use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use http::HeaderMap;
 
-pub use scope::{Scope, Scopes};
-
 use crate::{
     api_keys::verifier::{KeyVerifier, VerifyFailure},
     db::StoreError,
+    identity::{Scope, Scopes, TenantId},
     ratelimit::Limits,
-    tenants::{TenantDirectory, TenantId},
+    tenants::TenantDirectory,
 };
 
 /// How long a tenant's limits for user calls are trusted without re-reading them: user

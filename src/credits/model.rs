@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::tenants::TenantId;
+use crate::identity::TenantId;
 
 /// One change to a tenant's balance, as recorded in the append-only ledger.
 #[derive(Debug, Clone, PartialEq, Eq)]

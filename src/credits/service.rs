@@ -8,8 +8,8 @@ use super::{
 };
 use crate::{
     db::{self, PgPool},
+    identity::TenantId,
     pagination::MAX_PAGE_SIZE,
-    tenants::TenantId,
     validation::Violations,
 };
 

@@ -25,7 +25,7 @@ use crate::{
         StoreError,
         schema::{credit_balances, credit_ledger, tenants},
     },
-    tenants::TenantId,
+    identity::TenantId,
 };
 
 #[derive(Debug, Queryable, Selectable)]

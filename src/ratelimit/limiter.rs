@@ -14,8 +14,8 @@ use super::{
 };
 use crate::{
     auth::KeyPrincipal,
+    identity::TenantId,
     kv::{OutageLog, Redis},
-    tenants::TenantId,
 };
 
 /// The script, also run by `benches/redis_limit_baseline.sh` for the physical limit.

@@ -28,7 +28,7 @@ pub enum RateLimitError {
     /// The tenant's monthly quota is used up.
     #[error("monthly quota exhausted for tenant {tenant}")]
     QuotaExhausted {
-        tenant: crate::tenants::TenantId,
+        tenant: crate::identity::TenantId,
         usage: QuotaUsage,
     },
     /// Redis is down and the limiter is configured to fail closed.

@@ -2,7 +2,7 @@
 
 use std::{fmt, str::FromStr, time::Duration};
 
-use crate::tenants::Plan;
+use crate::identity::Plan;
 
 /// A key's effective limits: calls per minute, hour and day, and the burst.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

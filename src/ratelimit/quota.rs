@@ -9,8 +9,8 @@ use futures_util::StreamExt;
 
 use crate::{
     db::{PgPool, StoreError},
+    identity::{Plan, TenantId},
     kv::{OutageLog, Redis},
-    tenants::{Plan, TenantId},
 };
 
 /// Counts, refusing an increment that would pass the limit (and then taking it back).

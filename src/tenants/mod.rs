@@ -1,70 +1,16 @@
 //! Tenants: the isolation boundary. A tenant row is created on first authenticated use by
 //! one of its users; every other table is filtered by the principal's tenant.
 
-use std::{fmt, str::FromStr, time::Duration};
+use std::time::Duration;
 
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use uuid::Uuid;
 
-use crate::db::{PgPool, StoreError, schema::tenants};
-
-/// A tenant's id (a UUID chosen by the platform's auth service).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TenantId(pub Uuid);
-
-impl fmt::Display for TenantId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl FromStr for TenantId {
-    type Err = uuid::Error;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Uuid::parse_str(s).map(TenantId)
-    }
-}
-
-/// A tenant's commercial plan, stored as its lowercase name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Plan {
-    Free,
-    Standard,
-    Professional,
-    Business,
-    Enterprise,
-}
-
-impl Plan {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Plan::Free => "free",
-            Plan::Standard => "standard",
-            Plan::Professional => "professional",
-            Plan::Business => "business",
-            Plan::Enterprise => "enterprise",
-        }
-    }
-}
-
-impl FromStr for Plan {
-    type Err = StoreError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(match s {
-            "free" => Plan::Free,
-            "standard" => Plan::Standard,
-            "professional" => Plan::Professional,
-            "business" => Plan::Business,
-            "enterprise" => Plan::Enterprise,
-            other => {
-                return Err(StoreError::Unavailable(format!(
-                    "unknown plan {other:?} in tenants table"
-                )));
-            }
-        })
-    }
-}
+use crate::{
+    db::{PgPool, StoreError, schema::tenants},
+    identity::{Plan, TenantId},
+};
 
 /// Creates tenant rows on first sight, remembering which exist so the hot path does not
 /// write on every call.
@@ -132,7 +78,7 @@ fn record(row: TenantRow) -> Result<TenantRecord, StoreError> {
     use crate::api_keys::store::{overrides, quota_overrides};
     Ok(TenantRecord {
         id: TenantId(row.id),
-        plan: row.plan.parse()?,
+        plan: parse_plan(&row.plan)?,
         limits: overrides(
             row.rate_limit_per_minute,
             row.rate_limit_per_hour,
@@ -193,4 +139,10 @@ impl TenantDirectory {
         self.known.insert(tenant, ()).await;
         record(row)
     }
+}
+
+/// A stored plan name; an unknown one means the database is ahead of this binary.
+pub(crate) fn parse_plan(name: &str) -> Result<Plan, StoreError> {
+    name.parse()
+        .map_err(|e| StoreError::Unavailable(format!("{e} in tenants table")))
 }

@@ -14,7 +14,9 @@ use super::{
 };
 use crate::{
     api_keys::grpc::{plan_to_proto, rate_limits_from_proto, rate_limits_to_proto},
-    auth::{Principal, Scope, layer::principal},
+    auth::{Principal, layer::principal},
+    identity::Scope,
+    identity::{Plan, TenantId},
     pagination,
     proto::{
         convert::{from_timestamp, opt_timestamp, timestamp},
@@ -24,7 +26,6 @@ use crate::{
         v1::{self, usage_service_server::UsageService},
     },
     ratelimit::{LimitOverrides, Limits, QuotaOverrides},
-    tenants::{Plan, TenantId},
     validation::Violations,
 };
 

@@ -30,7 +30,7 @@ use tonic_types::StatusExt;
 use tower::{Layer, Service};
 
 use super::{RequestLog, RequestRecord};
-use crate::{edge::client_ip::TrustedProxies, tenants::TenantId};
+use crate::{edge::client_ip::TrustedProxies, identity::TenantId};
 
 /// Who made a call, as the auth layer resolved it (put in the response's extensions).
 #[derive(Debug, Clone)]

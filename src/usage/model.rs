@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::tenants::TenantId;
+use crate::identity::TenantId;
 
 /// One authenticated call, as stored in `api_request_logs`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -12,14 +12,16 @@ use super::{
 use crate::{
     api_keys::invalidation::Invalidations,
     api_keys::verifier::KeyVerifier,
-    auth::{AuthError, Principal, Scope},
+    auth::{AuthError, Principal},
     credits::{CreditError, Credits, LedgerEntry},
     db::{self, PgPool, StoreError},
+    identity::Scope,
+    identity::{Plan, TenantId},
     ratelimit::{
         Decision, LimitOverrides, Limits, Metric, PlanLimits, PlanQuotas, QuotaOverrides,
         QuotaUsage, RateLimitError, RateLimiter,
     },
-    tenants::{Plan, TenantDirectory, TenantId, TenantRecord},
+    tenants::{TenantDirectory, TenantRecord},
     validation::Violations,
 };
 

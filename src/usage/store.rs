@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::model::{BreakdownRow, GroupBy, LogFilter, RequestRecord, StatusClasses, UsageSummary};
 use crate::{
     db::{StoreError, schema::api_request_logs},
-    tenants::TenantId,
+    identity::TenantId,
 };
 
 /// Bind parameters per inserted row (the columns of `api_request_logs`).

@@ -6,9 +6,10 @@ use devgate::proto::internal::v1 as internal;
 use std::time::Duration;
 
 use devgate::{
+    identity::{Plan, TenantId},
     proto::v1::{self, usage_service_client::UsageServiceClient},
     ratelimit::{LimitOverrides, QuotaOverrides},
-    tenants::{Plan, TenantDirectory, TenantId},
+    tenants::TenantDirectory,
 };
 use diesel::{QueryableByName, sql_types::Text};
 use diesel_async::RunQueryDsl;

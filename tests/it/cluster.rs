@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use devgate::proto::v1;
 use devgate::{
+    identity::TenantId,
     kv::Redis,
     kv::RedisConfig,
     ratelimit::{Limits, RateLimitError, RateLimiter},
-    tenants::TenantId,
 };
 use tonic::Code;
 use uuid::Uuid;

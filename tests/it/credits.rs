@@ -6,7 +6,7 @@ use std::time::Duration;
 use devgate::{
     credits::{CreditError, Credits, LedgerEntry},
     db::DatabaseConfig,
-    tenants::TenantId,
+    identity::TenantId,
 };
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use tokio::task::JoinSet;

@@ -8,7 +8,7 @@ use chrono::{TimeDelta, Utc};
 use devgate::{
     credits::store::{self as credit_store, Applied, NewEntry},
     db::StoreError,
-    tenants::TenantId,
+    identity::TenantId,
     usage::store::{self as usage_store, MeteredRecord},
 };
 use diesel::result::Error as DieselError;

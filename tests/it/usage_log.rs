@@ -11,7 +11,7 @@ use std::{
 use chrono::{DateTime, Datelike, Months, SecondsFormat, TimeZone, Utc};
 use devgate::{
     db::PgPool,
-    tenants::TenantId,
+    identity::TenantId,
     usage::{
         BreakdownRow, GroupBy, LogFilter, RequestLog, RequestRecord, StatusClasses, WriterStats,
         http_status_for,

@@ -1,6 +1,69 @@
-//! Scopes: what a principal may do. Each RPC names the one it needs.
+//! Who a call acts for and what it may do: the identity types every feature shares
+//! (tenant, plan, scopes). A leaf: it imports nothing of devgate's, so any module may import
+//! it without tying feature folders together. The per-call `Principal` stays in `auth`: it
+//! names key ids, environments and limits, which belong to the features that define them.
 
 use std::{collections::BTreeSet, fmt, str::FromStr};
+
+use uuid::Uuid;
+
+/// A tenant's id (a UUID chosen by the platform's auth service).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TenantId(pub Uuid);
+
+impl fmt::Display for TenantId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for TenantId {
+    type Err = uuid::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s).map(TenantId)
+    }
+}
+
+/// A tenant's commercial plan, stored as its lowercase name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Plan {
+    Free,
+    Standard,
+    Professional,
+    Business,
+    Enterprise,
+}
+
+impl Plan {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Plan::Free => "free",
+            Plan::Standard => "standard",
+            Plan::Professional => "professional",
+            Plan::Business => "business",
+            Plan::Enterprise => "enterprise",
+        }
+    }
+}
+
+/// A plan name devgate does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown plan {0:?}")]
+pub struct UnknownPlan(pub String);
+
+impl FromStr for Plan {
+    type Err = UnknownPlan;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "free" => Plan::Free,
+            "standard" => Plan::Standard,
+            "professional" => Plan::Professional,
+            "business" => Plan::Business,
+            "enterprise" => Plan::Enterprise,
+            other => return Err(UnknownPlan(other.to_string())),
+        })
+    }
+}
 
 /// One permission. `All` (`*`) grants every scope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
