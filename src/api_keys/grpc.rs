@@ -261,7 +261,17 @@ impl InternalApiKeyService for ApiKeyGrpc {
         let mut headers = Vec::new();
         if r.consume && reason == internal::VerifyFailureReason::Unspecified {
             // The same buckets and monthly quota as the key's own calls.
-            let decision = match self.limiter.admit(&key, cost).await {
+            let decision = match self
+                .limiter
+                .admit(
+                    key.tenant_id,
+                    key.key_id.as_str(),
+                    &key.limits,
+                    &key.quotas,
+                    cost,
+                )
+                .await
+            {
                 Ok(decision) => decision,
                 Err(RateLimitError::Exceeded { decision, .. }) => {
                     reason = internal::VerifyFailureReason::RateLimited;

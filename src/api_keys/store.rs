@@ -63,38 +63,13 @@ impl TryFrom<ApiKeyRow> for ApiKey {
             revoke_time: row.revoke_time,
             revoke_reason: row.revoke_reason,
             previous_secret_expire_time: row.previous_secret_expire_time,
-            rate_limits: overrides(
+            rate_limits: LimitOverrides::from_columns(
                 row.rate_limit_per_minute,
                 row.rate_limit_per_hour,
                 row.rate_limit_per_day,
                 row.rate_limit_burst,
             ),
         })
-    }
-}
-
-/// Limit columns (NULL or positive, by CHECK) as overrides.
-pub(crate) fn overrides(
-    m: Option<i32>,
-    h: Option<i32>,
-    d: Option<i32>,
-    b: Option<i32>,
-) -> LimitOverrides {
-    let positive = |v: Option<i32>| v.and_then(|v| u32::try_from(v).ok());
-    LimitOverrides {
-        per_minute: positive(m),
-        per_hour: positive(h),
-        per_day: positive(d),
-        burst: positive(b),
-    }
-}
-
-/// Quota columns (NULL or positive, by CHECK) as overrides.
-pub(crate) fn quota_overrides(requests: Option<i64>, generations: Option<i64>) -> QuotaOverrides {
-    let positive = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok());
-    QuotaOverrides {
-        monthly_requests: positive(requests),
-        monthly_generations: positive(generations),
     }
 }
 
@@ -470,10 +445,10 @@ pub async fn find_for_auth(
             previous_secret_expire_time: r.previous_secret_expire_time,
             expire_time: r.expire_time,
             revoke_time: r.revoke_time,
-            plan: crate::tenants::parse_plan(&r.plan)?,
-            key_limits: overrides(km, kh, kd, kb),
-            tenant_limits: overrides(tm, th, td, tb),
-            tenant_quotas: quota_overrides(r.tenant_quotas.0, r.tenant_quotas.1),
+            plan: crate::tenants::store::parse_plan(&r.plan)?,
+            key_limits: LimitOverrides::from_columns(km, kh, kd, kb),
+            tenant_limits: LimitOverrides::from_columns(tm, th, td, tb),
+            tenant_quotas: QuotaOverrides::from_columns(r.tenant_quotas.0, r.tenant_quotas.1),
         })
     })
     .transpose()

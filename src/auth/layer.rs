@@ -114,7 +114,17 @@ where
             let mut rate_headers = Vec::new();
             if let Some(limiter) = limiter {
                 let admitted = match (&principal, &listener) {
-                    (Principal::ApiKey(key), _) => Some(limiter.admit(key, 1).await),
+                    (Principal::ApiKey(key), _) => Some(
+                        limiter
+                            .admit(
+                                key.tenant_id,
+                                key.key_id.as_str(),
+                                &key.limits,
+                                &key.quotas,
+                                1,
+                            )
+                            .await,
+                    ),
                     // DEVGATE_RATE_LIMIT_FAIL_CLOSED is about API keys: while Redis (or the
                     // tenant's limits) cannot be read, portal users keep working.
                     (Principal::User(user), Listener::Public { authenticator, .. }) => {

@@ -8,12 +8,11 @@ use std::{
 };
 
 use super::{
-    Metric, QuotaUsage, Quotas, RateLimitError,
+    Metric, QuotaLimits, QuotaUsage, Quotas, RateLimitError,
     model::{Decision, Limits, Window, WindowState},
     quota::{expiry, month_bounds},
 };
 use crate::{
-    auth::KeyPrincipal,
     identity::TenantId,
     kv::{OutageLog, Redis},
 };
@@ -56,22 +55,24 @@ impl RateLimiter {
     /// One API-key call: `cost` tokens from each of the key's windows and one request from
     /// its tenant's monthly quota, both in the same script (nothing is taken unless both
     /// have room).
-    pub async fn admit(&self, key: &KeyPrincipal, cost: u32) -> Result<Decision, RateLimitError> {
-        let quota = Some((Metric::Requests, key.quotas.monthly_requests));
-        let (decision, usage) = self
-            .run(key.tenant_id, key.key_id.as_str(), &key.limits, cost, quota)
-            .await?;
+    pub async fn admit(
+        &self,
+        tenant: TenantId,
+        key_id: &str,
+        limits: &Limits,
+        quotas: &QuotaLimits,
+        cost: u32,
+    ) -> Result<Decision, RateLimitError> {
+        let quota = Some((Metric::Requests, quotas.monthly_requests));
+        let (decision, usage) = self.run(tenant, key_id, limits, cost, quota).await?;
         if let Some(usage) = usage.filter(|u| !u.allowed) {
-            return Err(RateLimitError::QuotaExhausted {
-                tenant: key.tenant_id,
-                usage,
-            });
+            return Err(RateLimitError::QuotaExhausted { tenant, usage });
         }
         if decision.allowed {
             Ok(decision)
         } else {
             Err(RateLimitError::Exceeded {
-                key_id: key.key_id.to_string(),
+                key_id: key_id.to_string(),
                 decision,
             })
         }

@@ -23,6 +23,18 @@ pub struct LimitOverrides {
 }
 
 impl LimitOverrides {
+    /// Limit columns (NULL or positive, by CHECK) as overrides: how keys and tenants store
+    /// them.
+    pub fn from_columns(m: Option<i32>, h: Option<i32>, d: Option<i32>, b: Option<i32>) -> Self {
+        let positive = |v: Option<i32>| v.and_then(|v| u32::try_from(v).ok());
+        LimitOverrides {
+            per_minute: positive(m),
+            per_hour: positive(h),
+            per_day: positive(d),
+            burst: positive(b),
+        }
+    }
+
     pub fn apply(&self, base: Limits) -> Limits {
         Limits {
             per_minute: self.per_minute.unwrap_or(base.per_minute),

@@ -70,6 +70,15 @@ pub struct QuotaOverrides {
 }
 
 impl QuotaOverrides {
+    /// Quota columns (NULL or positive, by CHECK) as overrides.
+    pub fn from_columns(requests: Option<i64>, generations: Option<i64>) -> Self {
+        let positive = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok());
+        QuotaOverrides {
+            monthly_requests: positive(requests),
+            monthly_generations: positive(generations),
+        }
+    }
+
     pub fn apply(&self, base: QuotaLimits) -> QuotaLimits {
         QuotaLimits {
             monthly_requests: self.monthly_requests.unwrap_or(base.monthly_requests),
