@@ -1,5 +1,5 @@
 //! Who a call acts for and what it may do: the identity types every feature shares
-//! (tenant, plan, scopes). A leaf: it imports nothing of devgate's, so any module may import
+//! (tenant, plan, scopes, and the key id and environment an API key principal names). A leaf: it imports nothing of devgate's, so any module may import
 //! it without tying feature folders together. The per-call `Principal` stays in `auth`: it
 //! names key ids, environments and limits, which belong to the features that define them.
 
@@ -63,6 +63,85 @@ impl FromStr for Plan {
             other => return Err(UnknownPlan(other.to_string())),
         })
     }
+}
+
+/// Length of a key id, in base62 characters.
+pub const KEY_ID_LEN: usize = 12;
+
+/// Whether `s` is all base62 (ASCII letters and digits).
+pub fn is_base62(s: &str) -> bool {
+    s.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// The public id of a key: 12 base62 characters, embedded in the token.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyId(String);
+
+impl KeyId {
+    /// For ids the token module generated or already checked.
+    pub(crate) fn new_unchecked(id: String) -> Self {
+        KeyId(id)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Any string that is not shaped like a key id can match no key.
+#[derive(Debug, thiserror::Error)]
+#[error("not a key id: expected {} base62 characters", KEY_ID_LEN)]
+pub struct BadKeyId;
+
+impl FromStr for KeyId {
+    type Err = BadKeyId;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() == KEY_ID_LEN && is_base62(s) {
+            Ok(KeyId(s.to_string()))
+        } else {
+            Err(BadKeyId)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Environment {
+    Live,
+    Test,
+}
+
+impl Environment {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Environment::Live => "live",
+            Environment::Test => "test",
+        }
+    }
+
+    pub fn from_db(s: &str) -> Option<Self> {
+        match s {
+            "live" => Some(Environment::Live),
+            "test" => Some(Environment::Test),
+            _ => None,
+        }
+    }
+}
+
+/// Why a string is not a devgate key token (its format, before any lookup).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("not a devgate key (expected dg_live_… or dg_test_…)")]
+    Prefix,
+    #[error("wrong length or characters")]
+    Shape,
+    #[error("checksum mismatch (a typo or a truncated key)")]
+    Checksum,
 }
 
 /// One permission. `All` (`*`) grants every scope.

@@ -9,10 +9,11 @@ use tonic::{Request, Response, Status};
 
 use super::{
     ApiKeyError,
-    model::{self, ApiKey, ApiKeyChanges, Environment, KeyId, KeyState, ListFilter, NewApiKey},
+    model::{self, ApiKey, ApiKeyChanges, KeyState, ListFilter, NewApiKey},
     service::ApiKeys,
     verifier::VerifyFailure,
 };
+use crate::identity::{Environment, KeyId};
 use crate::{
     auth::layer::principal,
     identity::Plan,

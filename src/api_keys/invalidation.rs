@@ -6,7 +6,8 @@ use std::{sync::Arc, time::Duration};
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::{model::KeyId, verifier::KeyVerifier};
+use super::verifier::KeyVerifier;
+use crate::identity::KeyId;
 use crate::{identity::TenantId, kv::Redis};
 
 /// Messages that name a tenant instead of a key id start with this.

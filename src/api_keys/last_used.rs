@@ -14,8 +14,9 @@ use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{model::KeyId, store};
+use super::store;
 use crate::db::{self, PgPool, StoreError};
+use crate::identity::KeyId;
 
 const CHANNEL_CAPACITY: usize = 65_536;
 

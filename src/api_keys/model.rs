@@ -1,14 +1,12 @@
 //! API-key domain types and the validation of their fields.
 
-use std::{fmt, net::IpAddr, str::FromStr};
+use std::net::IpAddr;
 
 use chrono::{DateTime, Utc};
 use ipnetwork::IpNetwork;
 
-use super::token;
 use crate::{
-    identity::Scopes,
-    identity::TenantId,
+    identity::{Environment, KeyId, Scopes, TenantId},
     ratelimit::LimitOverrides,
     validation::{Violations, quote},
 };
@@ -19,66 +17,6 @@ pub const MAX_REVOKE_REASON_CHARS: usize = 500;
 pub const MAX_ALLOWED_CIDRS: usize = 50;
 /// More names than there are scopes (with room for repeats) is never a real request.
 pub const MAX_SCOPES: usize = 2 * crate::identity::Scope::EVERY.len();
-
-/// The public id of a key: 12 base62 characters, embedded in the token.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct KeyId(String);
-
-impl KeyId {
-    /// For ids the token module generated or already checked.
-    pub(crate) fn new_unchecked(id: String) -> Self {
-        KeyId(id)
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for KeyId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// Any string that is not shaped like a key id can match no key.
-#[derive(Debug, thiserror::Error)]
-#[error("not a key id: expected {} base62 characters", token::KEY_ID_LEN)]
-pub struct BadKeyId;
-
-impl FromStr for KeyId {
-    type Err = BadKeyId;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.len() == token::KEY_ID_LEN && token::is_base62(s) {
-            Ok(KeyId(s.to_string()))
-        } else {
-            Err(BadKeyId)
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Environment {
-    Live,
-    Test,
-}
-
-impl Environment {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Environment::Live => "live",
-            Environment::Test => "test",
-        }
-    }
-
-    pub fn from_db(s: &str) -> Option<Self> {
-        match s {
-            "live" => Some(Environment::Live),
-            "test" => Some(Environment::Test),
-            _ => None,
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyState {

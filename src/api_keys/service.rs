@@ -10,11 +10,12 @@ use super::{
     config::ApiKeyConfig,
     hashing::SecretHasher,
     invalidation::Invalidations,
-    model::{ApiKey, ApiKeyChanges, KeyId, KeyState, ListFilter, NewApiKey},
+    model::{ApiKey, ApiKeyChanges, KeyState, ListFilter, NewApiKey},
     store::{self, Cursor, InsertKey},
     token::{self, NewToken},
     verifier::KeyVerifier,
 };
+use crate::identity::KeyId;
 use crate::{
     auth::Principal,
     db::{self, PgPool, StoreError},

@@ -7,7 +7,8 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use ipnetwork::IpNetwork;
 use uuid::Uuid;
 
-use super::model::{ApiKey, ApiKeyChanges, Environment, KeyId, KeyState, ListFilter};
+use super::model::{ApiKey, ApiKeyChanges, KeyState, ListFilter};
+use crate::identity::{Environment, KeyId};
 use crate::ratelimit::{LimitOverrides, QuotaOverrides};
 use crate::{
     db::{

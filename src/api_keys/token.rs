@@ -8,10 +8,9 @@
 
 use ring::rand::{SecureRandom, SystemRandom};
 
-use super::model::{Environment, KeyId};
+use crate::identity::{Environment, KEY_ID_LEN, KeyId, TokenError, is_base62};
 
 const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-pub const KEY_ID_LEN: usize = 12;
 const SECRET_LEN: usize = 44;
 const CHECKSUM_LEN: usize = 6;
 
@@ -22,16 +21,6 @@ pub struct ParsedToken<'a> {
     pub key_id: KeyId,
     /// The random part the argon2 hash is of.
     pub secret: &'a str,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum TokenError {
-    #[error("not a devgate key (expected dg_live_… or dg_test_…)")]
-    Prefix,
-    #[error("wrong length or characters")]
-    Shape,
-    #[error("checksum mismatch (a typo or a truncated key)")]
-    Checksum,
 }
 
 /// A freshly generated token. Its `Debug` hides the token.
@@ -109,10 +98,6 @@ pub fn parse(token: &str) -> Result<ParsedToken<'_>, TokenError> {
         key_id: KeyId::new_unchecked(key_id.to_string()),
         secret,
     })
-}
-
-pub fn is_base62(s: &str) -> bool {
-    s.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
 fn checksum(body: &str) -> String {

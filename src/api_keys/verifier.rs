@@ -19,10 +19,11 @@ use super::{
     config::ApiKeyConfig,
     hashing::SecretHasher,
     last_used::LastUsedRecorder,
-    model::{Environment, KeyId, ip_allowed},
+    model::ip_allowed,
     store::{self, AuthRecord},
-    token::{self, TokenError},
+    token,
 };
+use crate::identity::{Environment, KeyId, TokenError};
 use crate::{
     db::{self, PgPool},
     identity::Scopes,

@@ -427,18 +427,16 @@ async fn failed_attempts_lock_the_key_id_before_hashing() {
     let tenant = Uuid::new_v4();
     let (key, token) = create_key(&w.app, tenant, &["*"]).await;
     // Well-formed tokens (valid checksum) for the right key id with wrong secrets.
-    let id: devgate::api_keys::model::KeyId = key.id.parse().unwrap();
+    let id: devgate::identity::KeyId = key.id.parse().unwrap();
     for _ in 0..3 {
         let wrong =
-            devgate::api_keys::token::generate(devgate::api_keys::model::Environment::Test, &id)
-                .token;
+            devgate::api_keys::token::generate(devgate::identity::Environment::Test, &id).token;
         assert_eq!(
             reason(&verify(&w.app, &wrong).await),
             internal::VerifyFailureReason::NotFound
         );
     }
-    let wrong =
-        devgate::api_keys::token::generate(devgate::api_keys::model::Environment::Test, &id).token;
+    let wrong = devgate::api_keys::token::generate(devgate::identity::Environment::Test, &id).token;
     assert_eq!(
         reason(&verify(&w.app, &wrong).await),
         internal::VerifyFailureReason::TooManyAttempts
