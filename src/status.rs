@@ -9,8 +9,8 @@ use tonic::{Code, Status, metadata::MetadataValue};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
 use crate::{
-    api_keys::{ApiKeyError, verifier::VerifyFailure},
-    auth::AuthError,
+    api_keys::ApiKeyError,
+    auth::{AuthError, VerifyFailure},
     credits::CreditError,
     db::StoreError,
     ratelimit::{RateLimitError, model::retry_after_secs},

@@ -11,11 +11,10 @@ use super::{
     ApiKeyError,
     model::{self, ApiKey, ApiKeyChanges, KeyState, ListFilter, NewApiKey},
     service::ApiKeys,
-    verifier::VerifyFailure,
 };
 use crate::identity::{Environment, KeyId};
 use crate::{
-    auth::layer::principal,
+    auth::{VerifyFailure, principal},
     identity::Plan,
     identity::Scope,
     pagination,

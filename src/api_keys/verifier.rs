@@ -23,45 +23,14 @@ use super::{
     store::{self, AuthRecord},
     token,
 };
-use crate::identity::{Environment, KeyId, TokenError};
+use crate::auth::{KeyPrincipal as VerifiedKey, VerifyFailure};
+use crate::identity::{Environment, KeyId};
 use crate::{
     db::{self, PgPool},
-    identity::Scopes,
-    identity::{Plan, TenantId},
+    identity::TenantId,
     kv::{OutageLog, Redis},
-    ratelimit::{Limits, PlanLimits, PlanQuotas, QuotaLimits},
+    ratelimit::{PlanLimits, PlanQuotas},
 };
-
-/// Why a well-formed request's token does not authenticate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum VerifyFailure {
-    #[error("malformed key: {0}")]
-    Malformed(TokenError),
-    #[error("unknown key or wrong secret")]
-    NotFound,
-    #[error("key revoked")]
-    Revoked,
-    #[error("key expired")]
-    Expired,
-    #[error("client address not in the key's allowed networks")]
-    IpNotAllowed,
-    #[error("too many failed attempts for this key")]
-    TooManyAttempts { retry_after: Duration },
-}
-
-/// A key that authenticated.
-#[derive(Debug, Clone)]
-pub struct VerifiedKey {
-    pub tenant_id: TenantId,
-    pub key_id: KeyId,
-    pub scopes: Scopes,
-    pub plan: Plan,
-    pub environment: Environment,
-    /// Effective limits: the key's overrides over the tenant's over the plan's defaults.
-    pub limits: Limits,
-    /// The tenant's monthly quotas: its overrides over the plan's.
-    pub quotas: QuotaLimits,
-}
 
 struct CachedKey {
     key: VerifiedKey,

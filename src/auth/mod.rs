@@ -1,27 +1,21 @@
-//! Identity and authorization: one [`Principal`] per call, resolved by [`layer::AuthLayer`]
-//! before the handler runs; handlers ask it for the scope they need.
+//! Authorization: one [`Principal`] per call, resolved by the edge's auth layer
+//! (`crate::edge::auth`) before the handler runs; handlers ask it for the scope they need.
+//! The credential checks that need no feature (JWTs, service tokens, mTLS) live here too.
 
 pub mod config;
 pub mod jwt;
-pub mod layer;
 pub mod mtls;
 pub mod service_token;
 
-use std::{net::IpAddr, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
-use http::HeaderMap;
+use tonic::Status;
 
 use crate::{
-    api_keys::verifier::{KeyVerifier, VerifyFailure},
     db::StoreError,
-    identity::{Scope, Scopes, TenantId},
-    ratelimit::Limits,
-    tenants::TenantDirectory,
+    identity::{Environment, KeyId, Plan, Scope, Scopes, TenantId, TokenError},
+    ratelimit::{Limits, QuotaLimits},
 };
-
-/// How long a tenant's limits for user calls are trusted without re-reading them: user
-/// calls are rate limited before every handler, so they must not read Postgres each time.
-const USER_LIMITS_TTL: Duration = Duration::from_secs(30);
 
 /// Who is calling.
 #[derive(Debug, Clone)]
@@ -41,8 +35,19 @@ pub struct ServiceIdentity {
     pub name: Arc<str>,
 }
 
-/// A verified API key is the principal of the calls made with it.
-pub use crate::api_keys::verifier::VerifiedKey as KeyPrincipal;
+/// A verified API key: the principal of the calls made with it.
+#[derive(Debug, Clone)]
+pub struct KeyPrincipal {
+    pub tenant_id: TenantId,
+    pub key_id: KeyId,
+    pub scopes: Scopes,
+    pub plan: Plan,
+    pub environment: Environment,
+    /// Effective limits: the key's overrides over the tenant's over the plan's defaults.
+    pub limits: Limits,
+    /// The tenant's monthly quotas: its overrides over the plan's.
+    pub quotas: QuotaLimits,
+}
 
 #[derive(Debug, Clone)]
 pub struct UserPrincipal {
@@ -51,6 +56,23 @@ pub struct UserPrincipal {
     pub roles: Vec<String>,
     /// Derived from roles: `admin` holds `*`, every other member the read scopes.
     pub scopes: Scopes,
+}
+
+/// Why a well-formed request's token does not authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyFailure {
+    #[error("malformed key: {0}")]
+    Malformed(TokenError),
+    #[error("unknown key or wrong secret")]
+    NotFound,
+    #[error("key revoked")]
+    Revoked,
+    #[error("key expired")]
+    Expired,
+    #[error("client address not in the key's allowed networks")]
+    IpNotAllowed,
+    #[error("too many failed attempts for this key")]
+    TooManyAttempts { retry_after: Duration },
 }
 
 /// Why a call was not authenticated or not authorized.
@@ -146,112 +168,9 @@ impl Principal {
     }
 }
 
-/// Resolves the principal of a public-listener call from its headers.
-pub struct Authenticator {
-    keys: Arc<KeyVerifier>,
-    jwt: Option<jwt::JwtVerifier>,
-    tenants: TenantDirectory,
-    /// Each tenant's effective limits (its overrides over its plan's), for user calls.
-    user_limits: moka::future::Cache<TenantId, Limits>,
-}
-
-impl Authenticator {
-    pub fn new(
-        keys: Arc<KeyVerifier>,
-        jwt: Option<jwt::JwtVerifier>,
-        tenants: TenantDirectory,
-    ) -> Self {
-        let user_limits = moka::future::Cache::builder()
-            .max_capacity(100_000)
-            .time_to_live(USER_LIMITS_TTL)
-            .build();
-        Self {
-            keys,
-            jwt,
-            tenants,
-            user_limits,
-        }
-    }
-
-    /// The limits of a tenant's users: the tenant's overrides over its plan's defaults, as
-    /// for its keys (without a key's own overrides). Cached for [`USER_LIMITS_TTL`].
-    pub async fn user_limits(&self, tenant: TenantId) -> Result<Limits, AuthError> {
-        self.user_limits
-            .try_get_with(tenant, async {
-                let record = self.tenants.get(tenant).await?;
-                Ok::<_, StoreError>(record.limits.apply(self.keys.plans().of(record.plan)))
-            })
-            .await
-            .map_err(|e| AuthError::Unavailable(e.to_string()))
-    }
-
-    pub async fn authenticate(
-        &self,
-        headers: &HeaderMap,
-        client_ip: Option<IpAddr>,
-    ) -> Result<Principal, AuthError> {
-        match credential(headers)? {
-            Credential::ApiKey(token) => {
-                let key = self
-                    .keys
-                    .verify(token, client_ip)
-                    .await
-                    .map_err(AuthError::from)?
-                    .map_err(|f| match f {
-                        VerifyFailure::TooManyAttempts { retry_after } => {
-                            AuthError::TooManyAttempts { retry_after }
-                        }
-                        other => AuthError::KeyRejected(other),
-                    })?;
-                Ok(Principal::ApiKey(key))
-            }
-            Credential::Jwt(token) => {
-                let verifier = self.jwt.as_ref().ok_or_else(|| {
-                    AuthError::InvalidCredentials(
-                        "user tokens are not accepted: no JWT key is configured".into(),
-                    )
-                })?;
-                let user = verifier.verify(token)?;
-                self.tenants.ensure(user.tenant_id).await?;
-                Ok(Principal::User(user))
-            }
-        }
-    }
-}
-
-enum Credential<'a> {
-    ApiKey(&'a str),
-    Jwt(&'a str),
-}
-
-/// `x-api-key: dg_…` or `authorization: Bearer dg_…` is a key; any other bearer is a JWT.
-fn credential(headers: &HeaderMap) -> Result<Credential<'_>, AuthError> {
-    let text = |name: &str| -> Result<Option<&str>, AuthError> {
-        headers
-            .get(name)
-            .map(|v| {
-                v.to_str()
-                    .map(str::trim)
-                    .map_err(|_| AuthError::InvalidCredentials(format!("{name} is not ASCII")))
-            })
-            .transpose()
-    };
-    if let Some(key) = text("x-api-key")? {
-        return Ok(Credential::ApiKey(key));
-    }
-    let Some(authorization) = text("authorization")? else {
-        return Err(AuthError::MissingCredentials);
-    };
-    let (scheme, token) = authorization.split_once(' ').unwrap_or((authorization, ""));
-    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
-        return Err(AuthError::InvalidCredentials(
-            "authorization must be `Bearer <token>`".into(),
-        ));
-    }
-    let token = token.trim();
-    Ok(if token.starts_with("dg_") {
-        Credential::ApiKey(token)
-    } else {
-        Credential::Jwt(token)
+/// The principal the auth layer resolved for this call.
+pub fn principal<T>(req: &tonic::Request<T>) -> Result<&Principal, Status> {
+    req.extensions().get::<Principal>().ok_or_else(|| {
+        Status::internal("no principal on the request: the auth layer is not installed")
     })
 }

@@ -1,3 +1,7 @@
-//! Per-call concerns at the edge of the service, shared by the auth and usage layers.
+//! Per-call concerns at the edge of the service: the request context (caller identity,
+//! client IP) and the auth layer that resolves it. Above the features: it imports them,
+//! they import none of it except the client-IP and context types.
 
+pub mod auth;
 pub mod client_ip;
+pub mod context;

@@ -14,7 +14,7 @@ use super::{
 };
 use crate::{
     api_keys::grpc::{plan_to_proto, rate_limits_from_proto, rate_limits_to_proto},
-    auth::{Principal, layer::principal},
+    auth::{Principal, principal},
     identity::Scope,
     identity::{Plan, TenantId},
     pagination,

@@ -30,17 +30,7 @@ use tonic_types::StatusExt;
 use tower::{Layer, Service};
 
 use super::{RequestLog, RequestRecord};
-use crate::{edge::client_ip::TrustedProxies, identity::TenantId};
-
-/// Who made a call, as the auth layer resolved it (put in the response's extensions).
-#[derive(Debug, Clone)]
-pub struct CallIdentity {
-    pub tenant_id: TenantId,
-    pub api_key_id: Option<String>,
-    pub user_id: Option<String>,
-    /// Tokens the call cost (rate-limit units).
-    pub cost: i64,
-}
+use crate::edge::{client_ip::TrustedProxies, context::CallIdentity};
 
 #[derive(Clone)]
 pub struct UsageLayer {

@@ -1,24 +1,35 @@
 //! The tower layer that resolves the [`Principal`] of every call before the handler runs
-//! and stores it in the request extensions.
+//! and stores it in the request extensions; the [`Authenticator`] that turns a public call's
+//! credentials (API key or user JWT) into one.
 
 use std::{
+    net::IpAddr,
     sync::Arc,
     task::{Context, Poll},
+    time::Duration,
 };
 
 use futures_util::future::BoxFuture;
+use http::HeaderMap;
 use tonic::Status;
 use tower::{Layer, Service};
 
-use super::{
-    AuthError, Authenticator, Principal, ServiceIdentity, UserPrincipal,
-    service_token::{INTERNAL_PACKAGE, ServiceCallers},
-};
+use super::{client_ip::TrustedProxies, context::CallIdentity};
 use crate::{
-    edge::client_ip::TrustedProxies,
-    ratelimit::{Decision, RateLimitError, RateLimiter},
-    usage::layer::CallIdentity,
+    api_keys::verifier::KeyVerifier,
+    auth::{
+        AuthError, Principal, ServiceIdentity, UserPrincipal, VerifyFailure, jwt, mtls,
+        service_token::{INTERNAL_PACKAGE, ServiceCallers},
+    },
+    db::StoreError,
+    identity::TenantId,
+    ratelimit::{Decision, Limits, RateLimitError, RateLimiter},
+    tenants::TenantDirectory,
 };
+
+/// How long a tenant's limits for user calls are trusted without re-reading them: user
+/// calls are rate limited before every handler, so they must not read Postgres each time.
+const USER_LIMITS_TTL: Duration = Duration::from_secs(30);
 
 /// Which listener the layer guards.
 #[derive(Clone)]
@@ -215,7 +226,7 @@ fn authenticate_service<B>(
     req: &http::Request<B>,
     callers: &ServiceCallers,
 ) -> Result<Principal, AuthError> {
-    let caller = match super::mtls::peer_name(req) {
+    let caller = match mtls::peer_name(req) {
         Some(name) => callers.by_name(&name).ok_or_else(|| {
             AuthError::InvalidCredentials(format!(
                 "client certificate {name:?} names no configured caller"
@@ -265,9 +276,112 @@ fn bearer_token(headers: &http::HeaderMap) -> Result<&str, AuthError> {
     }
 }
 
-/// The principal the layer resolved for this call.
-pub fn principal<T>(req: &tonic::Request<T>) -> Result<&Principal, Status> {
-    req.extensions().get::<Principal>().ok_or_else(|| {
-        Status::internal("no principal on the request: the auth layer is not installed")
+/// Resolves the principal of a public-listener call from its headers.
+pub struct Authenticator {
+    keys: Arc<KeyVerifier>,
+    jwt: Option<jwt::JwtVerifier>,
+    tenants: TenantDirectory,
+    /// Each tenant's effective limits (its overrides over its plan's), for user calls.
+    user_limits: moka::future::Cache<TenantId, Limits>,
+}
+
+impl Authenticator {
+    pub fn new(
+        keys: Arc<KeyVerifier>,
+        jwt: Option<jwt::JwtVerifier>,
+        tenants: TenantDirectory,
+    ) -> Self {
+        let user_limits = moka::future::Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(USER_LIMITS_TTL)
+            .build();
+        Self {
+            keys,
+            jwt,
+            tenants,
+            user_limits,
+        }
+    }
+
+    /// The limits of a tenant's users: the tenant's overrides over its plan's defaults, as
+    /// for its keys (without a key's own overrides). Cached for [`USER_LIMITS_TTL`].
+    pub async fn user_limits(&self, tenant: TenantId) -> Result<Limits, AuthError> {
+        self.user_limits
+            .try_get_with(tenant, async {
+                let record = self.tenants.get(tenant).await?;
+                Ok::<_, StoreError>(record.limits.apply(self.keys.plans().of(record.plan)))
+            })
+            .await
+            .map_err(|e| AuthError::Unavailable(e.to_string()))
+    }
+
+    pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        client_ip: Option<IpAddr>,
+    ) -> Result<Principal, AuthError> {
+        match credential(headers)? {
+            Credential::ApiKey(token) => {
+                let key = self
+                    .keys
+                    .verify(token, client_ip)
+                    .await
+                    .map_err(AuthError::from)?
+                    .map_err(|f| match f {
+                        VerifyFailure::TooManyAttempts { retry_after } => {
+                            AuthError::TooManyAttempts { retry_after }
+                        }
+                        other => AuthError::KeyRejected(other),
+                    })?;
+                Ok(Principal::ApiKey(key))
+            }
+            Credential::Jwt(token) => {
+                let verifier = self.jwt.as_ref().ok_or_else(|| {
+                    AuthError::InvalidCredentials(
+                        "user tokens are not accepted: no JWT key is configured".into(),
+                    )
+                })?;
+                let user = verifier.verify(token)?;
+                self.tenants.ensure(user.tenant_id).await?;
+                Ok(Principal::User(user))
+            }
+        }
+    }
+}
+
+enum Credential<'a> {
+    ApiKey(&'a str),
+    Jwt(&'a str),
+}
+
+/// `x-api-key: dg_…` or `authorization: Bearer dg_…` is a key; any other bearer is a JWT.
+fn credential(headers: &HeaderMap) -> Result<Credential<'_>, AuthError> {
+    let text = |name: &str| -> Result<Option<&str>, AuthError> {
+        headers
+            .get(name)
+            .map(|v| {
+                v.to_str()
+                    .map(str::trim)
+                    .map_err(|_| AuthError::InvalidCredentials(format!("{name} is not ASCII")))
+            })
+            .transpose()
+    };
+    if let Some(key) = text("x-api-key")? {
+        return Ok(Credential::ApiKey(key));
+    }
+    let Some(authorization) = text("authorization")? else {
+        return Err(AuthError::MissingCredentials);
+    };
+    let (scheme, token) = authorization.split_once(' ').unwrap_or((authorization, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return Err(AuthError::InvalidCredentials(
+            "authorization must be `Bearer <token>`".into(),
+        ));
+    }
+    let token = token.trim();
+    Ok(if token.starts_with("dg_") {
+        Credential::ApiKey(token)
+    } else {
+        Credential::Jwt(token)
     })
 }
