@@ -15,7 +15,6 @@ use super::{
 use crate::identity::{Environment, KeyId};
 use crate::{
     auth::{VerifyFailure, principal},
-    identity::Plan,
     identity::Scope,
     pagination,
     proto::{
@@ -25,7 +24,11 @@ use crate::{
         },
         v1::{self, api_key_service_server::ApiKeyService},
     },
-    ratelimit::{LimitOverrides, RateLimitError, RateLimiter, model::retry_after_secs},
+    ratelimit::{
+        RateLimitError, RateLimiter,
+        grpc::{plan_to_proto, rate_limits_from_proto, rate_limits_to_proto},
+        model::retry_after_secs,
+    },
     usage::{RequestLog, RequestRecord},
     validation::Violations,
 };
@@ -383,43 +386,6 @@ fn new_api_key(r: &v1::CreateApiKeyRequest, now: DateTime<Utc>) -> Result<NewApi
     })
 }
 
-/// The most calls any window may allow (keeps the columns and the Lua arithmetic sane).
-const MAX_LIMIT: u32 = 100_000_000;
-
-/// 0 fields inherit; others must be at most [`MAX_LIMIT`].
-pub fn rate_limits_from_proto(
-    r: Option<&v1::RateLimits>,
-    field: &str,
-    v: &mut Violations,
-) -> LimitOverrides {
-    let Some(r) = r else {
-        return LimitOverrides::default();
-    };
-    let mut get = |value: u32, name: &str| {
-        v.check(
-            value <= MAX_LIMIT,
-            format!("{field}.{name}"),
-            format!("at most {MAX_LIMIT}"),
-        );
-        (value > 0).then_some(value)
-    };
-    LimitOverrides {
-        per_minute: get(r.per_minute, "per_minute"),
-        per_hour: get(r.per_hour, "per_hour"),
-        per_day: get(r.per_day, "per_day"),
-        burst: get(r.burst, "burst"),
-    }
-}
-
-pub fn rate_limits_to_proto(o: &LimitOverrides) -> Option<v1::RateLimits> {
-    (!o.is_empty()).then(|| v1::RateLimits {
-        per_minute: o.per_minute.unwrap_or(0),
-        per_hour: o.per_hour.unwrap_or(0),
-        per_day: o.per_day.unwrap_or(0),
-        burst: o.burst.unwrap_or(0),
-    })
-}
-
 /// The changes named by `paths`; with no paths, every field set to a non-empty value.
 fn changes(
     patch: &v1::ApiKey,
@@ -579,16 +545,6 @@ fn environment_to_proto(e: Environment) -> v1::Environment {
     match e {
         Environment::Live => v1::Environment::Live,
         Environment::Test => v1::Environment::Test,
-    }
-}
-
-pub fn plan_to_proto(p: Plan) -> v1::Plan {
-    match p {
-        Plan::Free => v1::Plan::Free,
-        Plan::Standard => v1::Plan::Standard,
-        Plan::Professional => v1::Plan::Professional,
-        Plan::Business => v1::Plan::Business,
-        Plan::Enterprise => v1::Plan::Enterprise,
     }
 }
 

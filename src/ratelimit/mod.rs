@@ -2,6 +2,7 @@
 //! in one Redis round trip per call, reported in `ratelimit*` headers on every API-key
 //! response.
 
+pub mod grpc;
 pub mod limiter;
 pub mod model;
 pub mod quota;

@@ -12,8 +12,8 @@ use super::{
     service::{Period, Usage, UsageError},
     store::MeteredRecord,
 };
+use crate::ratelimit::grpc::{plan_to_proto, rate_limits_from_proto, rate_limits_to_proto};
 use crate::{
-    api_keys::grpc::{plan_to_proto, rate_limits_from_proto, rate_limits_to_proto},
     auth::{Principal, principal},
     identity::Scope,
     identity::{Plan, TenantId},
