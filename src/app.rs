@@ -43,7 +43,12 @@ use crate::{
     ratelimit::RateLimiter,
     supervise::{Backoff, Supervisor},
     tenants::TenantDirectory,
-    usage::{RequestLog, RequestLogWriter, grpc::UsageGrpc, layer::UsageLayer, service::Usage},
+    usage::{
+        RequestLog, RequestLogWriter,
+        grpc::UsageGrpc,
+        layer::UsageLayer,
+        service::{PlanChanged, Usage},
+    },
 };
 
 /// The feature services both listeners serve (cheap to clone).
@@ -139,8 +144,7 @@ impl Application {
             tenants,
             limiter.clone(),
             (config.rate_limits.plans, config.rate_limits.quotas),
-            verifier,
-            invalidations.clone(),
+            plan_changed(verifier, invalidations.clone()),
         ));
 
         let internal_tls = config
@@ -514,6 +518,15 @@ fn internal_tls_config(tls: &crate::auth::config::InternalTls) -> anyhow::Result
 async fn purge_expired_previous_secrets(pool: &PgPool) -> Result<usize, StoreError> {
     let mut conn = db::connect(pool).await?;
     api_keys::store::purge_expired_previous_secrets(&mut conn, chrono::Utc::now()).await
+}
+
+/// A plan change drops the tenant's cached keys here and publishes it to the other replicas.
+fn plan_changed(verifier: Arc<KeyVerifier>, invalidations: Invalidations) -> PlanChanged {
+    Arc::new(move |tenant| {
+        verifier.invalidate_tenant(tenant);
+        let invalidations = invalidations.clone();
+        Box::pin(async move { invalidations.publish_tenant(tenant).await })
+    })
 }
 
 /// Worker housekeeping: rotated-out secret hashes are deleted once their grace has ended.

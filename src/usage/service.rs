@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Datelike, TimeZone, Utc};
+use futures_util::future::BoxFuture;
 use uuid::Uuid;
 
 use super::{
@@ -10,8 +11,6 @@ use super::{
     store::{self, MeteredRecord},
 };
 use crate::{
-    api_keys::invalidation::Invalidations,
-    api_keys::verifier::KeyVerifier,
     auth::{AuthError, Principal},
     credits::{CreditError, Credits, LedgerEntry},
     db::{self, PgPool, StoreError},
@@ -64,6 +63,11 @@ pub struct QuotaStatus {
     pub quotas: Vec<QuotaUsage>,
 }
 
+/// Runs after a tenant's plan changed, so nothing keeps using the old limits: the app wires
+/// it to the API-key verifier's cache (here and, through pub/sub, on every replica). A hook
+/// rather than a dependency, because the API-key feature sits above this one.
+pub type PlanChanged = Arc<dyn Fn(TenantId) -> BoxFuture<'static, ()> + Send + Sync>;
+
 pub struct Usage {
     pool: PgPool,
     credits: Credits,
@@ -71,8 +75,7 @@ pub struct Usage {
     limiter: Arc<RateLimiter>,
     plans: PlanLimits,
     plan_quotas: PlanQuotas,
-    verifier: Arc<KeyVerifier>,
-    invalidations: Invalidations,
+    plan_changed: PlanChanged,
 }
 
 impl Usage {
@@ -82,8 +85,7 @@ impl Usage {
         tenants: TenantDirectory,
         limiter: Arc<RateLimiter>,
         (plans, plan_quotas): (PlanLimits, PlanQuotas),
-        verifier: Arc<KeyVerifier>,
-        invalidations: Invalidations,
+        plan_changed: PlanChanged,
     ) -> Self {
         Self {
             plan_quotas,
@@ -92,8 +94,7 @@ impl Usage {
             tenants,
             limiter,
             plans,
-            verifier,
-            invalidations,
+            plan_changed,
         }
     }
 
@@ -254,8 +255,7 @@ impl Usage {
             .tenants
             .set_plan(tenant, plan, limits, quotas, &principal.actor())
             .await?;
-        self.verifier.invalidate_tenant(tenant);
-        self.invalidations.publish_tenant(tenant).await;
+        (self.plan_changed)(tenant).await;
         tracing::info!(tenant = %tenant, plan = plan.as_str(), actor = %principal.actor(), "plan set");
         Ok(record)
     }
