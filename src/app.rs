@@ -27,8 +27,11 @@ use crate::{
     config::Config,
     credits::Credits,
     db::{self, PgPool, StoreError},
-    edge::auth::{AuthLayer, Authenticator, Listener},
     edge::client_ip::TrustedProxies,
+    edge::{
+        auth::{AuthLayer, Authenticator, Listener},
+        usage::UsageLayer,
+    },
     health::ServiceHealth,
     kv::Redis,
     proto::v1::usage_service_server::UsageServiceServer,
@@ -46,7 +49,6 @@ use crate::{
     usage::{
         RequestLog, RequestLogWriter,
         grpc::UsageGrpc,
-        layer::UsageLayer,
         service::{PlanChanged, Usage},
     },
 };

@@ -11,7 +11,6 @@
 use std::time::Duration;
 
 pub mod grpc;
-pub mod layer;
 pub mod log;
 pub mod model;
 pub mod service;

@@ -29,8 +29,8 @@ use tonic::{Status, body::Body};
 use tonic_types::StatusExt;
 use tower::{Layer, Service};
 
-use super::{RequestLog, RequestRecord};
-use crate::edge::{client_ip::TrustedProxies, context::CallIdentity};
+use super::{client_ip::TrustedProxies, context::CallIdentity};
+use crate::usage::{RequestLog, RequestRecord};
 
 #[derive(Clone)]
 pub struct UsageLayer {
