@@ -334,7 +334,7 @@ impl Application {
                 let public_listener = Listener::Public {
                     authenticator: self.authenticator.clone(),
                     limiter: self.services.limiter.clone(),
-                    trusted_proxies: self.config.auth.trusted_proxies.clone(),
+                    trusted_proxies: self.config.edge.trusted_proxies.clone(),
                 };
                 let internal_listener = Listener::Internal {
                     callers: Arc::new(self.config.auth.service_callers.clone()),

@@ -12,6 +12,7 @@ use crate::{
     api_keys::config::{ApiKeyConfig, Argon2Params},
     auth::config::{AuthConfig, InternalTls},
     db::DatabaseConfig,
+    edge::EdgeConfig,
     kv::RedisConfig,
     ratelimit::{Limits, PlanLimits, PlanQuotas, QuotaLimits, RateLimitConfig},
     telemetry::{LogConfig, LogFormat},
@@ -284,6 +285,7 @@ pub struct Config {
     pub internal_addr: SocketAddr,
     pub database: DatabaseConfig,
     pub redis: RedisConfig,
+    pub edge: EdgeConfig,
     pub auth: AuthConfig,
     pub api_keys: ApiKeyConfig,
     pub rate_limits: RateLimitConfig,
@@ -444,6 +446,9 @@ impl Config {
                     .collect(),
                 prefix: env.string("DEVGATE_REDIS_PREFIX"),
             },
+            edge: EdgeConfig {
+                trusted_proxies: env.parse("DEVGATE_TRUSTED_PROXIES")?,
+            },
             auth: AuthConfig {
                 jwt_hs256_secret: hs256.map(Into::into),
                 jwt_public_key_path: env
@@ -452,7 +457,6 @@ impl Config {
                 jwt_issuer: env.optional("DEVGATE_JWT_ISSUER"),
                 jwt_audience: env.optional("DEVGATE_JWT_AUDIENCE"),
                 jwt_leeway: env.duration("DEVGATE_JWT_LEEWAY")?,
-                trusted_proxies: env.parse("DEVGATE_TRUSTED_PROXIES")?,
                 service_callers: env.parse("DEVGATE_SERVICE_TOKENS")?,
                 internal_tls,
             },

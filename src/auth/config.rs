@@ -5,7 +5,6 @@ use std::{path::PathBuf, time::Duration};
 use secrecy::SecretString;
 
 use super::service_token::ServiceCallers;
-use crate::edge::client_ip::TrustedProxies;
 
 /// The auth section (JWT, trusted proxies, internal callers), composed by `crate::config`.
 #[derive(Debug, Clone)]
@@ -16,8 +15,6 @@ pub struct AuthConfig {
     pub jwt_audience: Option<String>,
     /// Clock skew allowed on `exp` and `nbf`.
     pub jwt_leeway: Duration,
-    /// Peers whose x-forwarded-for is believed (Envoy).
-    pub trusted_proxies: TrustedProxies,
     /// Who may call the internal listener, and which RPCs.
     pub service_callers: ServiceCallers,
     /// TLS (and optionally mTLS) of the internal listener.

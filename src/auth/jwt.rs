@@ -172,7 +172,6 @@ mod tests {
             jwt_issuer: None,
             jwt_audience: None,
             jwt_leeway: Duration::from_secs(30),
-            trusted_proxies: Default::default(),
             service_callers: Default::default(),
             internal_tls: None,
         };

@@ -70,7 +70,6 @@ fn config(public_key: Option<&Path>, hs256: bool) -> AuthConfig {
         jwt_issuer: None,
         jwt_audience: None,
         jwt_leeway: Duration::from_secs(30),
-        trusted_proxies: Default::default(),
         service_callers: Default::default(),
         internal_tls: None,
     }
