@@ -153,7 +153,7 @@ async fn counters_are_reconciled_from_postgres_after_redis_loses_them() {
     let usage = pool.clone();
     let month = devgate::ratelimit::quota::month_bounds(chrono::Utc::now()).0;
     wait_until(Duration::from_secs(10), || async {
-        devgate::usage::store::key_requests_per_tenant(&mut *usage.get().await.unwrap(), month)
+        devgate::usage::store::key_requests_per_tenant(&mut usage.get().await.unwrap(), month)
             .await
             .unwrap()
             .iter()

@@ -103,7 +103,7 @@ async fn reconciliation_restores_counters_and_then_reads_only_new_rows() {
         async move {
             wait_until(Duration::from_secs(10), || async {
                 devgate::usage::store::key_requests_per_tenant(
-                    &mut *usage.get().await.unwrap(),
+                    &mut usage.get().await.unwrap(),
                     month,
                 )
                 .await

@@ -244,7 +244,7 @@ async fn writer_flushes_on_interval_and_stores_every_field() {
     })
     .await;
     let mut conn = pool.clone().get_owned().await.unwrap();
-    let listed = store::list(&mut *conn, tenant, &LogFilter::default(), 10, None)
+    let listed = store::list(&mut conn, tenant, &LogFilter::default(), 10, None)
         .await
         .unwrap();
     assert_eq!(listed[0], full, "every field round-trips");
@@ -451,9 +451,7 @@ async fn summary_is_exact_and_per_tenant() {
     let mut conn = pool(&db).get_owned().await.unwrap();
     let d = load_data_set(&mut conn).await;
 
-    let all = store::summary(&mut *conn, d.a, d.prev, d.end)
-        .await
-        .unwrap();
+    let all = store::summary(&mut conn, d.a, d.prev, d.end).await.unwrap();
     assert_eq!(all.requests, 8);
     assert_eq!(all.errors, 4);
     assert_eq!(all.cost_total, 21);
@@ -470,7 +468,7 @@ async fn summary_is_exact_and_per_tenant() {
     assert!(close(all.latency_p99_us, 793.0), "{:?}", all.latency_p99_us);
 
     // [cur, end): the current month only; `to` is exclusive, `from` inclusive.
-    let month = store::summary(&mut *conn, d.a, d.cur, d.end).await.unwrap();
+    let month = store::summary(&mut conn, d.a, d.cur, d.end).await.unwrap();
     assert_eq!((month.requests, month.errors, month.cost_total), (3, 2, 13));
     assert_eq!(
         month.by_status_class,
@@ -482,22 +480,18 @@ async fn summary_is_exact_and_per_tenant() {
     );
     assert!(close(month.latency_p50_us, 700.0));
     assert!(close(month.latency_p99_us, 798.0));
-    let before = store::summary(&mut *conn, d.a, d.prev, d.cur)
-        .await
-        .unwrap();
+    let before = store::summary(&mut conn, d.a, d.prev, d.cur).await.unwrap();
     assert_eq!(
         (before.requests, before.errors, before.cost_total),
         (5, 2, 8)
     );
 
     // Tenant B sees only its own call; a tenant without calls sees zeros.
-    let b = store::summary(&mut *conn, d.b, d.prev, d.end)
-        .await
-        .unwrap();
+    let b = store::summary(&mut conn, d.b, d.prev, d.end).await.unwrap();
     assert_eq!((b.requests, b.errors, b.cost_total), (1, 1, 100));
     assert_eq!(b.by_status_class.status_4xx, 1);
     assert!(close(b.latency_p50_us, 9_000.0));
-    let none = store::summary(&mut *conn, new_tenant(), d.prev, d.end)
+    let none = store::summary(&mut conn, new_tenant(), d.prev, d.end)
         .await
         .unwrap();
     assert_eq!((none.requests, none.errors, none.cost_total), (0, 0, 0));
@@ -515,7 +509,7 @@ async fn breakdowns_are_exact_ordered_and_paginated() {
         rfc3339(base + chrono::Duration::days(n) + chrono::Duration::hours(h))
     };
 
-    let by_key = store::breakdown(&mut *conn, d.a, d.prev, d.end, GroupBy::ApiKey, 100, None)
+    let by_key = store::breakdown(&mut conn, d.a, d.prev, d.end, GroupBy::ApiKey, 100, None)
         .await
         .unwrap();
     assert_eq!(
@@ -523,16 +517,15 @@ async fn breakdowns_are_exact_ordered_and_paginated() {
         vec![row("", 1, 0, 5), row(KEY_1, 4, 2, 4), row(KEY_2, 3, 2, 12)]
     );
 
-    let by_endpoint =
-        store::breakdown(&mut *conn, d.a, d.prev, d.end, GroupBy::Endpoint, 100, None)
-            .await
-            .unwrap();
+    let by_endpoint = store::breakdown(&mut conn, d.a, d.prev, d.end, GroupBy::Endpoint, 100, None)
+        .await
+        .unwrap();
     assert_eq!(
         by_endpoint,
         vec![row(CREATE, 3, 2, 5), row(GET, 1, 1, 10), row(LIST, 4, 1, 6)]
     );
 
-    let by_day = store::breakdown(&mut *conn, d.a, d.prev, d.end, GroupBy::Day, 100, None)
+    let by_day = store::breakdown(&mut conn, d.a, d.prev, d.end, GroupBy::Day, 100, None)
         .await
         .unwrap();
     let expected_days = vec![
@@ -543,7 +536,7 @@ async fn breakdowns_are_exact_ordered_and_paginated() {
     ];
     assert_eq!(by_day, expected_days);
 
-    let by_hour = store::breakdown(&mut *conn, d.a, d.prev, d.end, GroupBy::Hour, 100, None)
+    let by_hour = store::breakdown(&mut conn, d.a, d.prev, d.end, GroupBy::Hour, 100, None)
         .await
         .unwrap();
     assert_eq!(
@@ -567,17 +560,10 @@ async fn breakdowns_are_exact_ordered_and_paginated() {
         let mut paged = Vec::new();
         let mut after: Option<String> = None;
         loop {
-            let page = store::breakdown(
-                &mut *conn,
-                d.a,
-                d.prev,
-                d.end,
-                group_by,
-                2,
-                after.as_deref(),
-            )
-            .await
-            .unwrap();
+            let page =
+                store::breakdown(&mut conn, d.a, d.prev, d.end, group_by, 2, after.as_deref())
+                    .await
+                    .unwrap();
             if page.is_empty() {
                 break;
             }
@@ -589,13 +575,13 @@ async fn breakdowns_are_exact_ordered_and_paginated() {
     }
 
     // The range narrows every grouping.
-    let cur_keys = store::breakdown(&mut *conn, d.a, d.cur, d.end, GroupBy::ApiKey, 100, None)
+    let cur_keys = store::breakdown(&mut conn, d.a, d.cur, d.end, GroupBy::ApiKey, 100, None)
         .await
         .unwrap();
     assert_eq!(cur_keys, vec![row(KEY_1, 2, 1, 3), row(KEY_2, 1, 1, 10)]);
 
     // Tenant isolation: B has the same key id but sees only its own call.
-    let b = store::breakdown(&mut *conn, d.b, d.prev, d.end, GroupBy::ApiKey, 100, None)
+    let b = store::breakdown(&mut conn, d.b, d.prev, d.end, GroupBy::ApiKey, 100, None)
         .await
         .unwrap();
     assert_eq!(b, vec![row(KEY_1, 1, 1, 100)]);
@@ -605,7 +591,7 @@ async fn breakdowns_are_exact_ordered_and_paginated() {
         GroupBy::Day,
         GroupBy::Hour,
     ] {
-        let none = store::breakdown(&mut *conn, new_tenant(), d.prev, d.end, group_by, 100, None)
+        let none = store::breakdown(&mut conn, new_tenant(), d.prev, d.end, group_by, 100, None)
             .await
             .unwrap();
         assert!(none.is_empty());
@@ -634,7 +620,7 @@ async fn list_pages_newest_first_without_duplicates() {
         })
         .collect();
     rows.push(record(b, base, Some(KEY_1), LIST, 0, 1, 0));
-    store::insert(&mut *conn, &rows).await.unwrap();
+    store::insert(&mut conn, &rows).await.unwrap();
     let mut expected: Vec<RequestRecord> = rows.into_iter().filter(|r| r.tenant_id == a).collect();
     expected.sort_by_key(|r| std::cmp::Reverse((r.time, r.id)));
 
@@ -728,7 +714,7 @@ async fn monthly_partitions_are_created_dropped_and_used() {
     let tenant = new_tenant();
     let last_month = prev + chrono::Duration::days(10);
     store::insert(
-        &mut *conn,
+        &mut conn,
         &[
             record(tenant, last_month, Some(KEY_1), LIST, 0, 1, 0),
             record(tenant, now, Some(KEY_1), LIST, 0, 1, 0),
@@ -750,7 +736,7 @@ async fn monthly_partitions_are_created_dropped_and_used() {
 
     // A row beyond the partitions goes to the default partition instead of failing.
     let far = cur + Months::new(5) + chrono::Duration::days(3);
-    store::insert(&mut *conn, &[record(tenant, far, None, GET, 0, 1, 0)])
+    store::insert(&mut conn, &[record(tenant, far, None, GET, 0, 1, 0)])
         .await
         .unwrap();
     assert_eq!(rows_in_default_partition(&pool).await.unwrap(), 1);
