@@ -25,7 +25,7 @@ use crate::{
     },
     auth::jwt::JwtVerifier,
     config::Config,
-    credits::Credits,
+    credits::{Credits, grpc::CreditsGrpc},
     db::{self, PgPool, StoreError},
     edge::client_ip::TrustedProxies,
     edge::{
@@ -59,6 +59,7 @@ struct Services {
     keys: Arc<ApiKeys>,
     limiter: Arc<RateLimiter>,
     usage: Arc<Usage>,
+    credits: CreditsGrpc,
     request_log: RequestLog,
 }
 
@@ -140,14 +141,16 @@ impl Application {
         let jwt = JwtVerifier::from_config(&config.auth)?;
         let authenticator = Arc::new(Authenticator::new(verifier.clone(), jwt, tenants.clone()));
         let (request_log, request_log_writer) = RequestLog::with_capacity(config.usage.buffer);
+        let credits = Credits::new(pool.clone());
         let usage = Arc::new(Usage::new(
             pool.clone(),
-            Credits::new(pool.clone()),
-            tenants,
+            credits.clone(),
+            tenants.clone(),
             limiter.clone(),
             (config.rate_limits.plans, config.rate_limits.quotas),
             plan_changed(verifier, invalidations.clone()),
         ));
+        let credits = CreditsGrpc::new(credits, tenants);
 
         let internal_tls = config
             .auth
@@ -176,6 +179,7 @@ impl Application {
                 keys,
                 limiter,
                 usage,
+                credits,
                 request_log,
             },
             authenticator,
@@ -473,7 +477,7 @@ async fn serve(
         builder = builder.tls_config(tls)?;
     }
     let grpc = ApiKeyGrpc::new(services.keys, services.limiter, services.request_log);
-    let usage = UsageGrpc::new(services.usage);
+    let usage = UsageGrpc::new(services.usage, services.credits);
     let router = builder
         .layer(layers)
         .add_service(health_service)

@@ -4,6 +4,7 @@
 //!
 //! A library feature: the gRPC layer maps [`CreditError`] to a status in `crate::status`.
 
+pub mod grpc;
 pub mod model;
 pub mod service;
 pub mod store;

@@ -15,6 +15,7 @@ use super::{
 use crate::ratelimit::grpc::{plan_to_proto, rate_limits_from_proto, rate_limits_to_proto};
 use crate::{
     auth::{Principal, principal},
+    credits::grpc::CreditsGrpc,
     identity::Scope,
     identity::{Plan, TenantId},
     pagination,
@@ -31,11 +32,12 @@ use crate::{
 
 pub struct UsageGrpc {
     usage: Arc<Usage>,
+    credits: CreditsGrpc,
 }
 
 impl UsageGrpc {
-    pub fn new(usage: Arc<Usage>) -> Self {
-        Self { usage }
+    pub fn new(usage: Arc<Usage>, credits: CreditsGrpc) -> Self {
+        Self { usage, credits }
     }
 }
 
@@ -321,42 +323,7 @@ impl InternalUsageService for UsageGrpc {
         &self,
         req: Request<internal::GrantCreditsRequest>,
     ) -> RpcResult<internal::CreditLedgerEntry> {
-        let principal = principal(&req)?;
-        let r = req.get_ref();
-        let mut v = Violations::new();
-        let tenant = tenant_id(&r.tenant_id, &mut v);
-        // The ledger's own bound, checked here too so no work starts on a wild amount.
-        v.check(
-            (1..=crate::credits::service::MAX_AMOUNT).contains(&r.amount),
-            "amount",
-            format!(
-                "must be between 1 and {}",
-                crate::credits::service::MAX_AMOUNT
-            ),
-        );
-        v.into_result(()).map_err(UsageError::from)?;
-        let entry = self
-            .usage
-            .grant_credits(
-                principal,
-                tenant.expect("validated"),
-                r.amount,
-                &r.reason,
-                &r.reference,
-                &r.idempotency_id,
-            )
-            .await?;
-        Ok(Response::new(internal::CreditLedgerEntry {
-            id: entry.id,
-            tenant_id: entry.tenant_id.to_string(),
-            amount: entry.amount,
-            reason: entry.reason,
-            reference: entry.reference,
-            idempotency_id: entry.idempotency_id.unwrap_or_default(),
-            balance_after: entry.balance_after,
-            create_time: Some(timestamp(entry.create_time)),
-            created_by: entry.created_by,
-        }))
+        self.credits.grant_credits(req).await
     }
 
     async fn record_usage(

@@ -12,7 +12,7 @@ use super::{
 };
 use crate::{
     auth::{AuthError, Principal},
-    credits::{CreditError, Credits, LedgerEntry},
+    credits::{CreditError, Credits},
     db::{self, PgPool, StoreError},
     identity::Scope,
     identity::{Plan, TenantId},
@@ -258,31 +258,6 @@ impl Usage {
         (self.plan_changed)(tenant).await;
         tracing::info!(tenant = %tenant, plan = plan.as_str(), actor = %principal.actor(), "plan set");
         Ok(record)
-    }
-
-    /// Internal: adds credits, once per idempotency id.
-    pub async fn grant_credits(
-        &self,
-        principal: &Principal,
-        tenant: TenantId,
-        amount: i64,
-        reason: &str,
-        reference: &str,
-        idempotency_id: &str,
-    ) -> Result<LedgerEntry, UsageError> {
-        principal.require_internal()?;
-        self.tenants.ensure(tenant).await?;
-        Ok(self
-            .credits
-            .grant_as(
-                &principal.actor(),
-                tenant,
-                amount,
-                reason,
-                reference,
-                idempotency_id,
-            )
-            .await?)
     }
 }
 
