@@ -20,7 +20,7 @@ use crate::{
         hashing::SecretHasher,
         invalidation::Invalidations,
         last_used::{LastUsedFlusher, LastUsedRecorder},
-        service::ApiKeys,
+        service::{ApiKeys, Metering},
         verifier::KeyVerifier,
     },
     auth::jwt::JwtVerifier,
@@ -129,6 +129,7 @@ impl Application {
         ));
         let invalidations = Invalidations::new(redis);
         let tenants = TenantDirectory::new(pool.clone());
+        let (request_log, request_log_writer) = RequestLog::with_capacity(config.usage.buffer);
         let keys = Arc::new(ApiKeys::new(
             pool.clone(),
             hasher,
@@ -136,11 +137,14 @@ impl Application {
             invalidations.clone(),
             config.api_keys.clone(),
             tenants.clone(),
-            config.rate_limits.plans,
+            Metering {
+                plans: config.rate_limits.plans,
+                limiter: limiter.clone(),
+                request_log: request_log.clone(),
+            },
         ));
         let jwt = JwtVerifier::from_config(&config.auth)?;
         let authenticator = Arc::new(Authenticator::new(verifier.clone(), jwt, tenants.clone()));
-        let (request_log, request_log_writer) = RequestLog::with_capacity(config.usage.buffer);
         let credits = Credits::new(pool.clone());
         let usage = Arc::new(Usage::new(
             pool.clone(),
@@ -476,7 +480,7 @@ async fn serve(
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
-    let grpc = ApiKeyGrpc::new(services.keys, services.limiter, services.request_log);
+    let grpc = ApiKeyGrpc::new(services.keys);
     let usage = UsageGrpc::new(services.usage, services.credits);
     let router = builder
         .layer(layers)

@@ -283,6 +283,7 @@ impl From<ApiKeyError> for Status {
                 error_info(Code::Aborted, e.to_string(), "CONCURRENT_CHANGE")
             }
             ApiKeyError::Auth(a) => a.into(),
+            ApiKeyError::RateLimit(r) => r.into(),
             ApiKeyError::Store(s) => s.into(),
             e @ ApiKeyError::Hashing(_) => internal(&e),
         }

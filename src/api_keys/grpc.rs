@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use super::{
     ApiKeyError,
     model::{self, ApiKey, ApiKeyChanges, KeyState, ListFilter, NewApiKey},
-    service::ApiKeys,
+    service::{ApiKeys, Refusal, Verification},
 };
 use crate::identity::{Environment, KeyId};
 use crate::{
@@ -25,27 +25,19 @@ use crate::{
         v1::{self, api_key_service_server::ApiKeyService},
     },
     ratelimit::{
-        RateLimitError, RateLimiter,
         grpc::{plan_to_proto, rate_limits_from_proto, rate_limits_to_proto},
         model::retry_after_secs,
     },
-    usage::{RequestLog, RequestRecord},
     validation::Violations,
 };
 
 pub struct ApiKeyGrpc {
     keys: Arc<ApiKeys>,
-    limiter: Arc<RateLimiter>,
-    request_log: RequestLog,
 }
 
 impl ApiKeyGrpc {
-    pub fn new(keys: Arc<ApiKeys>, limiter: Arc<RateLimiter>, request_log: RequestLog) -> Self {
-        Self {
-            keys,
-            limiter,
-            request_log,
-        }
+    pub fn new(keys: Arc<ApiKeys>) -> Self {
+        Self { keys }
     }
 }
 
@@ -207,7 +199,6 @@ impl InternalApiKeyService for ApiKeyGrpc {
     ) -> RpcResult<internal::VerifyApiKeyResponse> {
         let principal = principal(&req)?;
         principal.require_internal().map_err(ApiKeyError::from)?;
-        let caller = principal.service_name();
         let r = req.get_ref();
         let mut v = Violations::new();
         v.check(!r.token.is_empty(), "token", "required");
@@ -232,104 +223,44 @@ impl InternalApiKeyService for ApiKeyGrpc {
         v.check(cost <= MAX_COST, "cost", format!("at most {MAX_COST}"));
         v.into_result(()).map_err(ApiKeyError::from)?;
 
-        let key = match self.keys.verifier().verify(&r.token, client_ip).await? {
-            Ok(key) => key,
-            Err(failure) => {
-                return Ok(Response::new(internal::VerifyApiKeyResponse {
-                    valid: false,
-                    failure_reason: failure_to_proto(failure) as i32,
-                    ..Default::default()
-                }));
-            }
+        let checked = self
+            .keys
+            .verify_for_service(
+                principal,
+                &Verification {
+                    token: &r.token,
+                    required_scope: required,
+                    client_ip,
+                    consume: r.consume.then_some(cost),
+                    operation: &r.operation,
+                },
+            )
+            .await?;
+        let Some(key) = checked.key else {
+            let reason = checked
+                .refusal
+                .map_or(internal::VerifyFailureReason::Unspecified, refusal_to_proto);
+            return Ok(Response::new(internal::VerifyApiKeyResponse {
+                valid: false,
+                failure_reason: reason as i32,
+                ..Default::default()
+            }));
         };
-        if r.consume && cost > key.limits.burst {
-            // More than the bucket ever holds: the call could never be admitted.
-            return Err(ApiKeyError::Invalid(Violations::one(
-                "cost",
-                format!(
-                    "{cost} exceeds the key's burst ({}): such a call could never pass",
-                    key.limits.burst
-                ),
-            ))
-            .into());
-        }
-        let mut reason = match required {
-            Some(scope) if !key.scopes.grants(scope) => {
-                internal::VerifyFailureReason::InsufficientScope
-            }
-            _ => internal::VerifyFailureReason::Unspecified,
-        };
-        // Consuming: the same limiter, buckets and headers as the key's own calls.
-        let mut rate_limit = None;
-        let mut headers = Vec::new();
-        if r.consume && reason == internal::VerifyFailureReason::Unspecified {
-            // The same buckets and monthly quota as the key's own calls.
-            let decision = match self
-                .limiter
-                .admit(
-                    key.tenant_id,
-                    key.key_id.as_str(),
-                    &key.limits,
-                    &key.quotas,
-                    cost,
-                )
-                .await
-            {
-                Ok(decision) => decision,
-                Err(RateLimitError::Exceeded { decision, .. }) => {
-                    reason = internal::VerifyFailureReason::RateLimited;
-                    decision
-                }
-                Err(RateLimitError::QuotaExhausted { .. }) => {
-                    // No window state to report: peek at it without spending.
-                    reason = internal::VerifyFailureReason::QuotaExhausted;
-                    self.limiter
-                        .check(key.tenant_id, key.key_id.as_str(), &key.limits, 0)
-                        .await
-                        .map_err(Status::from)?
-                }
-                Err(e) => return Err(e.into()),
-            };
-            let allowed = reason == internal::VerifyFailureReason::Unspecified;
+        let reason = checked
+            .refusal
+            .map_or(internal::VerifyFailureReason::Unspecified, refusal_to_proto);
+        let rate_limit = checked.decision.as_ref().map(|decision| {
             let tight = decision.tightest();
-            rate_limit = Some(internal::RateLimitStatus {
+            internal::RateLimitStatus {
                 window: tight.window.name.to_string(),
                 limit: tight.window.limit,
                 remaining: tight.remaining,
                 reset_seconds: tight.reset,
                 retry_after_seconds: decision.retry_after.map(retry_after_secs).unwrap_or(0),
-            });
-            headers = decision.headers();
-            // The gated call is the key's usage: record it under the caller's operation name.
-            let operation = match r.operation.trim() {
-                "" => "/devgate.internal.v1.ApiKeyService/VerifyApiKey",
-                op => op,
-            };
-            let code = if allowed {
-                0
-            } else {
-                tonic::Code::ResourceExhausted as i16
-            };
-            let mut record = RequestRecord::new(
-                key.tenant_id,
-                operation.chars().take(200).collect::<String>(),
-                code,
-            );
-            record.api_key_id = Some(key.key_id.to_string());
-            record.client_ip = client_ip;
-            record.service_caller = caller.map(str::to_string);
-            record.cost = if allowed { i64::from(cost) } else { 0 };
-            record.error_code = match reason {
-                internal::VerifyFailureReason::RateLimited => Some("RATE_LIMITED".to_string()),
-                internal::VerifyFailureReason::QuotaExhausted => {
-                    Some("QUOTA_EXHAUSTED".to_string())
-                }
-                _ => None,
-            };
-            self.request_log.record(record);
-        }
+            }
+        });
         let mut response = Response::new(internal::VerifyApiKeyResponse {
-            valid: reason == internal::VerifyFailureReason::Unspecified,
+            valid: checked.refusal.is_none(),
             failure_reason: reason as i32,
             tenant_id: key.tenant_id.to_string(),
             key_id: key.key_id.to_string(),
@@ -338,7 +269,7 @@ impl InternalApiKeyService for ApiKeyGrpc {
             environment: environment_to_proto(key.environment) as i32,
             rate_limit,
         });
-        for (name, value) in headers {
+        for (name, value) in checked.decision.map(|d| d.headers()).unwrap_or_default() {
             if let Ok(value) = value.parse() {
                 response.metadata_mut().insert(name, value);
             }
@@ -545,6 +476,15 @@ fn environment_to_proto(e: Environment) -> v1::Environment {
     match e {
         Environment::Live => v1::Environment::Live,
         Environment::Test => v1::Environment::Test,
+    }
+}
+
+fn refusal_to_proto(r: Refusal) -> internal::VerifyFailureReason {
+    match r {
+        Refusal::Key(f) => failure_to_proto(f),
+        Refusal::InsufficientScope => internal::VerifyFailureReason::InsufficientScope,
+        Refusal::RateLimited => internal::VerifyFailureReason::RateLimited,
+        Refusal::QuotaExhausted => internal::VerifyFailureReason::QuotaExhausted,
     }
 }
 

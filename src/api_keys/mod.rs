@@ -12,7 +12,7 @@ pub mod store;
 pub mod token;
 pub mod verifier;
 
-use crate::{auth::AuthError, db::StoreError, validation::Violations};
+use crate::{auth::AuthError, db::StoreError, ratelimit::RateLimitError, validation::Violations};
 
 /// Everything that can go wrong in this module; mapped to a gRPC status in `crate::status`.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +38,8 @@ pub enum ApiKeyError {
     Aborted(String),
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error(transparent)]
+    RateLimit(#[from] RateLimitError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]

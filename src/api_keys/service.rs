@@ -1,7 +1,7 @@
 //! API-key management: the rules (tenancy, scopes, grace periods) between the gRPC layer
 //! and the store.
 
-use std::{sync::Arc, time::Duration};
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use chrono::Utc;
 
@@ -17,12 +17,13 @@ use super::{
 };
 use crate::identity::KeyId;
 use crate::{
-    auth::Principal,
+    auth::{KeyPrincipal, Principal, VerifyFailure},
     db::{self, PgPool, StoreError},
     identity::TenantId,
     identity::{Scope, Scopes},
-    ratelimit::{LimitOverrides, PlanLimits},
+    ratelimit::{Decision, LimitOverrides, PlanLimits, RateLimitError, RateLimiter},
     tenants::TenantDirectory,
+    usage::{RequestLog, RequestRecord},
     validation::Violations,
 };
 
@@ -40,6 +41,16 @@ pub struct ApiKeys {
     config: ApiKeyConfig,
     tenants: TenantDirectory,
     plans: PlanLimits,
+    limiter: Arc<RateLimiter>,
+    request_log: RequestLog,
+}
+
+/// How keys are metered: the plans' limits (a key may only lower them), and the limiter
+/// and request log a consuming verification spends from and records in.
+pub struct Metering {
+    pub plans: PlanLimits,
+    pub limiter: Arc<RateLimiter>,
+    pub request_log: RequestLog,
 }
 
 impl ApiKeys {
@@ -50,7 +61,7 @@ impl ApiKeys {
         invalidations: Invalidations,
         config: ApiKeyConfig,
         tenants: TenantDirectory,
-        plans: PlanLimits,
+        metering: Metering,
     ) -> Self {
         Self {
             pool,
@@ -59,7 +70,9 @@ impl ApiKeys {
             invalidations,
             config,
             tenants,
-            plans,
+            plans: metering.plans,
+            limiter: metering.limiter,
+            request_log: metering.request_log,
         }
     }
 
@@ -355,5 +368,152 @@ fn not_found(e: StoreError, id: &KeyId) -> ApiKeyError {
     match e {
         StoreError::NotFound => ApiKeyError::NotFound(id.to_string()),
         other => other.into(),
+    }
+}
+
+/// A verification an internal service asks for on behalf of one of its calls.
+pub struct Verification<'a> {
+    pub token: &'a str,
+    pub required_scope: Option<Scope>,
+    pub client_ip: Option<IpAddr>,
+    /// Consume: take this many tokens from the key's buckets and one request from its
+    /// tenant's monthly quota, and record the gated call as the key's usage.
+    pub consume: Option<u32>,
+    /// The caller's operation name, recorded for a consuming verification.
+    pub operation: &'a str,
+}
+
+/// Why a verification says no.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Key(VerifyFailure),
+    InsufficientScope,
+    RateLimited,
+    QuotaExhausted,
+}
+
+/// The answer: the key (when it authenticated), why it is refused (if it is), and for a
+/// consuming verification the rate-limit windows after it.
+pub struct Checked {
+    pub key: Option<KeyPrincipal>,
+    pub refusal: Option<Refusal>,
+    pub decision: Option<Decision>,
+}
+
+/// The most a consuming verification's operation name keeps, in characters.
+const MAX_OPERATION_CHARS: usize = 200;
+
+impl ApiKeys {
+    /// Internal `VerifyApiKey`: authenticates `token`, checks the scope, and when consuming
+    /// admits the call through the same buckets and monthly quota as the key's own calls and
+    /// records it in the request log under the caller's operation.
+    pub async fn verify_for_service(
+        &self,
+        principal: &Principal,
+        req: &Verification<'_>,
+    ) -> Result<Checked, ApiKeyError> {
+        principal.require_internal()?;
+        let key = match self.verifier.verify(req.token, req.client_ip).await? {
+            Ok(key) => key,
+            Err(failure) => {
+                return Ok(Checked {
+                    key: None,
+                    refusal: Some(Refusal::Key(failure)),
+                    decision: None,
+                });
+            }
+        };
+        if let Some(cost) = req.consume
+            && cost > key.limits.burst
+        {
+            // More than the bucket ever holds: the call could never be admitted.
+            return Err(ApiKeyError::Invalid(Violations::one(
+                "cost",
+                format!(
+                    "{cost} exceeds the key's burst ({}): such a call could never pass",
+                    key.limits.burst
+                ),
+            )));
+        }
+        let mut refusal = match req.required_scope {
+            Some(scope) if !key.scopes.grants(scope) => Some(Refusal::InsufficientScope),
+            _ => None,
+        };
+        let mut decision = None;
+        if let Some(cost) = req.consume
+            && refusal.is_none()
+        {
+            let admitted = match self
+                .limiter
+                .admit(
+                    key.tenant_id,
+                    key.key_id.as_str(),
+                    &key.limits,
+                    &key.quotas,
+                    cost,
+                )
+                .await
+            {
+                Ok(decision) => decision,
+                Err(RateLimitError::Exceeded { decision, .. }) => {
+                    refusal = Some(Refusal::RateLimited);
+                    decision
+                }
+                Err(RateLimitError::QuotaExhausted { .. }) => {
+                    // No window state to report: peek at it without spending.
+                    refusal = Some(Refusal::QuotaExhausted);
+                    self.limiter
+                        .check(key.tenant_id, key.key_id.as_str(), &key.limits, 0)
+                        .await?
+                }
+                Err(e) => return Err(e.into()),
+            };
+            self.record_consumed(principal, req, &key, cost, refusal);
+            decision = Some(admitted);
+        }
+        Ok(Checked {
+            key: Some(key),
+            refusal,
+            decision,
+        })
+    }
+
+    /// The gated call is the key's usage: record it under the caller's operation name.
+    fn record_consumed(
+        &self,
+        principal: &Principal,
+        req: &Verification<'_>,
+        key: &KeyPrincipal,
+        cost: u32,
+        refusal: Option<Refusal>,
+    ) {
+        let allowed = refusal.is_none();
+        let operation = match req.operation.trim() {
+            "" => "/devgate.internal.v1.ApiKeyService/VerifyApiKey",
+            op => op,
+        };
+        let code = if allowed {
+            0
+        } else {
+            tonic::Code::ResourceExhausted as i16
+        };
+        let mut record = RequestRecord::new(
+            key.tenant_id,
+            operation
+                .chars()
+                .take(MAX_OPERATION_CHARS)
+                .collect::<String>(),
+            code,
+        );
+        record.api_key_id = Some(key.key_id.to_string());
+        record.client_ip = req.client_ip;
+        record.service_caller = principal.service_name().map(str::to_string);
+        record.cost = if allowed { i64::from(cost) } else { 0 };
+        record.error_code = match refusal {
+            Some(Refusal::RateLimited) => Some("RATE_LIMITED".to_string()),
+            Some(Refusal::QuotaExhausted) => Some("QUOTA_EXHAUSTED".to_string()),
+            _ => None,
+        };
+        self.request_log.record(record);
     }
 }
