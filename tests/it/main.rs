@@ -10,6 +10,7 @@ mod credits;
 mod edge;
 mod faults;
 mod grpcurl;
+mod hot_path;
 mod quickstart;
 mod quota;
 mod ratelimit;
