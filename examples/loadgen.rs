@@ -19,7 +19,10 @@
 //!   tasks call `VerifyApiKey { token, required_scope: "usage:read" }` in a closed loop
 //!   (each task sends its next call as soon as the previous answer arrives) for
 //!   `--seconds`. Every call is a cache hit: this measures the per-call overhead of the
-//!   gRPC stack, the auth layer and the cache lookup.
+//!   gRPC stack, the auth layer and the cache lookup. Run it for longer than
+//!   `DEVGATE_KEY_CACHE_TTL` (e.g. `--seconds 40` with the default 30 s) so an expiry falls
+//!   inside: the entry is then re-validated by re-reading the row, without argon2 (count
+//!   the server's `argon2id computation` debug lines of `devgate::api_keys::hashing`).
 //! * `verify-cold`: `--keys` keys are created first (16 `CreateApiKey` calls in flight);
 //!   then every call presents a token that was never verified, so each one misses the
 //!   cache and pays the database lookup and an argon2id verification. The run ends when
