@@ -11,7 +11,9 @@ use devgate::{
         model::{Environment, KeyId},
         token,
     },
-    proto::v1,
+    // On the branch with internal RPCs in `devgate.internal.v1`, this is
+    // `devgate::proto::internal::v1::VerifyFailureReason`.
+    proto::v1::{self, VerifyFailureReason as Reason},
 };
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
@@ -82,7 +84,7 @@ async fn expired_cache_entries_are_readmitted_without_hashing() {
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     wait_until(Duration::from_secs(5), || async {
-        reason(&verify(&w.app, &token).await) == v1::VerifyFailureReason::Revoked
+        reason(&verify(&w.app, &token).await) == Reason::Revoked
     })
     .await;
     assert_eq!(runs(&w.app) - start, 1);
@@ -123,7 +125,7 @@ async fn a_revoked_keys_correct_secret_is_hashed_once_then_refused_from_the_cach
     let start = runs(&w.app);
     for _ in 0..10 {
         let r = verify(&w.app, &token).await;
-        assert_eq!(reason(&r), v1::VerifyFailureReason::Revoked);
+        assert_eq!(reason(&r), Reason::Revoked);
     }
     assert_eq!(runs(&w.app) - start, 1, "refused from the negative cache");
 
@@ -137,10 +139,7 @@ async fn a_revoked_keys_correct_secret_is_hashed_once_then_refused_from_the_cach
         ))
         .await
         .unwrap();
-    assert_eq!(
-        reason(&verify(&w.app, &token).await),
-        v1::VerifyFailureReason::NotFound
-    );
+    assert_eq!(reason(&verify(&w.app, &token).await), Reason::NotFound);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -174,10 +173,7 @@ async fn a_verification_that_read_the_row_before_a_revoke_does_not_cache_it() {
         "the verification re-read the row after the broadcast: {answer:?}"
     );
     for _ in 0..3 {
-        assert_eq!(
-            reason(&verify(&w.app, &token).await),
-            v1::VerifyFailureReason::Revoked
-        );
+        assert_eq!(reason(&verify(&w.app, &token).await), Reason::Revoked);
     }
 }
 
@@ -197,12 +193,12 @@ async fn failures_from_one_network_do_not_lock_out_another() {
         let (key, token) = create_key(&w.app, tenant, &["*"]).await;
         for _ in 0..3 {
             let r = verify_from(&w.app, &wrong_token(&key.id), attacker).await;
-            assert_eq!(reason(&r), v1::VerifyFailureReason::NotFound);
+            assert_eq!(reason(&r), Reason::NotFound);
         }
         // The attacker's whole network is locked, even for the right secret...
         for ip in [attacker, neighbour] {
             let r = verify_from(&w.app, &wrong_token(&key.id), ip).await;
-            assert_eq!(reason(&r), v1::VerifyFailureReason::TooManyAttempts, "{ip}");
+            assert_eq!(reason(&r), Reason::TooManyAttempts, "{ip}");
         }
         // ...the owner elsewhere is not.
         assert!(verify_from(&w.app, &token, owner).await.valid, "{owner}");
@@ -228,11 +224,11 @@ async fn concurrent_wrong_guesses_never_exceed_the_limit_of_argon2_runs() {
     let answers = futures_util::future::join_all(calls).await;
     let not_found = answers
         .iter()
-        .filter(|r| reason(r) == v1::VerifyFailureReason::NotFound)
+        .filter(|r| reason(r) == Reason::NotFound)
         .count();
     let locked = answers
         .iter()
-        .filter(|r| reason(r) == v1::VerifyFailureReason::TooManyAttempts)
+        .filter(|r| reason(r) == Reason::TooManyAttempts)
         .count();
     assert_eq!(not_found + locked, 50, "{answers:?}");
     assert_eq!(not_found, 5, "exactly the limit got an answer from argon2");
@@ -240,6 +236,6 @@ async fn concurrent_wrong_guesses_never_exceed_the_limit_of_argon2_runs() {
     // The owner's correct secret from that network is locked too, until the window passes;
     // a correct secret from another network refunds its slot (it was no failure).
     let r = verify_from(&w.app, &token, "203.0.113.77").await;
-    assert_eq!(reason(&r), v1::VerifyFailureReason::TooManyAttempts);
+    assert_eq!(reason(&r), Reason::TooManyAttempts);
     assert!(verify_from(&w.app, &token, "198.51.100.1").await.valid);
 }
