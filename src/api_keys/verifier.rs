@@ -34,6 +34,7 @@ use super::{
 use crate::{
     auth::Scopes,
     config::ApiKeyConfig,
+    db::StoreError,
     kv::{OutageLog, Redis},
     ratelimit::{Limits, PlanLimits, PlanQuotas, QuotaLimits},
     tenants::{Plan, TenantId},
@@ -153,6 +154,10 @@ pub struct KeyVerifier {
     /// Whether the pub/sub invalidation listener is subscribed right now.
     invalidations_live: AtomicBool,
     pause_before_caching: Mutex<Option<PausePoint>>,
+    /// When a token's verification last found the database unavailable, and why: callers
+    /// that queued behind that verification share its answer instead of each waiting for
+    /// a connection in turn.
+    undecided: moka::sync::Cache<TokenDigest, Arc<(Instant, String)>>,
 }
 
 impl KeyVerifier {
@@ -181,6 +186,10 @@ impl KeyVerifier {
             quotas,
             invalidations_live: AtomicBool::new(false),
             pause_before_caching: Mutex::new(None),
+            undecided: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(Duration::from_secs(10))
+                .build(),
         }
     }
 
@@ -228,11 +237,19 @@ impl KeyVerifier {
         parsed: &ParsedToken<'_>,
         client_ip: Option<IpAddr>,
     ) -> Result<Settled, ApiKeyError> {
+        let arrived = Instant::now();
         let mut outcome: Option<Result<Settled, ApiKeyError>> = None;
         let slot = &mut outcome;
         self.cache
             .entry(digest)
             .and_compute_with(|current| async move {
+                if let Some(failed) = self.undecided.get(&digest)
+                    && failed.0 >= arrived
+                {
+                    // The verification this caller waited for found no database.
+                    *slot = Some(Err(StoreError::Unavailable(failed.1.clone()).into()));
+                    return Op::Nop;
+                }
                 let current = current.map(|e| e.into_value());
                 if let Some(c) = &current
                     && self.freshness(c, Utc::now(), Instant::now()) == Freshness::Fresh
@@ -250,7 +267,13 @@ impl KeyVerifier {
                     Ok(_) if current.is_some() => Op::Remove,
                     Ok(_) => Op::Nop,
                     // Undecided (database down): keep what we had.
-                    Err(_) => Op::Nop,
+                    Err(e) => {
+                        if let ApiKeyError::Store(StoreError::Unavailable(why)) = e {
+                            self.undecided
+                                .insert(digest, Arc::new((Instant::now(), why.clone())));
+                        }
+                        Op::Nop
+                    }
                 };
                 *slot = Some(result);
                 op

@@ -18,7 +18,7 @@ use devgate::{
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
-use crate::harness::*;
+use crate::harness::{proxy::Proxy, *};
 
 fn runs(app: &TestApp) -> u64 {
     app.verifier().hash_runs()
@@ -238,4 +238,43 @@ async fn concurrent_wrong_guesses_never_exceed_the_limit_of_argon2_runs() {
     let r = verify_from(&w.app, &token, "203.0.113.77").await;
     assert_eq!(reason(&r), Reason::TooManyAttempts);
     assert!(verify_from(&w.app, &token, "198.51.100.1").await.valid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_during_a_database_outage_share_one_wait() {
+    let db = TestDb::create().await;
+    let proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let proxied = db.url().replace("127.0.0.1:5432", &proxy.addr.to_string());
+    let prefix = format!("devgate-test:{}:", Uuid::new_v4().simple());
+    let app = TestApp::spawn(
+        Settings::new(&db, &prefix)
+            .set("DEVGATE_DATABASE_URL", &proxied)
+            .set("DEVGATE_DATABASE_CONNECT_TIMEOUT", "1s"),
+    )
+    .await;
+    let (_, token) = create_key(&app, Uuid::new_v4(), &["*"]).await;
+    proxy.cut();
+    let started = std::time::Instant::now();
+    let calls = (0..16).map(|_| async {
+        app.internal_client()
+            .await
+            .verify_api_key(v1::VerifyApiKeyRequest {
+                token: token.clone(),
+                ..Default::default()
+            })
+            .await
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    for answer in answers {
+        assert_eq!(answer.unwrap_err().code(), tonic::Code::Unavailable);
+    }
+    // Queued behind one verification, the callers share its failure instead of each
+    // waiting for a connection in turn (16 × 1 s).
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    app.stop().await;
+    dbx::delete_redis_prefix(&prefix);
 }
