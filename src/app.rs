@@ -31,9 +31,9 @@ use crate::{
     config::Config,
     credits::Credits,
     db::{self, PgPool},
+    edge::client_ip::TrustedProxies,
     health::ServiceHealth,
     kv::Redis,
-    edge::client_ip::TrustedProxies,
     proto::v1::usage_service_server::UsageServiceServer,
     proto::{
         self,
@@ -330,7 +330,9 @@ impl Application {
                 });
                 tracing::info!(public = %public.local_addr()?, internal = %internal.local_addr()?, "devgate listening");
                 if self.config.auth.service_callers.is_empty() {
-                    tracing::warn!("DEVGATE_SERVICE_TOKENS is empty: every internal call will be refused");
+                    tracing::warn!(
+                        "DEVGATE_SERVICE_TOKENS is empty: every internal call will be refused"
+                    );
                 }
                 let public_listener = Listener::Public {
                     authenticator: self.authenticator.clone(),
@@ -499,7 +501,8 @@ async fn serve(
 /// verified (and optional: callers without one authenticate with a service token).
 fn internal_tls_config(tls: &crate::config::InternalTls) -> anyhow::Result<ServerTlsConfig> {
     let read = |path: &std::path::Path, var: &str| {
-        std::fs::read(path).map_err(|e| anyhow::anyhow!("{var}: cannot read {}: {e}", path.display()))
+        std::fs::read(path)
+            .map_err(|e| anyhow::anyhow!("{var}: cannot read {}: {e}", path.display()))
     };
     let identity = Identity::from_pem(
         read(&tls.cert, "DEVGATE_INTERNAL_TLS_CERT")?,
@@ -508,7 +511,10 @@ fn internal_tls_config(tls: &crate::config::InternalTls) -> anyhow::Result<Serve
     let mut config = ServerTlsConfig::new().identity(identity);
     if let Some(ca) = &tls.client_ca {
         config = config
-            .client_ca_root(Certificate::from_pem(read(ca, "DEVGATE_INTERNAL_TLS_CLIENT_CA")?))
+            .client_ca_root(Certificate::from_pem(read(
+                ca,
+                "DEVGATE_INTERNAL_TLS_CLIENT_CA",
+            )?))
             .client_auth_optional(true);
     }
     Ok(config)

@@ -273,10 +273,15 @@ impl From<ApiKeyError> for Status {
                 ErrorDetails::with_error_info(
                     "PREVIOUS_SECRET_IN_GRACE",
                     DOMAIN,
-                    HashMap::from([("previous_secret_expire_time".to_string(), until.to_rfc3339())]),
+                    HashMap::from([(
+                        "previous_secret_expire_time".to_string(),
+                        until.to_rfc3339(),
+                    )]),
                 ),
             ),
-            ApiKeyError::Aborted(_) => error_info(Code::Aborted, e.to_string(), "CONCURRENT_CHANGE"),
+            ApiKeyError::Aborted(_) => {
+                error_info(Code::Aborted, e.to_string(), "CONCURRENT_CHANGE")
+            }
             ApiKeyError::Auth(a) => a.into(),
             ApiKeyError::Store(s) => s.into(),
             e @ ApiKeyError::Hashing(_) => internal(&e),

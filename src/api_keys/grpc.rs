@@ -252,7 +252,9 @@ impl InternalApiKeyService for ApiKeyGrpc {
             .into());
         }
         let mut reason = match required {
-            Some(scope) if !key.scopes.grants(scope) => internal::VerifyFailureReason::InsufficientScope,
+            Some(scope) if !key.scopes.grants(scope) => {
+                internal::VerifyFailureReason::InsufficientScope
+            }
             _ => internal::VerifyFailureReason::Unspecified,
         };
         // Consuming: the same limiter, buckets and headers as the key's own calls.
@@ -307,7 +309,9 @@ impl InternalApiKeyService for ApiKeyGrpc {
             record.cost = if allowed { i64::from(cost) } else { 0 };
             record.error_code = match reason {
                 internal::VerifyFailureReason::RateLimited => Some("RATE_LIMITED".to_string()),
-                internal::VerifyFailureReason::QuotaExhausted => Some("QUOTA_EXHAUSTED".to_string()),
+                internal::VerifyFailureReason::QuotaExhausted => {
+                    Some("QUOTA_EXHAUSTED".to_string())
+                }
                 _ => None,
             };
             self.request_log.record(record);

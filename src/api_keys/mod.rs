@@ -25,7 +25,9 @@ pub enum ApiKeyError {
     #[error("{0}")]
     FailedPrecondition(String),
     /// A rotated-out secret is still in its grace period: another rotation would end it.
-    #[error("api key {id} was rotated recently: its previous secret works until {until}; rotate again after that, or set end_grace_now to end it now")]
+    #[error(
+        "api key {id} was rotated recently: its previous secret works until {until}; rotate again after that, or set end_grace_now to end it now"
+    )]
     GraceInProgress {
         id: String,
         until: chrono::DateTime<chrono::Utc>,

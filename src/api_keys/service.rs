@@ -253,7 +253,9 @@ impl ApiKeys {
         for (field, why) in own.lower(ceiling).inconsistencies() {
             v.add(
                 format!("rate_limits.{field}"),
-                format!("{why} (burst ≤ per_minute ≤ per_hour ≤ per_day, unset fields follow the plan)"),
+                format!(
+                    "{why} (burst ≤ per_minute ≤ per_hour ≤ per_day, unset fields follow the plan)"
+                ),
             );
         }
         v.into_result(()).map_err(ApiKeyError::from)

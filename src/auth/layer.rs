@@ -244,7 +244,9 @@ fn bearer_token(headers: &http::HeaderMap) -> Result<&str, AuthError> {
         .to_str()
         .map_err(|_| AuthError::InvalidCredentials("authorization is not ASCII".into()))?;
     match value.trim().split_once(' ') {
-        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
             Ok(token.trim())
         }
         _ => Err(AuthError::InvalidCredentials(

@@ -262,11 +262,10 @@ mod tests {
         ] {
             assert!(bad.parse::<ServiceCallers>().is_err(), "{bad} was accepted");
         }
-        let ok: ServiceCallers = format!(
-            "a:{digest}:/devgate.internal.v1.UsageService/SetPlan ; cert-only:-:*"
-        )
-        .parse()
-        .unwrap();
+        let ok: ServiceCallers =
+            format!("a:{digest}:/devgate.internal.v1.UsageService/SetPlan ; cert-only:-:*")
+                .parse()
+                .unwrap();
         assert!(ok.by_name("a").unwrap().may_call("UsageService/SetPlan"));
         assert!(ok.by_name("cert-only").is_some());
         assert!("".parse::<ServiceCallers>().unwrap().is_empty());

@@ -37,8 +37,15 @@ impl Credits {
         reference: &str,
         idempotency_id: &str,
     ) -> Result<LedgerEntry, CreditError> {
-        self.grant_as(SYSTEM_ACTOR, tenant, amount, reason, reference, idempotency_id)
-            .await
+        self.grant_as(
+            SYSTEM_ACTOR,
+            tenant,
+            amount,
+            reason,
+            reference,
+            idempotency_id,
+        )
+        .await
     }
 
     /// [`Credits::grant`] on behalf of `actor` (e.g. `service:billing`), recorded on the entry.

@@ -130,7 +130,10 @@ mod tests {
         );
         // Garbage stops the walk at the last trusted hop.
         assert_eq!(
-            trusted.client_ip(Some(ip("127.0.0.2")), ["1.2.3.4, junk, 10.0.0.1"].into_iter()),
+            trusted.client_ip(
+                Some(ip("127.0.0.2")),
+                ["1.2.3.4, junk, 10.0.0.1"].into_iter()
+            ),
             Some(ip("10.0.0.1"))
         );
         // Ports and mapped addresses are understood.

@@ -18,7 +18,9 @@ use crate::{
     pagination,
     proto::{
         convert::{from_timestamp, opt_timestamp, timestamp},
-        internal::v1::{self as internal, usage_service_server::UsageService as InternalUsageService},
+        internal::v1::{
+            self as internal, usage_service_server::UsageService as InternalUsageService,
+        },
         v1::{self, usage_service_server::UsageService},
     },
     ratelimit::{LimitOverrides, Limits, QuotaOverrides},
@@ -253,7 +255,10 @@ impl UsageService for UsageGrpc {
 /// that it may call the RPC.
 #[tonic::async_trait]
 impl InternalUsageService for UsageGrpc {
-    async fn set_plan(&self, req: Request<internal::SetPlanRequest>) -> RpcResult<internal::Tenant> {
+    async fn set_plan(
+        &self,
+        req: Request<internal::SetPlanRequest>,
+    ) -> RpcResult<internal::Tenant> {
         let principal = principal(&req)?;
         let r = req.get_ref();
         let mut v = Violations::new();

@@ -216,7 +216,9 @@ impl Usage {
         for (field, why) in limits.apply(self.plans.of(plan)).inconsistencies() {
             v.add(
                 format!("rate_limits.{field}"),
-                format!("{why} (burst ≤ per_minute ≤ per_hour ≤ per_day; unset fields follow the plan)"),
+                format!(
+                    "{why} (burst ≤ per_minute ≤ per_hour ≤ per_day; unset fields follow the plan)"
+                ),
             );
         }
         v.into_result(())?;

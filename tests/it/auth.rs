@@ -244,23 +244,23 @@ async fn each_listener_serves_only_its_own_package() {
     let tenant = Uuid::new_v4();
     let (_, token) = create_key(&w.app, tenant, &["*"]).await;
     // The public listener has no internal RPCs, whatever the credential.
-    let err = internal::api_key_service_client::ApiKeyServiceClient::new(channel(w.app.public).await)
-        .verify_api_key(api_key(
-            internal::VerifyApiKeyRequest {
-                token: token.clone(),
-                ..Default::default()
-            },
-            &token,
-        ))
-        .await
-        .unwrap_err();
+    let err =
+        internal::api_key_service_client::ApiKeyServiceClient::new(channel(w.app.public).await)
+            .verify_api_key(api_key(
+                internal::VerifyApiKeyRequest {
+                    token: token.clone(),
+                    ..Default::default()
+                },
+                &token,
+            ))
+            .await
+            .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
     // The internal listener has no public RPCs, even for an authenticated caller.
-    let mut public_on_internal =
-        v1::api_key_service_client::ApiKeyServiceClient::with_interceptor(
-            channel(w.app.internal).await,
-            ServiceAuth::new(SERVICE_TOKEN),
-        );
+    let mut public_on_internal = v1::api_key_service_client::ApiKeyServiceClient::with_interceptor(
+        channel(w.app.internal).await,
+        ServiceAuth::new(SERVICE_TOKEN),
+    );
     let err = public_on_internal
         .list_api_keys(v1::ListApiKeysRequest::default())
         .await

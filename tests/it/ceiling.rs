@@ -95,7 +95,12 @@ async fn a_key_cannot_lift_its_plan() {
         .list_api_keys(api_key(v1::ListApiKeysRequest::default(), &modest))
         .await
         .unwrap();
-    let policy = ok.metadata().get("ratelimit-policy").unwrap().to_str().unwrap();
+    let policy = ok
+        .metadata()
+        .get("ratelimit-policy")
+        .unwrap()
+        .to_str()
+        .unwrap();
     assert!(policy.starts_with("\"minute\";q=50;w=60"), "{policy}");
 
     // A consuming call that costs more than the burst could never pass: refused as such.
@@ -153,7 +158,12 @@ async fn stored_keys_are_capped_when_the_plan_goes_down() {
         .list_api_keys(api_key(v1::ListApiKeysRequest::default(), &token))
         .await
         .unwrap();
-    let policy = ok.metadata().get("ratelimit-policy").unwrap().to_str().unwrap();
+    let policy = ok
+        .metadata()
+        .get("ratelimit-policy")
+        .unwrap()
+        .to_str()
+        .unwrap();
     assert_eq!(
         policy,
         "\"minute\";q=10;w=60, \"hour\";q=100;w=3600, \"day\";q=1000;w=86400"
@@ -171,5 +181,8 @@ async fn stored_keys_are_capped_when_the_plan_goes_down() {
             refused += 1;
         }
     }
-    assert!(refused >= 2, "only {refused} of 5 refused after a burst of 3");
+    assert!(
+        refused >= 2,
+        "only {refused} of 5 refused after a burst of 3"
+    );
 }

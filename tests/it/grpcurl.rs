@@ -107,7 +107,9 @@ async fn list_describe_and_call() {
         "{internal_services}"
     );
     assert!(
-        !internal_services.lines().any(|l| l.starts_with("devgate.v1.")),
+        !internal_services
+            .lines()
+            .any(|l| l.starts_with("devgate.v1.")),
         "{internal_services}"
     );
     assert!(

@@ -2,9 +2,7 @@
 //! certificate) and may call only the RPCs configured for it; what it creates names it.
 //! And the client address: x-forwarded-for counts only from a trusted proxy.
 
-use devgate::{
-    auth::service_token::config_entry, proto::internal::v1 as internal, proto::v1,
-};
+use devgate::{auth::service_token::config_entry, proto::internal::v1 as internal, proto::v1};
 use diesel::{QueryableByName, sql_types::Text};
 use diesel_async::RunQueryDsl;
 use tonic::{
@@ -22,7 +20,11 @@ fn callers() -> String {
     format!(
         "{};{}",
         config_entry("test-suite", SERVICE_TOKEN, &[]),
-        config_entry("billing", BILLING_TOKEN, &["UsageService/GrantCredits".into()]),
+        config_entry(
+            "billing",
+            BILLING_TOKEN,
+            &["UsageService/GrantCredits".into()]
+        ),
     )
 }
 
@@ -65,10 +67,11 @@ async fn internal_calls_need_a_known_token_allowed_the_rpc() {
         internal::api_key_service_client::ApiKeyServiceClient::new(channel(w.app.internal).await);
     let err = anonymous.verify_api_key(verify_req()).await.unwrap_err();
     assert_refused(&err, Code::Unauthenticated, "MISSING_CREDENTIALS");
-    let err = internal::usage_service_client::UsageServiceClient::new(channel(w.app.internal).await)
-        .grant_credits(grant(tenant, "anonymous"))
-        .await
-        .unwrap_err();
+    let err =
+        internal::usage_service_client::UsageServiceClient::new(channel(w.app.internal).await)
+            .grant_credits(grant(tenant, "anonymous"))
+            .await
+            .unwrap_err();
     assert_refused(&err, Code::Unauthenticated, "MISSING_CREDENTIALS");
 
     // An unknown token, and an API key used as a service token.
@@ -153,7 +156,8 @@ async fn internal_calls_need_a_known_token_allowed_the_rpc() {
     }
     let pool = devgate::db::pool(&w.app.settings.config().database);
     let mut conn = pool.get().await.unwrap();
-    let query = |sql: &'static str| diesel::sql_query(sql).bind::<diesel::sql_types::Uuid, _>(tenant);
+    let query =
+        |sql: &'static str| diesel::sql_query(sql).bind::<diesel::sql_types::Uuid, _>(tenant);
     let metered: Who = query("SELECT recorded_by AS who FROM metered_usage WHERE tenant_id = $1")
         .get_result(&mut conn)
         .await
@@ -187,7 +191,10 @@ async fn eventually<T>(mut f: impl AsyncFnMut() -> Option<T>) -> T {
         if let Some(v) = f().await {
             return v;
         }
-        assert!(tokio::time::Instant::now() < deadline, "nothing within 10 s");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing within 10 s"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
@@ -222,7 +229,11 @@ impl Pki {
     }
 
     /// (certificate PEM, key PEM) for `name`, signed by `issuer` (this CA by default).
-    fn issue(&self, name: &str, issuer: Option<(&rcgen::Certificate, &rcgen::KeyPair)>) -> (String, String) {
+    fn issue(
+        &self,
+        name: &str,
+        issuer: Option<(&rcgen::Certificate, &rcgen::KeyPair)>,
+    ) -> (String, String) {
         let key = rcgen::KeyPair::generate().unwrap();
         let (ca, ca_key) = issuer.unwrap_or((&self.ca, &self.ca_key));
         let cert = rcgen::CertificateParams::new(vec![name.to_string()])
@@ -232,7 +243,11 @@ impl Pki {
         (cert.pem(), key.serialize_pem())
     }
 
-    async fn client(&self, addr: std::net::SocketAddr, identity: Option<(String, String)>) -> Channel {
+    async fn client(
+        &self,
+        addr: std::net::SocketAddr,
+        identity: Option<(String, String)>,
+    ) -> Channel {
         let mut tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(self.ca.pem()))
             .domain_name("localhost");

@@ -30,7 +30,9 @@ async fn readme_quickstart_runs_as_written() {
     let env_file = dir.path().join("devgate.env");
     std::fs::write(
         &env_file,
-        format!("DEVGATE_JWT_HS256_SECRET={JWT_SECRET}\nDEVGATE_LOCAL_SERVICE_TOKEN={SERVICE_TOKEN}\n"),
+        format!(
+            "DEVGATE_JWT_HS256_SECRET={JWT_SECRET}\nDEVGATE_LOCAL_SERVICE_TOKEN={SERVICE_TOKEN}\n"
+        ),
     )
     .unwrap();
 

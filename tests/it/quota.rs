@@ -21,7 +21,8 @@ async fn set_quota(
     monthly_requests: i64,
     limits: Option<v1::RateLimits>,
 ) {
-    app.internal_usage().await
+    app.internal_usage()
+        .await
         .set_plan(internal::SetPlanRequest {
             tenant_id: tenant.to_string(),
             plan: v1::Plan::Standard as i32,
@@ -205,7 +206,10 @@ async fn consuming_verifications_count_against_the_quota() {
         .unwrap()
         .into_inner();
     assert!(!refused.valid);
-    assert_eq!(reason(&refused), internal::VerifyFailureReason::QuotaExhausted);
+    assert_eq!(
+        reason(&refused),
+        internal::VerifyFailureReason::QuotaExhausted
+    );
     assert!(refused.rate_limit.is_some());
     assert_eq!(requests_used(&w.app, tenant).await, 2);
 }

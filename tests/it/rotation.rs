@@ -15,10 +15,17 @@ async fn zero_or_empty_grace_means_the_default() {
     let tenant = Uuid::new_v4();
     let (key, old) = create_key(&w.app, tenant, &["*"]).await;
     let rotated = rotate(&w.app, tenant, &key.id, Some(0)).await.unwrap();
-    let until = rotated.api_key.unwrap().previous_secret_expire_time.unwrap();
+    let until = rotated
+        .api_key
+        .unwrap()
+        .previous_secret_expire_time
+        .unwrap();
     let in_a_day = chrono::Utc::now().timestamp() + 86_400;
     assert!((until.seconds - in_a_day).abs() < 60, "default 24h grace");
-    assert!(verify(&w.app, &old).await.valid, "the old secret keeps working");
+    assert!(
+        verify(&w.app, &old).await.valid,
+        "the old secret keeps working"
+    );
 
     // Through Envoy, `{"grace_period":{}}` (which the transcoder reads as zero) is the
     // default too; here on a second key, since the first is now in its grace.
@@ -33,7 +40,10 @@ async fn zero_or_empty_grace_means_the_default() {
         .await
         .unwrap();
     assert_eq!(resp.status(), reqwest::StatusCode::OK);
-    assert!(verify(&w.app, &old2).await.valid, "old secret survives {{}}");
+    assert!(
+        verify(&w.app, &old2).await.valid,
+        "old secret survives {{}}"
+    );
 
     // A grace together with end_grace_now contradicts itself.
     let err = w
