@@ -106,9 +106,9 @@ async fn rotation_costs_at_most_one_run_per_token() {
     // The old token's proof is the stored previous hash: re-admitted without hashing.
     assert_eq!(runs(&w.app) - start, 1, "only the new token hashed, once");
 
-    // Rotating again without grace: the old token is refused (one run to find out it no
+    // Rotating again, ending the grace: the old token is refused (one run to find out it no
     // longer matches), the newest verifies with one run.
-    let again = rotate(&w.app, tenant, &key.id, Some(0)).await.unwrap();
+    let again = rotate_ending_grace(&w.app, tenant, &key.id).await.unwrap();
     let start = runs(&w.app);
     for _ in 0..3 {
         assert!(verify(&w.app, &again.secret).await.valid);
