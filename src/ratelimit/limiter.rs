@@ -71,7 +71,7 @@ impl RateLimiter {
             Ok(decision)
         } else {
             Err(RateLimitError::Exceeded {
-                key_id: key.key_id.to_string(),
+                subject: format!("api_key:{}", key.key_id),
                 decision,
             })
         }
