@@ -19,7 +19,10 @@
 //!   tasks call `VerifyApiKey { token, required_scope: "usage:read" }` in a closed loop
 //!   (each task sends its next call as soon as the previous answer arrives) for
 //!   `--seconds`. Every call is a cache hit: this measures the per-call overhead of the
-//!   gRPC stack, the auth layer and the cache lookup.
+//!   gRPC stack, the auth layer and the cache lookup. Run it for longer than
+//!   `DEVGATE_KEY_CACHE_TTL` (e.g. `--seconds 40` with the default 30 s) so an expiry falls
+//!   inside: the entry is then re-validated by re-reading the row, without argon2 (count
+//!   the server's `argon2id computation` debug lines of `devgate::api_keys::hashing`).
 //! * `verify-cold`: `--keys` keys are created first (16 `CreateApiKey` calls in flight);
 //!   then every call presents a token that was never verified, so each one misses the
 //!   cache and pays the database lookup and an argon2id verification. The run ends when
@@ -66,10 +69,16 @@ use std::{
 use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand};
 use devgate::api_keys::hashing::SecretHasher;
-use devgate::proto::v1::{
-    CreateApiKeyRequest, Environment, Plan, Quotas, RateLimits, SetPlanRequest,
-    VerifyApiKeyRequest, api_key_service_client::ApiKeyServiceClient,
-    usage_service_client::UsageServiceClient,
+use devgate::proto::{
+    internal::v1::{
+        SetPlanRequest, VerifyApiKeyRequest,
+        api_key_service_client::ApiKeyServiceClient as InternalKeyClient,
+        usage_service_client::UsageServiceClient,
+    },
+    v1::{
+        CreateApiKeyRequest, Environment, Plan, Quotas, RateLimits,
+        api_key_service_client::ApiKeyServiceClient,
+    },
 };
 use futures_util::{StreamExt, TryStreamExt, stream};
 use hdrhistogram::Histogram;
@@ -84,6 +93,8 @@ use uuid::Uuid;
 
 /// Every window's limit of the loadgen's keys (the most a key may have).
 const KEY_LIMIT: u32 = 100_000_000;
+/// A monthly quota no loadgen run can use up.
+const QUOTA: i64 = 1_000_000_000_000;
 /// The scope every verify call requires; keys are created with `*`, which grants it.
 const REQUIRED_SCOPE: &str = "usage:read";
 /// HTTP/2 connections when `--channels` is not given. Measured on a 2-core machine that
@@ -173,6 +184,28 @@ struct Opts {
     /// The tenant whose keys are created (default: a fresh random UUID per run).
     #[arg(long, global = true)]
     tenant: Option<Uuid>,
+}
+
+/// Adds the internal caller's `authorization: Bearer <service token>` to every call.
+#[derive(Clone)]
+struct ServiceAuth(MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for ServiceAuth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+/// The internal key service as the local stack's caller (DEVGATE_LOCAL_SERVICE_TOKEN).
+type InternalKeys =
+    InternalKeyClient<tonic::service::interceptor::InterceptedService<Channel, ServiceAuth>>;
+
+fn service_auth(env_file: &Path) -> anyhow::Result<ServiceAuth> {
+    let token = env_value(env_file, "DEVGATE_LOCAL_SERVICE_TOKEN")?;
+    Ok(ServiceAuth(format!("Bearer {token}").parse().context(
+        "the service token is not a valid metadata value",
+    )?))
 }
 
 /// What the callers share in a run.
@@ -321,27 +354,34 @@ async fn run_scenario(
     for _ in 0..channels {
         internal.push(connect(&opts.internal, "internal").await?);
     }
+    let auth = match scenario {
+        Scenario::Health => None,
+        _ => Some(service_auth(&opts.env_file)?),
+    };
+    let keys = |channel: Channel| {
+        InternalKeyClient::with_interceptor(channel, auth.clone().expect("a service token"))
+    };
     let tokens: Vec<String> = match scenario {
         Scenario::Verify | Scenario::Authorize => {
-            let (mut admin, bearer) = admin(opts).await?;
-            let token = create_key(&mut admin, &bearer).await?;
-            if let Scenario::Authorize = scenario {
-                unlimited_quota(internal[0].clone(), &token).await?;
-            }
-            verify(
-                ApiKeyServiceClient::new(internal[0].clone()),
-                token.as_str().into(),
-                false,
+            let (mut admin, bearer, tenant) = admin(opts).await?;
+            // Before the key: its limits follow the tenant's, which only SetPlan raises.
+            unlimited_plan(
+                internal[0].clone(),
+                auth.clone().expect("a service token"),
+                tenant,
             )
-            .await
-            .map_err(|e| anyhow!("warm-up VerifyApiKey failed: {e}"))?;
+            .await?;
+            let token = create_key(&mut admin, &bearer).await?;
+            verify(keys(internal[0].clone()), token.as_str().into(), false)
+                .await
+                .map_err(|e| anyhow!("warm-up VerifyApiKey failed: {e}"))?;
             vec![token]
         }
         Scenario::VerifyCold { keys } => {
             if keys == 0 {
                 bail!("--keys must be at least 1");
             }
-            let (admin, bearer) = admin(opts).await?;
+            let (admin, bearer, _) = admin(opts).await?;
             create_keys(&admin, &bearer, keys).await?
         }
         Scenario::Health | Scenario::Argon2 => Vec::new(),
@@ -357,7 +397,7 @@ async fn run_scenario(
             let consume = matches!(scenario, Scenario::Authorize);
             let token: Arc<str> = tokens.into_iter().next().expect("one key").into();
             spawn_callers(&run, |channel| {
-                let (client, token) = (ApiKeyServiceClient::new(channel), token.clone());
+                let (client, token) = (keys(channel), token.clone());
                 move || Some(verify(client.clone(), token.clone(), consume))
             })
             .await?
@@ -366,11 +406,7 @@ async fn run_scenario(
             let tokens: Arc<[Arc<str>]> = tokens.into_iter().map(Arc::from).collect();
             let next = Arc::new(AtomicUsize::new(0));
             spawn_callers(&run, |channel| {
-                let (client, tokens, next) = (
-                    ApiKeyServiceClient::new(channel),
-                    tokens.clone(),
-                    next.clone(),
-                );
+                let (client, tokens, next) = (keys(channel), tokens.clone(), next.clone());
                 move || {
                     let token = tokens.get(next.fetch_add(1, Ordering::Relaxed))?.clone();
                     Some(verify(client.clone(), token, false))
@@ -390,21 +426,19 @@ async fn run_scenario(
     Ok((tally, start.elapsed()))
 }
 
-/// Lifts the key's tenant's monthly quota (SetPlan, internal) so no authorize call is refused.
-async fn unlimited_quota(internal: Channel, token: &str) -> anyhow::Result<()> {
-    let key = ApiKeyServiceClient::new(internal.clone())
-        .verify_api_key(VerifyApiKeyRequest {
-            token: token.to_string(),
-            ..Default::default()
-        })
-        .await
-        .map_err(|s| anyhow!("VerifyApiKey failed: {}", Status(&s)))?
-        .into_inner();
-    UsageServiceClient::new(internal)
+/// Puts the tenant on a plan so large (SetPlan, internal) that no call is ever refused: the
+/// runs measure cost, not limits or quotas.
+async fn unlimited_plan(internal: Channel, auth: ServiceAuth, tenant: Uuid) -> anyhow::Result<()> {
+    UsageServiceClient::with_interceptor(internal, auth)
         .set_plan(SetPlanRequest {
-            tenant_id: key.tenant_id,
+            tenant_id: tenant.to_string(),
             plan: Plan::Enterprise.into(),
-            rate_limits: None,
+            rate_limits: Some(RateLimits {
+                per_minute: KEY_LIMIT,
+                per_hour: KEY_LIMIT,
+                per_day: KEY_LIMIT,
+                burst: KEY_LIMIT,
+            }),
             quotas: Some(Quotas {
                 monthly_requests: QUOTA,
                 monthly_generations: QUOTA,
@@ -415,18 +449,15 @@ async fn unlimited_quota(internal: Channel, token: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A monthly quota no loadgen run can use up.
-const QUOTA: i64 = 1_000_000_000_000;
-
-/// An admin client of the public listener and its `authorization` value.
 async fn admin(
     opts: &Opts,
 ) -> anyhow::Result<(
     ApiKeyServiceClient<Channel>,
     MetadataValue<tonic::metadata::Ascii>,
+    Uuid,
 )> {
     let tenant = opts.tenant.unwrap_or_else(Uuid::new_v4);
-    let secret = jwt_secret(&opts.env_file)?;
+    let secret = env_value(&opts.env_file, "DEVGATE_JWT_HS256_SECRET")?;
     let jwt = devgate::auth::jwt::mint_hs256(
         &secret,
         tenant,
@@ -442,6 +473,7 @@ async fn admin(
     Ok((
         ApiKeyServiceClient::new(connect(&opts.public, "public").await?),
         bearer,
+        tenant,
     ))
 }
 
@@ -527,11 +559,7 @@ async fn health(mut client: HealthClient<Channel>) -> Result<(), String> {
 }
 
 /// One VerifyApiKey call; `Err` says why it does not count as a success.
-async fn verify(
-    mut client: ApiKeyServiceClient<Channel>,
-    token: Arc<str>,
-    consume: bool,
-) -> Result<(), String> {
+async fn verify(mut client: InternalKeys, token: Arc<str>, consume: bool) -> Result<(), String> {
     let request = VerifyApiKeyRequest {
         token: token.to_string(),
         required_scope: REQUIRED_SCOPE.to_string(),
@@ -563,13 +591,7 @@ async fn create_key(
         name: "loadgen".into(),
         scopes: vec!["*".into()],
         environment: Environment::Test.into(),
-        // So high that no loadgen call is ever refused: the runs measure cost, not limits.
-        rate_limits: Some(RateLimits {
-            per_minute: KEY_LIMIT,
-            per_hour: KEY_LIMIT,
-            per_day: KEY_LIMIT,
-            burst: KEY_LIMIT,
-        }),
+        // No own limits: the key follows its tenant's (see unlimited_plan).
         ..Default::default()
     });
     request
@@ -628,27 +650,26 @@ async fn connect(url: &str, which: &str) -> anyhow::Result<Channel> {
         .with_context(|| format!("cannot connect to the {which} listener {url} ({STACK_HINT})"))
 }
 
-/// DEVGATE_JWT_HS256_SECRET from the environment, else from the env file.
-fn jwt_secret(env_file: &Path) -> anyhow::Result<String> {
-    const NAME: &str = "DEVGATE_JWT_HS256_SECRET";
-    if let Ok(secret) = std::env::var(NAME)
+/// `name` from the environment, else from the env file (the local stack's dev values).
+fn env_value(env_file: &Path, name: &str) -> anyhow::Result<String> {
+    if let Ok(secret) = std::env::var(name)
         && !secret.is_empty()
     {
         return Ok(secret);
     }
     let lines = dotenvy::from_path_iter(env_file).map_err(|e| {
         anyhow!(
-            "{NAME} is not set and the env file {} cannot be read: {e}",
+            "{name} is not set and the env file {} cannot be read: {e}",
             env_file.display()
         )
     })?;
     for line in lines {
         let (key, value) = line.with_context(|| format!("cannot parse {}", env_file.display()))?;
-        if key == NAME && !value.is_empty() {
+        if key == name && !value.is_empty() {
             return Ok(value);
         }
     }
-    bail!("{NAME} is neither set nor in {}", env_file.display())
+    bail!("{name} is neither set nor in {}", env_file.display())
 }
 
 /// A gRPC status on one line: code and message (binary error details are left out).

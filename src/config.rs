@@ -142,7 +142,7 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     (
         "DEVGATE_KEY_CACHE_TTL",
         "30s",
-        "How long a verified key is trusted from the in-process cache. Revocations also clear it at once over Redis pub/sub.",
+        "How long a verified key is answered from the in-process cache without I/O; after that its row is re-read (no argon2 while the stored hash is unchanged), the stale entry being served meanwhile for at most one more TTL. Revocations reach every replica at once over Redis pub/sub.",
     ),
     (
         "DEVGATE_KEY_CACHE_CAPACITY",
@@ -152,7 +152,7 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     (
         "DEVGATE_AUTH_FAILURE_LIMIT",
         "10",
-        "Failed verifications per key id within the window before the id is refused without hashing.",
+        "Failed verifications per key id and client network (IPv4 /24, IPv6 /64) within the window before that pair is refused without hashing.",
     ),
     (
         "DEVGATE_AUTH_FAILURE_WINDOW",

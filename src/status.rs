@@ -151,7 +151,7 @@ impl From<AuthError> for Status {
 impl From<RateLimitError> for Status {
     fn from(e: RateLimitError) -> Self {
         match e {
-            RateLimitError::Exceeded { key_id, decision } => {
+            RateLimitError::Exceeded { subject, decision } => {
                 let tight = decision
                     .windows
                     .iter()
@@ -164,7 +164,7 @@ impl From<RateLimitError> for Status {
                 let retry = decision.retry_after.unwrap_or_default();
                 let mut details = ErrorDetails::with_retry_info(Some(retry));
                 details.set_error_info("RATE_LIMITED", DOMAIN, HashMap::new());
-                details.add_quota_failure_violation(format!("api_key:{key_id}"), what.clone());
+                details.add_quota_failure_violation(subject, what.clone());
                 let mut status = Status::with_error_details(
                     Code::ResourceExhausted,
                     format!(

@@ -6,7 +6,10 @@
 //! its own copy (hundreds of MiB of RSS under a cold-verification burst), so the buffers are
 //! allocated once per permit and reused.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicU64, Ordering},
+};
 
 use argon2::{
     Algorithm, Argon2, Block, Params, Version,
@@ -45,6 +48,9 @@ pub struct SecretHasher {
     permits: Semaphore,
     /// Working memory, one buffer per permit, reused across calls.
     buffers: Arc<Mutex<Vec<Vec<Block>>>>,
+    /// argon2id computations started, so tests and operators can see the hot path stay
+    /// hash-free (also logged at debug level, one line per computation).
+    runs: AtomicU64,
 }
 
 impl SecretHasher {
@@ -60,7 +66,13 @@ impl SecretHasher {
             params,
             permits: Semaphore::new(concurrency),
             buffers: Arc::new(Mutex::new(Vec::new())),
+            runs: AtomicU64::new(0),
         }
+    }
+
+    /// How many argon2id computations (hash or verify) this hasher has started.
+    pub fn runs(&self) -> u64 {
+        self.runs.load(Ordering::Relaxed)
     }
 
     /// A PHC string (`$argon2id$v=19$m=…`) of `secret` with a fresh random salt.
@@ -123,6 +135,8 @@ impl SecretHasher {
             .acquire()
             .await
             .expect("the hashing semaphore is never closed");
+        let runs = self.runs.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::debug!(runs, "argon2id computation");
         let buffers = self.buffers.clone();
         tokio::task::spawn_blocking(move || {
             let mut memory = buffers
@@ -181,6 +195,7 @@ mod tests {
         assert!(!hasher.verify("s3cres", &phc).await.unwrap());
         assert_ne!(phc, hasher.hash("s3cret").await.unwrap(), "salted");
         assert!(hasher.verify("s3cret", "not a phc string").await.is_err());
+        assert_eq!(hasher.runs(), 5, "every hash and verify is counted");
     }
 
     #[tokio::test]

@@ -191,7 +191,7 @@ async fn admit_user(
         Ok(decision)
     } else {
         Err(RateLimitError::Exceeded {
-            key_id: bucket,
+            subject: bucket,
             decision,
         })
     }

@@ -72,7 +72,7 @@ impl RateLimiter {
             Ok(decision)
         } else {
             Err(RateLimitError::Exceeded {
-                key_id: key_id.to_string(),
+                subject: format!("api_key:{key_id}"),
                 decision,
             })
         }

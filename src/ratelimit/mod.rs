@@ -24,8 +24,9 @@ pub struct RateLimitConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum RateLimitError {
     /// The call would exceed a window; the decision says which and for how long.
-    #[error("rate limit exceeded for api key {key_id}")]
-    Exceeded { key_id: String, decision: Decision },
+    /// `subject` is whose buckets: `api_key:<id>` or `user:<id>`.
+    #[error("rate limit exceeded for {subject}")]
+    Exceeded { subject: String, decision: Decision },
     /// The tenant's monthly quota is used up.
     #[error("monthly quota exhausted for tenant {tenant}")]
     QuotaExhausted {

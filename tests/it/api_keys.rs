@@ -426,24 +426,26 @@ async fn failed_attempts_lock_the_key_id_before_hashing() {
     .await;
     let tenant = Uuid::new_v4();
     let (key, token) = create_key(&w.app, tenant, &["*"]).await;
-    // Well-formed tokens (valid checksum) for the right key id with wrong secrets.
+    // Well-formed tokens (valid checksum) for the right key id with wrong secrets, from
+    // 127.0.0.1: the network the public listener's calls below come from (the limiter
+    // counts per key id and client network).
     let id: devgate::identity::KeyId = key.id.parse().unwrap();
     for _ in 0..3 {
         let wrong =
             devgate::api_keys::token::generate(devgate::identity::Environment::Test, &id).token;
         assert_eq!(
-            reason(&verify(&w.app, &wrong).await),
+            reason(&verify_from(&w.app, &wrong, "127.0.0.1").await),
             internal::VerifyFailureReason::NotFound
         );
     }
     let wrong = devgate::api_keys::token::generate(devgate::identity::Environment::Test, &id).token;
     assert_eq!(
-        reason(&verify(&w.app, &wrong).await),
+        reason(&verify_from(&w.app, &wrong, "127.0.0.1").await),
         internal::VerifyFailureReason::TooManyAttempts
     );
     // Locked: even the right secret is refused until the window passes (it was never cached).
     assert_eq!(
-        reason(&verify(&w.app, &token).await),
+        reason(&verify_from(&w.app, &token, "127.0.0.1").await),
         internal::VerifyFailureReason::TooManyAttempts
     );
     let err = w

@@ -340,6 +340,11 @@ async fn user_calls_are_rate_limited_per_tenant_and_user() {
         .unwrap_err();
     assert_refused(&status, tonic::Code::ResourceExhausted, "RATE_LIMITED");
     assert!(status.metadata().get("retry-after").is_some());
+    let details = tonic_types::StatusExt::get_error_details(&status);
+    assert_eq!(
+        details.quota_failure().unwrap().violations[0].subject,
+        "user:alice"
+    );
     // Another user of the tenant has a bucket of their own.
     let bob = user_token(tenant, "bob", &[]);
     keys.list_api_keys(bearer(list(), &bob)).await.unwrap();

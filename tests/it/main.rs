@@ -14,6 +14,7 @@ mod edge;
 mod faults;
 mod grpcurl;
 mod health;
+mod hot_path;
 mod internal;
 mod jwt;
 mod layering;

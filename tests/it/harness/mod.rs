@@ -155,6 +155,11 @@ impl TestApp {
         self.verifier.invalidations_live()
     }
 
+    /// The instance's key verifier (argon2 run counter, test pause points).
+    pub fn verifier(&self) -> &Arc<KeyVerifier> {
+        &self.verifier
+    }
+
     pub async fn public_client(&self) -> ApiKeyServiceClient<Channel> {
         ApiKeyServiceClient::new(channel(self.public).await)
     }
