@@ -216,6 +216,12 @@ fn layering_no_import_cycle_between_top_level_modules() {
         graph["api_keys"].contains("db"),
         "api_keys → db is a known edge: {graph:?}"
     );
+    // The shared identity types stay a leaf: importing them ties no folders together.
+    assert!(
+        graph["identity"].is_empty(),
+        "identity must import nothing of devgate: {:?}",
+        graph["identity"]
+    );
     if let Some(cycle) = find_cycle(&graph) {
         let edges: Vec<String> = graph
             .iter()
