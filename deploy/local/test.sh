@@ -25,4 +25,10 @@ log "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 
 log "cargo test --all-targets"
-cargo test --all-targets "$@"
+# Each test target prints its own summary (the last, the load-generator example's, has no
+# tests); the closing line sums them up for the whole run.
+results="$(mktemp)"
+trap 'rm -f "$results"' EXIT
+cargo test --all-targets "$@" 2>&1 | tee "$results"
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i } }
+     END { printf "total: %d passed, %d failed\n", p, f }' "$results"
