@@ -13,33 +13,21 @@ use devgate::{
 };
 use diesel::{QueryableByName, sql_types::Text};
 use diesel_async::RunQueryDsl;
-use reqwest::{Client, StatusCode};
+use reqwest::StatusCode;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::harness::{envoy::Envoy, *};
+use crate::harness::{envoy::Edge, *};
 
-struct Edge {
-    world: World,
-    _envoy: Envoy,
-    base: String,
-    http: Client,
-}
-
+/// Requests that report what the client received, sizes included.
 impl Edge {
-    async fn start() -> Edge {
-        let world = World::new().await;
-        let envoy = Envoy::start(world.app.public).await;
-        let base = envoy.base.clone();
-        Edge {
-            world,
-            _envoy: envoy,
-            base,
-            http: Client::new(),
-        }
-    }
-
-    async fn send(&self, method: reqwest::Method, path: &str, token: &str, body: &str) -> Reply {
+    async fn send_reply(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        body: &str,
+    ) -> Reply {
         let resp = self
             .http
             .request(method, format!("{}{path}", self.base))
@@ -63,12 +51,13 @@ impl Edge {
         }
     }
 
-    async fn post(&self, path: &str, token: &str, body: &str) -> Reply {
-        self.send(reqwest::Method::POST, path, token, body).await
+    async fn post_reply(&self, path: &str, token: &str, body: &str) -> Reply {
+        self.send_reply(reqwest::Method::POST, path, token, body)
+            .await
     }
 
-    async fn get(&self, path: &str, token: &str) -> Reply {
-        self.send(reqwest::Method::GET, path, token, "").await
+    async fn get_reply(&self, path: &str, token: &str) -> Reply {
+        self.send_reply(reqwest::Method::GET, path, token, "").await
     }
 }
 
@@ -101,7 +90,7 @@ async fn oversized_bad_requests_are_refused_small_through_envoy() {
         "environment": "ENVIRONMENT_LIVE",
     })
     .to_string();
-    let r = e.post("/v1/api-keys", &member, &body).await;
+    let r = e.post_reply("/v1/api-keys", &member, &body).await;
     assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text);
 
     // An admin gets 400 with at most 20 short violations, even for ~1 MiB of bad input.
@@ -120,7 +109,7 @@ async fn oversized_bad_requests_are_refused_small_through_envoy() {
         "{}",
         body.len()
     );
-    let r = e.post("/v1/api-keys", &admin, &body).await;
+    let r = e.post_reply("/v1/api-keys", &admin, &body).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
     let json = r.json();
     let violations = json["details"][0]["field_violations"].as_array().unwrap();
@@ -147,7 +136,7 @@ async fn oversized_bad_requests_are_refused_small_through_envoy() {
         "environment": "ENVIRONMENT_LIVE",
     })
     .to_string();
-    let r = e.post("/v1/api-keys", &admin, &body).await;
+    let r = e.post_reply("/v1/api-keys", &admin, &body).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert!(r.text.len() < 4096, "error body of {} bytes", r.text.len());
 
@@ -161,9 +150,13 @@ async fn oversized_bad_requests_are_refused_small_through_envoy() {
     })
     .to_string();
     let path = format!("/v1/api-keys/{}?update_mask={}", key.id, paths.join(","));
-    let r = e.send(reqwest::Method::PATCH, &path, &member, &body).await;
+    let r = e
+        .send_reply(reqwest::Method::PATCH, &path, &member, &body)
+        .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text);
-    let r = e.send(reqwest::Method::PATCH, &path, &admin, &body).await;
+    let r = e
+        .send_reply(reqwest::Method::PATCH, &path, &admin, &body)
+        .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
     let violations = r.json()["details"][0]["field_violations"]
         .as_array()
@@ -176,7 +169,9 @@ async fn oversized_bad_requests_are_refused_small_through_envoy() {
         r.text.len()
     );
     let path = format!("/v1/api-keys/{}?update_mask=scopes,allowed_cidrs", key.id);
-    let r = e.send(reqwest::Method::PATCH, &path, &admin, &body).await;
+    let r = e
+        .send_reply(reqwest::Method::PATCH, &path, &admin, &body)
+        .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
     assert!(
         r.text.len() < 16 * 1024,
@@ -378,7 +373,7 @@ async fn bodies_envoy_refuses_are_not_logged_as_server_errors() {
         r#"{"name":"x","scopes":"*"}"#,
     ];
     for body in bad_bodies {
-        let r = e.post("/v1/api-keys", &admin, body).await;
+        let r = e.post_reply("/v1/api-keys", &admin, body).await;
         assert!(
             r.status.is_client_error(),
             "{body}: {} {}",
@@ -394,13 +389,13 @@ async fn bodies_envoy_refuses_are_not_logged_as_server_errors() {
         "/v1/api-keys".to_string(),
     ] {
         for body in bad_bodies.iter().copied().chain([big.as_str()]) {
-            let r = e.post(&path, &admin, body).await;
+            let r = e.post_reply(&path, &admin, body).await;
             assert!(r.status.as_u16() < 500, "{path} {body:.40}: {}", r.status);
         }
     }
     for body in bad_bodies.iter().copied().chain([big.as_str()]) {
         let r = e
-            .send(
+            .send_reply(
                 reqwest::Method::PATCH,
                 &format!("/v1/api-keys/{}", key.id),
                 &admin,
@@ -411,7 +406,7 @@ async fn bodies_envoy_refuses_are_not_logged_as_server_errors() {
     }
     // One good call, so there is something to see once the writer flushed.
     let r = e
-        .post(
+        .post_reply(
             "/v1/api-keys",
             &admin,
             r#"{"name":"ok","scopes":["*"],"environment":"ENVIRONMENT_TEST"}"#,
@@ -441,7 +436,7 @@ async fn bodies_envoy_refuses_are_not_logged_as_server_errors() {
         lines.iter().all(|l| !l.contains(" 5")),
         "server errors no client saw: {lines:?}"
     );
-    let r = e.get("/v1/usage", &admin).await;
+    let r = e.get_reply("/v1/usage", &admin).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     let summary = r.json();
     assert_eq!(summary["status_5xx"], "0", "{summary}");

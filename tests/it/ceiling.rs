@@ -18,6 +18,22 @@ fn limits(per_minute: u32, per_hour: u32, per_day: u32, burst: u32) -> Option<v1
     })
 }
 
+/// The `ratelimit-policy` a call with `token` is answered with.
+async fn policy_of(app: &TestApp, token: &str) -> String {
+    let ok = app
+        .public_client()
+        .await
+        .list_api_keys(api_key(v1::ListApiKeysRequest::default(), token))
+        .await
+        .unwrap();
+    ok.metadata()
+        .get("ratelimit-policy")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
 /// The refused fields and their descriptions.
 fn violations(status: &tonic::Status) -> Vec<(String, String)> {
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
@@ -88,19 +104,7 @@ async fn a_key_cannot_lift_its_plan() {
     let mut req = create_request("modest", &["*"]);
     req.rate_limits = limits(50, 0, 0, 5);
     let (_, modest) = create_key_with(&w.app, tenant, req).await;
-    let ok = w
-        .app
-        .public_client()
-        .await
-        .list_api_keys(api_key(v1::ListApiKeysRequest::default(), &modest))
-        .await
-        .unwrap();
-    let policy = ok
-        .metadata()
-        .get("ratelimit-policy")
-        .unwrap()
-        .to_str()
-        .unwrap();
+    let policy = policy_of(&w.app, &modest).await;
     assert!(policy.starts_with("\"minute\";q=50;w=60"), "{policy}");
 
     // A consuming call that costs more than the burst could never pass: refused as such.
@@ -151,19 +155,7 @@ async fn stored_keys_are_capped_when_the_plan_goes_down() {
         .await
         .unwrap();
 
-    let ok = w
-        .app
-        .public_client()
-        .await
-        .list_api_keys(api_key(v1::ListApiKeysRequest::default(), &token))
-        .await
-        .unwrap();
-    let policy = ok
-        .metadata()
-        .get("ratelimit-policy")
-        .unwrap()
-        .to_str()
-        .unwrap();
+    let policy = policy_of(&w.app, &token).await;
     assert_eq!(
         policy,
         "\"minute\";q=10;w=60, \"hour\";q=100;w=3600, \"day\";q=1000;w=86400"

@@ -1,36 +1,13 @@
 //! End to end through the real Envoy (the committed envoy/envoy.yaml) with an HTTP client.
 
 use devgate::proto::internal::v1 as internal;
-use reqwest::{Client, Method, StatusCode};
+use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::harness::{envoy::Envoy, *};
-
-struct Edge {
-    _world: World,
-    _envoy: Envoy,
-    base: String,
-    http: Client,
-}
+use crate::harness::{envoy::Edge, *};
 
 impl Edge {
-    async fn start() -> Edge {
-        let world = World::new().await;
-        let envoy = Envoy::start(world.app.public).await;
-        let base = envoy.base.clone();
-        Edge {
-            _world: world,
-            _envoy: envoy,
-            base,
-            http: Client::new(),
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{}", self.base, path)
-    }
-
     /// `method path` with `authorization: Bearer <credential>` and an optional JSON body.
     async fn call(
         &self,
@@ -321,7 +298,7 @@ async fn internal_rpcs_and_browsers() {
     let addr: std::net::SocketAddr = e.base.trim_start_matches("http://").parse().unwrap();
     let mut through_envoy =
         devgate::proto::v1::api_key_service_client::ApiKeyServiceClient::new(channel(addr).await);
-    let (_, token) = create_key(&e._world.app, Uuid::new_v4(), &["*"]).await;
+    let (_, token) = create_key(&e.world.app, Uuid::new_v4(), &["*"]).await;
     let err = internal::api_key_service_client::ApiKeyServiceClient::new(channel(addr).await)
         .verify_api_key(internal::VerifyApiKeyRequest {
             token: token.clone(),

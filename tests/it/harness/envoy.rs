@@ -130,3 +130,31 @@ impl Drop for Envoy {
         let _ = self.child.wait();
     }
 }
+
+/// A devgate world with an Envoy in front of it and an HTTP client: the REST edge as a
+/// developer sees it. Test files add the request helpers they need.
+pub struct Edge {
+    pub world: super::World,
+    /// Held so Envoy runs as long as the edge.
+    _envoy: Envoy,
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+impl Edge {
+    pub async fn start() -> Edge {
+        let world = super::World::new().await;
+        let envoy = Envoy::start(world.app.public).await;
+        let base = envoy.base.clone();
+        Edge {
+            world,
+            _envoy: envoy,
+            base,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+}
