@@ -304,6 +304,14 @@ pub struct GuardResolver {
     policy: Arc<Policy>,
 }
 
+impl GuardResolver {
+    pub fn new(policy: Policy) -> Self {
+        Self {
+            policy: Arc::new(policy),
+        }
+    }
+}
+
 impl Resolve for GuardResolver {
     fn resolve(&self, name: Name) -> Resolving {
         let policy = self.policy.clone();

@@ -26,3 +26,5 @@ mod rotation;
 mod transactions;
 mod usage;
 mod usage_log;
+mod webhook_signing;
+mod webhook_ssrf;
