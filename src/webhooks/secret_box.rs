@@ -42,6 +42,8 @@ pub enum SecretBoxError {
     Decrypt,
     #[error("the system random generator failed")]
     Random,
+    #[error("encryption failed")]
+    Seal,
 }
 
 struct RingKey {
@@ -150,7 +152,7 @@ impl KeyRing {
                 Aad::from(full_aad(&key.id, context)),
                 &mut in_out,
             )
-            .map_err(|_| SecretBoxError::Decrypt)?;
+            .map_err(|_| SecretBoxError::Seal)?;
         let mut blob = Vec::with_capacity(NONCE_LEN + in_out.len());
         blob.extend_from_slice(&nonce);
         blob.extend_from_slice(&in_out);

@@ -221,7 +221,7 @@ impl AllowList {
     }
 }
 
-/// The block decision for one address: `Some(reason)` when refused.
+/// What tenant URLs may be: the allow-list and whether http is still accepted.
 #[derive(Debug, Clone)]
 pub struct Policy {
     allow: AllowList,
@@ -234,6 +234,7 @@ impl Policy {
         Self { allow, https_only }
     }
 
+    /// The block decision for one address: `Some(reason)` when refused.
     pub fn check(&self, addr: IpAddr) -> Option<BlockReason> {
         classify(addr).filter(|_| !self.allow.contains(addr))
     }
