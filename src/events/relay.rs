@@ -182,16 +182,20 @@ impl Relay {
             };
             match (wait, listener.as_mut()) {
                 (None, Some(conn)) => {
-                    let lost = {
+                    // Some(true): lost; Some(false): notified or stopped; None: timed out.
+                    let woke = {
                         let mut notes = pin!(conn.notifications_stream());
                         tokio::select! {
-                            _ = stop.cancelled() => false,
-                            note = notes.next() => !matches!(note, Some(Ok(_))),
-                            _ = tokio::time::sleep(self.config.poll_interval) => false,
+                            _ = stop.cancelled() => Some(false),
+                            note = notes.next() => Some(!matches!(note, Some(Ok(_)))),
+                            _ = tokio::time::sleep(self.config.poll_interval) => None,
                         }
                     };
-                    // A silent listener may be a dead one: check it at each poll.
-                    let lost = lost || diesel::sql_query("SELECT 1").execute(conn).await.is_err();
+                    let lost = match woke {
+                        Some(lost) => lost,
+                        // A silent listener may be a dead one: check it at each poll.
+                        None => diesel::sql_query("SELECT 1").execute(conn).await.is_err(),
+                    };
                     if lost {
                         tracing::warn!("outbox relay lost its LISTEN connection; reconnecting");
                         listener = None;
