@@ -32,8 +32,10 @@ use crate::{
         auth::{AuthLayer, Authenticator, Listener},
         usage::UsageLayer,
     },
+    events::relay::Relay,
     health::ServiceHealth,
     kv::Redis,
+    mq::Mq,
     proto::v1::usage_service_server::UsageServiceServer,
     proto::{
         self,
@@ -98,6 +100,8 @@ pub struct Application {
     request_log_writer: RequestLogWriter,
     invalidations: Invalidations,
     pool: PgPool,
+    /// RabbitMQ, connected on first use (the worker's relay).
+    mq: Mq,
     /// TLS of the internal listener (read at build, so a bad file stops the start).
     internal_tls: Option<ServerTlsConfig>,
     shutdown: CancellationToken,
@@ -175,6 +179,7 @@ impl Application {
         } else {
             None
         };
+        let mq = Mq::new(config.rabbitmq.clone());
         Ok(Self {
             config,
             roles,
@@ -191,6 +196,7 @@ impl Application {
             request_log_writer,
             invalidations,
             pool,
+            mq,
             internal_tls,
             shutdown: CancellationToken::new(),
         })
@@ -281,6 +287,21 @@ impl Application {
                 let (pool, stop, limiter) = (pool.clone(), stop.clone(), limiter.clone());
                 async move {
                     quota_reconciliation(pool, limiter, stop).await;
+                    Ok::<(), Infallible>(())
+                }
+            });
+            let relay = Relay::new(
+                self.pool.clone(),
+                self.config.database.url.clone(),
+                self.mq.clone(),
+                self.config.relay.clone(),
+            );
+            let stop = background.clone();
+            tasks.restartable("outbox relay", backoff, move || {
+                let (relay, stop) = (relay.clone(), stop.clone());
+                async move {
+                    let stats = relay.run(stop).await;
+                    tracing::info!(published = stats.published, "outbox relay stopped");
                     Ok::<(), Infallible>(())
                 }
             });

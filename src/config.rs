@@ -13,7 +13,9 @@ use crate::{
     auth::config::{AuthConfig, InternalTls},
     db::DatabaseConfig,
     edge::EdgeConfig,
+    events::relay::RelayConfig,
     kv::RedisConfig,
+    mq::{MqConfig, QueueType},
     ratelimit::{Limits, PlanLimits, PlanQuotas, QuotaLimits, RateLimitConfig},
     telemetry::{LogConfig, LogFormat},
     usage::UsageConfig,
@@ -77,6 +79,36 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "DEVGATE_REDIS_PREFIX",
         "devgate:",
         "Prefix of every Redis key and channel, so several deployments (or tests) share one Redis.",
+    ),
+    (
+        "DEVGATE_RABBITMQ_URL",
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+        "RabbitMQ URL (the vhost URL-encoded: `%2f` is `/`). devgate connects on first use and reconnects with backoff; `serve` keeps answering while it is down.",
+    ),
+    (
+        "DEVGATE_RABBITMQ_QUEUE_TYPE",
+        "classic",
+        "`classic` or `quorum`: the type of every queue devgate declares (quorum queues replicate across a RabbitMQ cluster).",
+    ),
+    (
+        "DEVGATE_RABBITMQ_PREFIX",
+        "devgate",
+        "Prefix of devgate's exchanges and queues; events go to the topic exchange `<prefix>.events` with the event type as routing key.",
+    ),
+    (
+        "DEVGATE_OUTBOX_BATCH_SIZE",
+        "500",
+        "Outbox rows the relay claims, publishes (with publisher confirms) and deletes per transaction.",
+    ),
+    (
+        "DEVGATE_OUTBOX_POLL_INTERVAL",
+        "1s",
+        "The relay wakes on NOTIFY when events commit, and also looks for outbox rows this often.",
+    ),
+    (
+        "DEVGATE_OUTBOX_CONFIRM_TIMEOUT",
+        "10s",
+        "How long the relay waits for RabbitMQ to confirm a batch before rolling it back and retrying.",
     ),
     (
         "DEVGATE_JWT_HS256_SECRET",
@@ -296,6 +328,8 @@ pub struct Config {
     pub internal_addr: SocketAddr,
     pub database: DatabaseConfig,
     pub redis: RedisConfig,
+    pub rabbitmq: MqConfig,
+    pub relay: RelayConfig,
     pub edge: EdgeConfig,
     pub auth: AuthConfig,
     pub api_keys: ApiKeyConfig,
@@ -433,6 +467,32 @@ impl Config {
                 ));
             }
         };
+        let rabbitmq_prefix = env.string("DEVGATE_RABBITMQ_PREFIX");
+        if rabbitmq_prefix.is_empty()
+            || rabbitmq_prefix.len() > 100
+            || !rabbitmq_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return Err(env.invalid(
+                "DEVGATE_RABBITMQ_PREFIX",
+                &rabbitmq_prefix,
+                "expected 1 to 100 of A-Z a-z 0-9 . _ -",
+            ));
+        }
+        let relay = RelayConfig {
+            batch_size: env.parse("DEVGATE_OUTBOX_BATCH_SIZE")?,
+            poll_interval: env.duration("DEVGATE_OUTBOX_POLL_INTERVAL")?,
+            confirm_timeout: env.duration("DEVGATE_OUTBOX_CONFIRM_TIMEOUT")?,
+        };
+        if relay.batch_size == 0 || relay.poll_interval.is_zero() || relay.confirm_timeout.is_zero()
+        {
+            return Err(env.invalid(
+                "DEVGATE_OUTBOX_BATCH_SIZE",
+                &relay.batch_size.to_string(),
+                "the batch size, poll interval and confirm timeout must be positive",
+            ));
+        }
         let pool_size: u32 = env.parse("DEVGATE_DATABASE_POOL_SIZE")?;
         if pool_size == 0 {
             return Err(env.invalid("DEVGATE_DATABASE_POOL_SIZE", "0", "must be at least 1"));
@@ -469,6 +529,12 @@ impl Config {
                     .collect(),
                 prefix: env.string("DEVGATE_REDIS_PREFIX"),
             },
+            rabbitmq: MqConfig {
+                url: env.string("DEVGATE_RABBITMQ_URL").into(),
+                queue_type: env.parse::<QueueType>("DEVGATE_RABBITMQ_QUEUE_TYPE")?,
+                prefix: rabbitmq_prefix,
+            },
+            relay,
             edge: EdgeConfig {
                 trusted_proxies: env.parse("DEVGATE_TRUSTED_PROXIES")?,
             },

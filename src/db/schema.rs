@@ -102,15 +102,39 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    events (id) {
+        id -> Uuid,
+        tenant_id -> Uuid,
+        event_type -> Text,
+        payload -> Jsonb,
+        idempotency_id -> Nullable<Text>,
+        source -> Text,
+        create_time -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    outbox (id) {
+        id -> Int8,
+        event_id -> Uuid,
+        create_time -> Timestamptz,
+    }
+}
+
 diesel::joinable!(api_keys -> tenants (tenant_id));
 diesel::joinable!(metered_usage -> tenants (tenant_id));
 diesel::joinable!(credit_balances -> tenants (tenant_id));
 diesel::joinable!(credit_ledger -> tenants (tenant_id));
+diesel::joinable!(events -> tenants (tenant_id));
+diesel::joinable!(outbox -> events (event_id));
 diesel::allow_tables_to_appear_in_same_query!(
     api_keys,
     api_request_logs,
     credit_balances,
     credit_ledger,
+    events,
     metered_usage,
+    outbox,
     tenants,
 );

@@ -22,6 +22,7 @@ mod quickstart;
 mod quota;
 mod ratelimit;
 mod reconcile;
+mod relay;
 mod rotation;
 mod transactions;
 mod usage;

@@ -1,0 +1,168 @@
+//! The transactional outbox: an event is an `events` row plus an `outbox` row written in the
+//! caller's transaction, so a state change and the event it causes commit together or not
+//! at all. The [relay](super::relay) publishes committed outbox rows to RabbitMQ.
+
+use chrono::{DateTime, Utc};
+use diesel::{
+    ExpressionMethods, OptionalExtension, QueryDsl, Queryable, QueryableByName, Selectable,
+    SelectableHelper,
+    sql_types::{Jsonb, Nullable, Text, Uuid as SqlUuid},
+};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::{
+    db::{StoreError, schema::events},
+    identity::TenantId,
+    tenants,
+};
+
+/// What a publisher (PublishEvent, or devgate itself) asks to emit.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub tenant: TenantId,
+    pub event_type: String,
+    pub payload: serde_json::Value,
+    /// The publisher's key: a repeat returns the first event instead of a new one.
+    pub idempotency_id: Option<String>,
+    /// Who emitted it: `service:<caller>` or `devgate`.
+    pub source: String,
+}
+
+/// An event of the log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub id: Uuid,
+    pub tenant: TenantId,
+    pub event_type: String,
+    pub payload: serde_json::Value,
+    pub idempotency_id: Option<String>,
+    pub source: String,
+    pub create_time: DateTime<Utc>,
+}
+
+/// An `events` row as diesel reads it.
+#[derive(Queryable, QueryableByName, Selectable)]
+#[diesel(table_name = events, check_for_backend(diesel::pg::Pg))]
+pub(crate) struct EventRow {
+    id: Uuid,
+    tenant_id: Uuid,
+    event_type: String,
+    payload: serde_json::Value,
+    idempotency_id: Option<String>,
+    source: String,
+    create_time: DateTime<Utc>,
+}
+
+impl From<EventRow> for Event {
+    fn from(row: EventRow) -> Self {
+        Event {
+            id: row.id,
+            tenant: TenantId(row.tenant_id),
+            event_type: row.event_type,
+            payload: row.payload,
+            idempotency_id: row.idempotency_id,
+            source: row.source,
+            create_time: row.create_time,
+        }
+    }
+}
+
+impl Event {
+    /// The body published to RabbitMQ.
+    pub fn message(&self) -> EventMessage {
+        EventMessage {
+            id: self.id,
+            tenant_id: self.tenant.0,
+            event_type: self.event_type.clone(),
+            source: self.source.clone(),
+            idempotency_id: self.idempotency_id.clone(),
+            create_time: self.create_time,
+            data: self.payload.clone(),
+        }
+    }
+}
+
+/// The JSON body of every message on `<prefix>.events` (content type `application/json`,
+/// AMQP `message_id` = `id`, routing key = `type`). Consumers deduplicate by `id`: the relay
+/// publishes at least once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventMessage {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub source: String,
+    pub idempotency_id: Option<String>,
+    pub create_time: DateTime<Utc>,
+    pub data: serde_json::Value,
+}
+
+/// Inserts the event and its outbox row on `conn` — call it inside the transaction of the
+/// state change that causes the event. Returns the event and whether it is a duplicate: a
+/// repeat of `(tenant, idempotency_id)` inserts nothing and returns the first event (also
+/// under concurrent repeats: the unique index makes the second wait for the first's commit).
+pub async fn append(
+    conn: &mut AsyncPgConnection,
+    new: NewEvent,
+) -> Result<(Event, bool), StoreError> {
+    tenants::store::ensure(conn, new.tenant).await?;
+    // One statement: the event and its outbox row are atomic even without a transaction.
+    let inserted: Option<EventRow> = diesel::sql_query(
+        "WITH ins AS ( \
+             INSERT INTO events (id, tenant_id, event_type, payload, idempotency_id, source) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (tenant_id, idempotency_id) DO NOTHING \
+             RETURNING * \
+         ), queued AS ( \
+             INSERT INTO outbox (event_id) SELECT id FROM ins \
+         ) \
+         SELECT * FROM ins",
+    )
+    .bind::<SqlUuid, _>(Uuid::now_v7())
+    .bind::<SqlUuid, _>(new.tenant.0)
+    .bind::<Text, _>(&new.event_type)
+    .bind::<Jsonb, _>(&new.payload)
+    .bind::<Nullable<Text>, _>(new.idempotency_id.as_deref())
+    .bind::<Text, _>(&new.source)
+    .get_result(conn)
+    .await
+    .optional()?;
+    if let Some(event) = inserted {
+        return Ok((event.into(), false));
+    }
+    // Only a conflict inserts nothing, and only a key can conflict.
+    let key = new
+        .idempotency_id
+        .as_deref()
+        .ok_or_else(|| StoreError::Conflict("events_pkey".into()))?;
+    let first = events::table
+        .filter(events::tenant_id.eq(new.tenant.0))
+        .filter(events::idempotency_id.eq(key))
+        .select(EventRow::as_select())
+        .first(conn)
+        .await?;
+    Ok((first.into(), true))
+}
+
+/// One event of the tenant (`NotFound` for another tenant's id).
+pub async fn get(
+    conn: &mut AsyncPgConnection,
+    tenant: TenantId,
+    id: Uuid,
+) -> Result<Event, StoreError> {
+    let row = events::table
+        .filter(events::tenant_id.eq(tenant.0))
+        .filter(events::id.eq(id))
+        .select(EventRow::as_select())
+        .first::<EventRow>(conn)
+        .await?;
+    Ok(row.into())
+}
+
+/// Rows still waiting in the outbox (for metrics and tests).
+pub async fn pending(conn: &mut AsyncPgConnection) -> Result<i64, StoreError> {
+    use crate::db::schema::outbox;
+    Ok(outbox::table.count().get_result(conn).await?)
+}
