@@ -13,6 +13,7 @@ pub mod config;
 pub mod credits;
 pub mod db;
 pub mod edge;
+pub mod events;
 pub mod health;
 pub mod identity;
 pub mod kv;

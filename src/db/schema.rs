@@ -102,6 +102,19 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    event_types (name) {
+        name -> Text,
+        category -> Text,
+        description -> Text,
+        schema -> Jsonb,
+        sample -> Jsonb,
+        version -> Int4,
+        create_time -> Timestamptz,
+        deprecated -> Bool,
+    }
+}
+
 diesel::joinable!(api_keys -> tenants (tenant_id));
 diesel::joinable!(metered_usage -> tenants (tenant_id));
 diesel::joinable!(credit_balances -> tenants (tenant_id));
@@ -111,6 +124,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     api_request_logs,
     credit_balances,
     credit_ledger,
+    event_types,
     metered_usage,
     tenants,
 );
