@@ -122,6 +122,19 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    event_types (name) {
+        name -> Text,
+        category -> Text,
+        description -> Text,
+        schema -> Jsonb,
+        sample -> Jsonb,
+        version -> Int4,
+        create_time -> Timestamptz,
+        deprecated -> Bool,
+    }
+}
+
 diesel::joinable!(api_keys -> tenants (tenant_id));
 diesel::joinable!(metered_usage -> tenants (tenant_id));
 diesel::joinable!(credit_balances -> tenants (tenant_id));
@@ -134,6 +147,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     credit_balances,
     credit_ledger,
     events,
+    event_types,
     metered_usage,
     outbox,
     tenants,

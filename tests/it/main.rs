@@ -7,6 +7,7 @@ mod harness;
 mod api_keys;
 mod auth;
 mod bounded;
+mod catalog;
 mod ceiling;
 mod cluster;
 mod credits;
