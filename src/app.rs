@@ -43,7 +43,10 @@ use crate::{
             api_key_service_server::ApiKeyServiceServer as InternalApiKeyServiceServer,
             usage_service_server::UsageServiceServer as InternalUsageServiceServer,
         },
-        v1::api_key_service_server::ApiKeyServiceServer,
+        v1::{
+            api_key_service_server::ApiKeyServiceServer,
+            webhook_service_server::WebhookServiceServer,
+        },
     },
     ratelimit::RateLimiter,
     supervise::{Backoff, Supervisor},
@@ -53,6 +56,7 @@ use crate::{
         grpc::UsageGrpc,
         service::{PlanChanged, Usage},
     },
+    webhooks::{grpc::WebhookGrpc, service::Webhooks, ssrf::Policy},
 };
 
 /// The feature services both listeners serve (cheap to clone).
@@ -63,6 +67,7 @@ struct Services {
     usage: Arc<Usage>,
     credits: CreditsGrpc,
     request_log: RequestLog,
+    webhooks: Arc<Webhooks>,
 }
 
 /// Which parts run in this process: `serve` = api, `worker` = worker, `all` = both.
@@ -159,6 +164,14 @@ impl Application {
             plan_changed(verifier, invalidations.clone()),
         ));
         let credits = CreditsGrpc::new(credits, tenants);
+        let webhooks = Arc::new(Webhooks::new(
+            pool.clone(),
+            config.webhook_security.encryption_keys.clone(),
+            Policy::new(
+                config.webhook_security.allowed_cidrs.clone(),
+                config.environment == crate::config::RunEnvironment::Production,
+            ),
+        ));
 
         let internal_tls = config
             .auth
@@ -190,6 +203,7 @@ impl Application {
                 usage,
                 credits,
                 request_log,
+                webhooks,
             },
             authenticator,
             last_used_flusher,
@@ -445,7 +459,11 @@ async fn serve(
     };
     // Reflection lists only the services this listener serves.
     let names: &[&str] = if public {
-        &["devgate.v1.ApiKeyService", "devgate.v1.UsageService"]
+        &[
+            "devgate.v1.ApiKeyService",
+            "devgate.v1.UsageService",
+            "devgate.v1.WebhookService",
+        ]
     } else {
         &[
             "devgate.internal.v1.ApiKeyService",
@@ -503,6 +521,7 @@ async fn serve(
     }
     let grpc = ApiKeyGrpc::new(services.keys);
     let usage = UsageGrpc::new(services.usage, services.credits);
+    let webhooks = WebhookGrpc::new(services.webhooks);
     let router = builder
         .layer(layers)
         .add_service(health_service)
@@ -512,6 +531,7 @@ async fn serve(
         router
             .add_service(ApiKeyServiceServer::new(grpc))
             .add_service(UsageServiceServer::new(usage))
+            .add_service(WebhookServiceServer::new(webhooks))
     } else {
         router
             .add_service(InternalApiKeyServiceServer::new(grpc))

@@ -26,15 +26,18 @@ use crate::{
     },
     proto::v1::{
         api_key_service_server::ApiKeyServiceServer, usage_service_server::UsageServiceServer,
+        webhook_service_server::WebhookServiceServer,
     },
     usage::grpc::UsageGrpc,
+    webhooks::grpc::WebhookGrpc,
 };
 
 /// The names whose status follows readiness (draining, Postgres).
-pub const READINESS: [&str; 5] = [
+pub const READINESS: [&str; 6] = [
     "",
     <ApiKeyServiceServer<ApiKeyGrpc> as NamedService>::NAME,
     <UsageServiceServer<UsageGrpc> as NamedService>::NAME,
+    <WebhookServiceServer<WebhookGrpc> as NamedService>::NAME,
     <InternalApiKeyServiceServer<ApiKeyGrpc> as NamedService>::NAME,
     <InternalUsageServiceServer<UsageGrpc> as NamedService>::NAME,
 ];

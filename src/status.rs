@@ -13,9 +13,11 @@ use crate::{
     auth::{AuthError, VerifyFailure},
     credits::CreditError,
     db::StoreError,
+    events::EventError,
     ratelimit::{RateLimitError, model::retry_after_secs},
     usage::service::UsageError,
     validation::Violations,
+    webhooks::WebhookError,
 };
 
 const DOMAIN: &str = "devgate";
@@ -286,6 +288,60 @@ impl From<ApiKeyError> for Status {
             ApiKeyError::RateLimit(r) => r.into(),
             ApiKeyError::Store(s) => s.into(),
             e @ ApiKeyError::Hashing(_) => internal(&e),
+        }
+    }
+}
+
+impl From<EventError> for Status {
+    fn from(e: EventError) -> Self {
+        match e {
+            EventError::UnknownType(_) => {
+                error_info(Code::NotFound, e.to_string(), "EVENT_TYPE_NOT_FOUND")
+            }
+            EventError::InvalidPayload(v) | EventError::InvalidPattern(v) => bad_request(&v),
+            EventError::Store(s) => s.into(),
+            e @ EventError::BadSchema { .. } => internal(&e),
+        }
+    }
+}
+
+impl From<WebhookError> for Status {
+    fn from(e: WebhookError) -> Self {
+        match e {
+            WebhookError::Invalid(v) => bad_request(&v),
+            WebhookError::NotFound(_) => error_info(
+                Code::NotFound,
+                e.to_string(),
+                "WEBHOOK_ENDPOINT_NOT_FOUND",
+            ),
+            WebhookError::FailedPrecondition(_) => error_info(
+                Code::FailedPrecondition,
+                e.to_string(),
+                "FAILED_PRECONDITION",
+            ),
+            WebhookError::EncryptionNotConfigured => error_info(
+                Code::FailedPrecondition,
+                e.to_string(),
+                "ENCRYPTION_NOT_CONFIGURED",
+            ),
+            WebhookError::GraceInProgress { until, .. } => Status::with_error_details(
+                Code::FailedPrecondition,
+                e.to_string(),
+                ErrorDetails::with_error_info(
+                    "PREVIOUS_SECRET_IN_GRACE",
+                    DOMAIN,
+                    HashMap::from([(
+                        "previous_secret_expire_time".to_string(),
+                        until.to_rfc3339(),
+                    )]),
+                ),
+            ),
+            WebhookError::Auth(a) => a.into(),
+            WebhookError::Store(s) => s.into(),
+            WebhookError::Event(ev) => ev.into(),
+            e @ (WebhookError::OwnEventInvalid { .. }
+            | WebhookError::SecretBox(_)
+            | WebhookError::Signing(_)) => internal(&e),
         }
     }
 }

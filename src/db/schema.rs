@@ -135,12 +135,34 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    webhook_endpoints (id) {
+        id -> Uuid,
+        tenant_id -> Uuid,
+        url -> Text,
+        description -> Text,
+        event_types -> Array<Text>,
+        headers -> Jsonb,
+        rate_limit_per_second -> Int4,
+        secret_ciphertext -> Text,
+        previous_secret_ciphertext -> Nullable<Text>,
+        previous_secret_expire_time -> Nullable<Timestamptz>,
+        disabled_time -> Nullable<Timestamptz>,
+        disabled_reason -> Nullable<Text>,
+        consecutive_failures -> Int4,
+        created_by -> Text,
+        create_time -> Timestamptz,
+        update_time -> Timestamptz,
+    }
+}
+
 diesel::joinable!(api_keys -> tenants (tenant_id));
 diesel::joinable!(metered_usage -> tenants (tenant_id));
 diesel::joinable!(credit_balances -> tenants (tenant_id));
 diesel::joinable!(credit_ledger -> tenants (tenant_id));
 diesel::joinable!(events -> tenants (tenant_id));
 diesel::joinable!(outbox -> events (event_id));
+diesel::joinable!(webhook_endpoints -> tenants (tenant_id));
 diesel::allow_tables_to_appear_in_same_query!(
     api_keys,
     api_request_logs,
@@ -151,4 +173,5 @@ diesel::allow_tables_to_appear_in_same_query!(
     metered_usage,
     outbox,
     tenants,
+    webhook_endpoints,
 );

@@ -1,0 +1,507 @@
+//! The tonic implementation of `devgate.v1.WebhookService`: authorize, validate and
+//! convert, call the service, convert back. No rules live here.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use super::{
+    WebhookError,
+    model::{self, EndpointChanges, EndpointState, NewEndpoint, WebhookEndpoint},
+    service::{MAX_ROTATION_GRACE, Webhooks},
+};
+use crate::{
+    auth::{Principal, principal},
+    events::EventType,
+    identity::Scope,
+    pagination,
+    proto::{
+        convert::{from_duration, opt_timestamp, timestamp},
+        v1::{self, webhook_service_server::WebhookService},
+    },
+    validation::{Violations, quote},
+};
+
+pub struct WebhookGrpc {
+    webhooks: Arc<Webhooks>,
+}
+
+impl WebhookGrpc {
+    pub fn new(webhooks: Arc<Webhooks>) -> Self {
+        Self { webhooks }
+    }
+}
+
+type RpcResult<T> = Result<Response<T>, Status>;
+
+/// The longest event type name a request may carry (the events table's limit).
+const MAX_EVENT_TYPE_NAME_LEN: usize = 200;
+
+#[tonic::async_trait]
+impl WebhookService for WebhookGrpc {
+    async fn create_webhook_endpoint(
+        &self,
+        req: Request<v1::CreateWebhookEndpointRequest>,
+    ) -> RpcResult<v1::CreateWebhookEndpointResponse> {
+        let principal = principal(&req)?;
+        // Authorize before validating: a caller who may not create learns nothing more, and
+        // costs no DNS lookups.
+        authorize(principal, Scope::WebhooksWrite)?;
+        let r = req.get_ref();
+        let mut v = Violations::new();
+        let description = model::validate_description(&r.description, "description", &mut v);
+        let event_types = model::validate_event_types_shape(&r.event_types, "event_types", &mut v);
+        let headers = model::validate_headers(&to_btree(&r.headers), "headers", &mut v);
+        let rate_limit_per_second =
+            model::validate_rate_limit(r.rate_limit_per_second, "rate_limit_per_second", &mut v);
+        if !event_types.is_empty() {
+            self.webhooks
+                .check_patterns(&event_types, "event_types", &mut v)
+                .await?;
+        }
+        let url = if r.url.trim().is_empty() {
+            v.add("url", "required");
+            String::new()
+        } else {
+            self.webhooks.check_url(&r.url, "url", &mut v).await
+        };
+        v.into_result(()).map_err(WebhookError::from)?;
+        let new = NewEndpoint {
+            url,
+            description,
+            event_types,
+            headers,
+            rate_limit_per_second,
+        };
+        let (endpoint, secret) = self.webhooks.create(principal, new).await?;
+        Ok(Response::new(v1::CreateWebhookEndpointResponse {
+            webhook_endpoint: Some(to_proto(&endpoint)),
+            secret: secret.expose_whsec(),
+        }))
+    }
+
+    async fn list_webhook_endpoints(
+        &self,
+        req: Request<v1::ListWebhookEndpointsRequest>,
+    ) -> RpcResult<v1::ListWebhookEndpointsResponse> {
+        let principal = principal(&req)?;
+        authorize(principal, Scope::WebhooksRead)?;
+        let r = req.get_ref();
+        let mut v = Violations::new();
+        let page_size = pagination::page_size(r.page_size, &mut v);
+        let before: Option<EndpointCursor> = pagination::decode_token(&r.page_token, &mut v);
+        let state = match v1::WebhookEndpointState::try_from(r.state) {
+            Ok(v1::WebhookEndpointState::Unspecified) => None,
+            Ok(v1::WebhookEndpointState::Enabled) => Some(EndpointState::Enabled),
+            Ok(v1::WebhookEndpointState::Disabled) => Some(EndpointState::Disabled),
+            Err(_) => {
+                v.add("state", format!("unknown state {}", r.state));
+                None
+            }
+        };
+        v.into_result(()).map_err(WebhookError::from)?;
+        let page = self
+            .webhooks
+            .list(principal, state, before.map(|c| c.before), page_size)
+            .await?;
+        Ok(Response::new(v1::ListWebhookEndpointsResponse {
+            webhook_endpoints: page.endpoints.iter().map(to_proto).collect(),
+            next_page_token: page
+                .next
+                .map(|before| pagination::encode_token(&EndpointCursor { before }))
+                .unwrap_or_default(),
+        }))
+    }
+
+    async fn get_webhook_endpoint(
+        &self,
+        req: Request<v1::GetWebhookEndpointRequest>,
+    ) -> RpcResult<v1::WebhookEndpoint> {
+        let principal = principal(&req)?;
+        authorize(principal, Scope::WebhooksRead)?;
+        let id = endpoint_id(&req.get_ref().id, "id")?;
+        let endpoint = self.webhooks.get(principal, id).await?;
+        Ok(Response::new(to_proto(&endpoint)))
+    }
+
+    async fn update_webhook_endpoint(
+        &self,
+        req: Request<v1::UpdateWebhookEndpointRequest>,
+    ) -> RpcResult<v1::WebhookEndpoint> {
+        let principal = principal(&req)?;
+        authorize(principal, Scope::WebhooksWrite)?;
+        let r = req.get_ref();
+        let Some(patch) = &r.webhook_endpoint else {
+            return Err(WebhookError::Invalid(Violations::one(
+                "webhook_endpoint",
+                "required: the endpoint's id and new values",
+            ))
+            .into());
+        };
+        let id = endpoint_id(&patch.id, "webhook_endpoint.id")?;
+        let paths: Vec<String> = r
+            .update_mask
+            .as_ref()
+            .map(|m| m.paths.clone())
+            .unwrap_or_default();
+        let changes = self.changes(patch, &paths).await?;
+        let endpoint = self.webhooks.update(principal, id, changes).await?;
+        Ok(Response::new(to_proto(&endpoint)))
+    }
+
+    async fn delete_webhook_endpoint(
+        &self,
+        req: Request<v1::DeleteWebhookEndpointRequest>,
+    ) -> RpcResult<()> {
+        let principal = principal(&req)?;
+        authorize(principal, Scope::WebhooksWrite)?;
+        let id = endpoint_id(&req.get_ref().id, "id")?;
+        self.webhooks.delete(principal, id).await?;
+        Ok(Response::new(()))
+    }
+
+    async fn get_webhook_secret(
+        &self,
+        req: Request<v1::GetWebhookSecretRequest>,
+    ) -> RpcResult<v1::GetWebhookSecretResponse> {
+        let principal = principal(&req)?;
+        authorize(principal, Scope::WebhooksWrite)?;
+        let id = endpoint_id(&req.get_ref().id, "id")?;
+        let shown = self.webhooks.secret(principal, id).await?;
+        Ok(Response::new(v1::GetWebhookSecretResponse {
+            secret: shown.secret.expose_whsec(),
+            previous_secret_expire_time: opt_timestamp(shown.previous_secret_expire_time),
+        }))
+    }
+
+    async fn rotate_webhook_secret(
+        &self,
+        req: Request<v1::RotateWebhookSecretRequest>,
+    ) -> RpcResult<v1::RotateWebhookSecretResponse> {
+        let principal = principal(&req)?;
+        authorize(principal, Scope::WebhooksWrite)?;
+        let r = req.get_ref();
+        let id = endpoint_id(&r.id, "id")?;
+        // Unset or zero (`{}` in JSON, which the transcoder reads as zero) is the default
+        // grace: ending the old secret at once is only ever the explicit `end_grace_now`.
+        let invalid = |msg: String| -> Status {
+            WebhookError::Invalid(Violations::one("grace_period", msg)).into()
+        };
+        let grace = match r.grace_period.as_ref().map(from_duration) {
+            None => None,
+            Some(Some(g)) if g.is_zero() => None,
+            Some(Some(_)) if r.end_grace_now => {
+                return Err(invalid("must be unset when end_grace_now is true".into()));
+            }
+            Some(Some(g)) if g <= MAX_ROTATION_GRACE => Some(g),
+            Some(Some(_)) => {
+                return Err(invalid(format!(
+                    "at most {}",
+                    humantime::format_duration(MAX_ROTATION_GRACE)
+                )));
+            }
+            Some(None) => return Err(invalid("must not be negative".into())),
+        };
+        let (endpoint, secret) = self
+            .webhooks
+            .rotate(principal, id, grace, r.end_grace_now)
+            .await?;
+        Ok(Response::new(v1::RotateWebhookSecretResponse {
+            secret: secret.expose_whsec(),
+            webhook_endpoint: Some(to_proto(&endpoint)),
+        }))
+    }
+
+    async fn enable_webhook_endpoint(
+        &self,
+        req: Request<v1::EnableWebhookEndpointRequest>,
+    ) -> RpcResult<v1::WebhookEndpoint> {
+        let principal = principal(&req)?;
+        authorize(principal, Scope::WebhooksWrite)?;
+        let id = endpoint_id(&req.get_ref().id, "id")?;
+        let endpoint = self.webhooks.enable(principal, id).await?;
+        Ok(Response::new(to_proto(&endpoint)))
+    }
+
+    async fn list_event_types(
+        &self,
+        req: Request<v1::ListEventTypesRequest>,
+    ) -> RpcResult<v1::ListEventTypesResponse> {
+        let principal = principal(&req)?;
+        authorize(principal, Scope::WebhooksRead)?;
+        let r = req.get_ref();
+        let mut v = Violations::new();
+        let page_size = pagination::page_size(r.page_size, &mut v);
+        let after: Option<EventTypeCursor> = pagination::decode_token(&r.page_token, &mut v);
+        let category = r.category.trim();
+        v.check(
+            category.len() <= MAX_EVENT_TYPE_NAME_LEN,
+            "category",
+            format!("at most {MAX_EVENT_TYPE_NAME_LEN} characters"),
+        );
+        v.into_result(()).map_err(WebhookError::from)?;
+        let (types, next) = self
+            .webhooks
+            .event_types(
+                principal,
+                (!category.is_empty()).then_some(category),
+                after.as_ref().map(|c| c.after.as_str()),
+                page_size,
+            )
+            .await?;
+        Ok(Response::new(v1::ListEventTypesResponse {
+            event_types: types.iter().map(event_type_to_proto).collect(),
+            next_page_token: next
+                .map(|after| pagination::encode_token(&EventTypeCursor { after }))
+                .unwrap_or_default(),
+        }))
+    }
+
+    async fn get_event_type(
+        &self,
+        req: Request<v1::GetEventTypeRequest>,
+    ) -> RpcResult<v1::EventType> {
+        let principal = principal(&req)?;
+        authorize(principal, Scope::WebhooksRead)?;
+        let name = req.get_ref().name.trim();
+        let mut v = Violations::new();
+        v.check(!name.is_empty(), "name", "required");
+        v.check(
+            name.len() <= MAX_EVENT_TYPE_NAME_LEN,
+            "name",
+            format!("at most {MAX_EVENT_TYPE_NAME_LEN} characters"),
+        );
+        v.into_result(()).map_err(WebhookError::from)?;
+        let t = self.webhooks.event_type(principal, name).await?;
+        Ok(Response::new(event_type_to_proto(&t)))
+    }
+}
+
+impl WebhookGrpc {
+    /// The changes named by `paths`; with no paths, every field set to a non-empty value
+    /// (a rate limit of 0 cannot be set that way: name it in the mask).
+    async fn changes(
+        &self,
+        patch: &v1::WebhookEndpoint,
+        paths: &[String],
+    ) -> Result<EndpointChanges, Status> {
+        const UPDATABLE: [&str; 5] = [
+            "url",
+            "description",
+            "event_types",
+            "headers",
+            "rate_limit_per_second",
+        ];
+        let mut v = Violations::new();
+        if paths.len() > UPDATABLE.len() {
+            v.add(
+                "update_mask",
+                format!(
+                    "at most {} paths; updatable fields: {}",
+                    UPDATABLE.len(),
+                    UPDATABLE.join(", ")
+                ),
+            );
+            return Err(WebhookError::Invalid(v).into());
+        }
+        let named: Vec<&str> = if paths.is_empty() {
+            let present = [
+                !patch.url.is_empty(),
+                !patch.description.is_empty(),
+                !patch.event_types.is_empty(),
+                !patch.headers.is_empty(),
+                patch.rate_limit_per_second != 0,
+            ];
+            UPDATABLE
+                .iter()
+                .zip(present)
+                .filter(|(_, p)| *p)
+                .map(|(f, _)| *f)
+                .collect()
+        } else {
+            paths.iter().map(String::as_str).collect()
+        };
+        let mut c = EndpointChanges::default();
+        for path in named {
+            let field = format!("webhook_endpoint.{path}");
+            match path {
+                "url" if patch.url.trim().is_empty() => v.add(&field, "required"),
+                "url" => c.url = Some(self.webhooks.check_url(&patch.url, &field, &mut v).await),
+                "description" => {
+                    c.description = Some(model::validate_description(
+                        &patch.description,
+                        &field,
+                        &mut v,
+                    ))
+                }
+                "event_types" => {
+                    let types = model::validate_event_types_shape(
+                        &patch.event_types,
+                        &field,
+                        &mut v,
+                    );
+                    if !types.is_empty() {
+                        self.webhooks.check_patterns(&types, &field, &mut v).await?;
+                    }
+                    c.event_types = Some(types);
+                }
+                "headers" => {
+                    c.headers = Some(model::validate_headers(
+                        &to_btree(&patch.headers),
+                        &field,
+                        &mut v,
+                    ))
+                }
+                "rate_limit_per_second" => {
+                    c.rate_limit_per_second = Some(model::validate_rate_limit(
+                        patch.rate_limit_per_second,
+                        &field,
+                        &mut v,
+                    ))
+                }
+                other => v.add(
+                    "update_mask",
+                    format!(
+                        "{} cannot be updated; updatable fields: {}",
+                        quote(other),
+                        UPDATABLE.join(", ")
+                    ),
+                ),
+            }
+        }
+        v.into_result(c)
+            .map_err(|v| WebhookError::Invalid(v).into())
+    }
+}
+
+/// The keyset position of an endpoint listing: ids below this one come next.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct EndpointCursor {
+    before: Uuid,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct EventTypeCursor {
+    after: String,
+}
+
+/// The tenant and scope check the service repeats, done before any validation.
+fn authorize(principal: &Principal, scope: Scope) -> Result<(), Status> {
+    principal
+        .tenant_with(scope)
+        .map(drop)
+        .map_err(|e| WebhookError::from(e).into())
+}
+
+/// Endpoint ids are UUIDs; anything else is a bad request, not a missing endpoint.
+fn endpoint_id(raw: &str, field: &str) -> Result<Uuid, Status> {
+    Uuid::parse_str(raw.trim()).map_err(|_| {
+        WebhookError::Invalid(Violations::one(field, "not a webhook endpoint id (a UUID)")).into()
+    })
+}
+
+fn to_btree(h: &std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
+    h.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+pub fn to_proto(e: &WebhookEndpoint) -> v1::WebhookEndpoint {
+    let now = chrono::Utc::now();
+    v1::WebhookEndpoint {
+        id: e.id.to_string(),
+        url: e.url.clone(),
+        description: e.description.clone(),
+        event_types: e.event_types.clone(),
+        headers: e
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        rate_limit_per_second: e.rate_limit_per_second,
+        state: match e.state() {
+            EndpointState::Enabled => v1::WebhookEndpointState::Enabled,
+            EndpointState::Disabled => v1::WebhookEndpointState::Disabled,
+        } as i32,
+        disabled_reason: e.disabled_reason.clone().unwrap_or_default(),
+        disable_time: opt_timestamp(e.disabled_time),
+        consecutive_failures: e.consecutive_failures,
+        previous_secret_expire_time: opt_timestamp(e.live_previous_secret_expire_time(now)),
+        created_by: e.created_by.clone(),
+        create_time: Some(timestamp(e.create_time)),
+        update_time: Some(timestamp(e.update_time)),
+    }
+}
+
+fn event_type_to_proto(t: &EventType) -> v1::EventType {
+    v1::EventType {
+        name: t.name.clone(),
+        category: t.category.clone(),
+        description: t.description.clone(),
+        schema: json_to_struct(&t.schema),
+        sample: json_to_struct(&t.sample),
+        version: t.version,
+        deprecated: t.deprecated,
+        create_time: Some(timestamp(t.create_time)),
+    }
+}
+
+/// A JSON object as a `google.protobuf.Struct` (`None` for anything but an object).
+pub fn json_to_struct(v: &serde_json::Value) -> Option<prost_types::Struct> {
+    match json_to_value(v).kind {
+        Some(prost_types::value::Kind::StructValue(s)) => Some(s),
+        _ => None,
+    }
+}
+
+fn json_to_value(v: &serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    use serde_json::Value as J;
+    let kind = match v {
+        J::Null => Kind::NullValue(0),
+        J::Bool(b) => Kind::BoolValue(*b),
+        J::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        J::String(s) => Kind::StringValue(s.clone()),
+        J::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.iter().map(json_to_value).collect(),
+        }),
+        J::Object(map) => Kind::StructValue(prost_types::Struct {
+            fields: map
+                .iter()
+                .map(|(k, v)| (k.clone(), json_to_value(v)))
+                .collect(),
+        }),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn json_objects_become_structs() {
+        use prost_types::value::Kind;
+        let s = json_to_struct(&json!({"a": [1, "x", null, {"b": true}]})).unwrap();
+        let Some(Kind::ListValue(list)) = &s.fields["a"].kind else {
+            panic!("{s:?}")
+        };
+        let kinds: Vec<_> = list.values.iter().map(|v| v.kind.clone().unwrap()).collect();
+        assert_eq!(kinds[0], Kind::NumberValue(1.0));
+        assert_eq!(kinds[1], Kind::StringValue("x".into()));
+        assert_eq!(kinds[2], Kind::NullValue(0));
+        let Kind::StructValue(inner) = &kinds[3] else {
+            panic!("{kinds:?}")
+        };
+        assert_eq!(inner.fields["b"].kind, Some(Kind::BoolValue(true)));
+        assert!(json_to_struct(&json!([1])).is_none());
+    }
+
+    #[test]
+    fn ids_must_be_uuids() {
+        assert!(endpoint_id("018f3a2b-7c4d-7e5f-8a9b-0c1d2e3f4a5b", "id").is_ok());
+        let status = endpoint_id("we_123", "id").unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    }
+}

@@ -1,0 +1,424 @@
+//! Endpoint management: the rules (tenancy, the per-tenant limit, secrets sealed at rest,
+//! rotation grace) between the gRPC layer and the store. Every change writes its
+//! `webhook_endpoint.*` event to the outbox in the same transaction.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use diesel_async::{AsyncConnection, AsyncPgConnection};
+use tokio::sync::OnceCell;
+use uuid::Uuid;
+
+use super::{
+    WebhookError,
+    model::{self, EndpointChanges, EndpointState, NewEndpoint, WebhookEndpoint},
+    secret_box::{KeyRing, row_context},
+    signing::Secret,
+    ssrf::{self, Policy},
+    store::{self, InsertEndpoint},
+};
+use crate::{
+    auth::Principal,
+    db::{self, PgPool, StoreError},
+    events::{
+        Catalog, EventError, EventType, catalog,
+        outbox::{self, NewEvent},
+    },
+    identity::{Scope, TenantId},
+    validation::Violations,
+};
+
+/// Grace of a rotated-out secret when the request names none.
+pub const DEFAULT_ROTATION_GRACE: Duration = Duration::from_secs(24 * 3600);
+/// Longest grace a rotation may ask for.
+pub const MAX_ROTATION_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The `source` of the events devgate emits itself.
+const SOURCE: &str = "devgate";
+
+/// One page of endpoints and the id to continue before.
+pub struct Page {
+    pub endpoints: Vec<WebhookEndpoint>,
+    pub next: Option<Uuid>,
+}
+
+/// A secret shown to the tenant, and the rotated-out one's grace end while it lasts.
+pub struct ShownSecret {
+    pub secret: Secret,
+    pub previous_secret_expire_time: Option<DateTime<Utc>>,
+}
+
+pub struct Webhooks {
+    pool: PgPool,
+    keys: Option<KeyRing>,
+    policy: Policy,
+    /// Loaded on first use: the process starts while Postgres is down.
+    catalog: OnceCell<Catalog>,
+}
+
+impl Webhooks {
+    pub fn new(pool: PgPool, keys: Option<KeyRing>, policy: Policy) -> Self {
+        Self {
+            pool,
+            keys,
+            policy,
+            catalog: OnceCell::new(),
+        }
+    }
+
+    /// The compiled catalog (it changes only with a migration, i.e. a restart).
+    pub async fn catalog(&self) -> Result<&Catalog, WebhookError> {
+        self.catalog
+            .get_or_try_init(|| async {
+                let mut conn = db::connect(&self.pool).await?;
+                Ok::<_, WebhookError>(Catalog::load(&mut conn).await?)
+            })
+            .await
+    }
+
+    /// The URL rules (shape, https in production, SSRF) as field violations.
+    pub async fn check_url(&self, raw: &str, field: &str, v: &mut Violations) -> String {
+        match ssrf::validate_url(raw.trim(), &self.policy).await {
+            Ok(url) => url.to_string(),
+            Err(e) => {
+                v.add(field, e.to_string());
+                String::new()
+            }
+        }
+    }
+
+    /// Each subscription pattern against the catalog, as `field[i]` violations.
+    pub async fn check_patterns(
+        &self,
+        patterns: &[String],
+        field: &str,
+        v: &mut Violations,
+    ) -> Result<(), WebhookError> {
+        match self.catalog().await?.check_patterns(patterns, field) {
+            Ok(()) => Ok(()),
+            Err(EventError::InvalidPattern(found)) => {
+                for f in found.iter() {
+                    v.add(&f.field, &f.description);
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn keys(&self) -> Result<&KeyRing, WebhookError> {
+        self.keys
+            .as_ref()
+            .ok_or(WebhookError::EncryptionNotConfigured)
+    }
+
+    /// Checks a payload devgate is about to emit against the catalog and appends it.
+    async fn emit(
+        &self,
+        conn: &mut AsyncPgConnection,
+        tenant: TenantId,
+        event_type: &str,
+        payload: serde_json::Value,
+    ) -> Result<(), WebhookError> {
+        match self.catalog().await?.validate(event_type, &payload) {
+            Ok(()) => {}
+            Err(EventError::InvalidPayload(v)) => {
+                return Err(WebhookError::OwnEventInvalid {
+                    event_type: event_type.into(),
+                    reason: v.to_string(),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
+        outbox::append(
+            conn,
+            NewEvent {
+                tenant,
+                event_type: event_type.into(),
+                payload,
+                idempotency_id: None,
+                source: SOURCE.into(),
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Creates an endpoint with a fresh secret; returns both (the secret in clear only here
+    /// and from [`Webhooks::secret`]).
+    pub async fn create(
+        &self,
+        principal: &Principal,
+        new: NewEndpoint,
+    ) -> Result<(WebhookEndpoint, Secret), WebhookError> {
+        let tenant = principal.tenant_with(Scope::WebhooksWrite)?;
+        let keys = self.keys()?;
+        // Load it before the transaction: no connection is held while compiling schemas.
+        self.catalog().await?;
+        let secret = Secret::generate()?;
+        let id = Uuid::now_v7();
+        let sealed = keys.seal(secret.expose_bytes(), &row_context(tenant.0, id))?;
+        let actor = principal.actor();
+        let mut conn = db::connect(&self.pool).await?;
+        let endpoint = conn
+            .transaction::<_, WebhookError, _>(async |c| {
+                crate::tenants::store::ensure(c, tenant).await?;
+                store::lock_tenant(c, tenant).await?;
+                if store::count(c, tenant).await? >= model::MAX_ENDPOINTS_PER_TENANT {
+                    return Err(WebhookError::FailedPrecondition(format!(
+                        "a tenant may have at most {} webhook endpoints; delete one first",
+                        model::MAX_ENDPOINTS_PER_TENANT
+                    )));
+                }
+                let endpoint = store::insert(
+                    c,
+                    InsertEndpoint {
+                        id,
+                        tenant_id: tenant,
+                        new: &new,
+                        secret_ciphertext: sealed,
+                        created_by: actor.clone(),
+                        now: Utc::now(),
+                    },
+                )
+                .await?;
+                self.emit(
+                    c,
+                    tenant,
+                    "webhook_endpoint.created",
+                    model::created_payload(&endpoint),
+                )
+                .await?;
+                Ok(endpoint)
+            })
+            .await?;
+        tracing::info!(tenant = %tenant, webhook_endpoint_id = %endpoint.id, actor = %actor, "webhook endpoint created");
+        Ok((endpoint, secret))
+    }
+
+    pub async fn list(
+        &self,
+        principal: &Principal,
+        state: Option<EndpointState>,
+        before: Option<Uuid>,
+        page_size: i64,
+    ) -> Result<Page, WebhookError> {
+        let tenant = principal.tenant_with(Scope::WebhooksRead)?;
+        let mut conn = db::connect(&self.pool).await?;
+        // One extra row tells whether another page follows.
+        let mut endpoints = store::list(&mut conn, tenant, state, before, page_size + 1).await?;
+        let next = if endpoints.len() as i64 > page_size {
+            endpoints.truncate(page_size as usize);
+            endpoints.last().map(|e| e.id)
+        } else {
+            None
+        };
+        Ok(Page { endpoints, next })
+    }
+
+    pub async fn get(
+        &self,
+        principal: &Principal,
+        id: Uuid,
+    ) -> Result<WebhookEndpoint, WebhookError> {
+        let tenant = principal.tenant_with(Scope::WebhooksRead)?;
+        let mut conn = db::connect(&self.pool).await?;
+        store::get(&mut conn, tenant, id)
+            .await
+            .map_err(|e| not_found(e, id))
+    }
+
+    /// Applies the changes that differ from the stored endpoint; an update that changes
+    /// nothing returns the endpoint and emits no event.
+    pub async fn update(
+        &self,
+        principal: &Principal,
+        id: Uuid,
+        changes: EndpointChanges,
+    ) -> Result<WebhookEndpoint, WebhookError> {
+        let tenant = principal.tenant_with(Scope::WebhooksWrite)?;
+        self.catalog().await?;
+        let actor = principal.actor();
+        let mut conn = db::connect(&self.pool).await?;
+        conn.transaction::<_, WebhookError, _>(async |c| {
+            let current = store::get_for_update(c, tenant, id)
+                .await
+                .map_err(|e| not_found(e, id))?;
+            let changed = changes.changed_fields(&current);
+            if changed.is_empty() {
+                return Ok(current);
+            }
+            let endpoint = store::update(c, tenant, id, &changes, Utc::now()).await?;
+            self.emit(
+                c,
+                tenant,
+                "webhook_endpoint.updated",
+                model::updated_payload(&endpoint, &changed, &actor),
+            )
+            .await?;
+            Ok(endpoint)
+        })
+        .await
+    }
+
+    pub async fn delete(&self, principal: &Principal, id: Uuid) -> Result<(), WebhookError> {
+        let tenant = principal.tenant_with(Scope::WebhooksWrite)?;
+        self.catalog().await?;
+        let actor = principal.actor();
+        let mut conn = db::connect(&self.pool).await?;
+        conn.transaction::<_, WebhookError, _>(async |c| {
+            let endpoint = store::delete(c, tenant, id)
+                .await
+                .map_err(|e| not_found(e, id))?;
+            self.emit(
+                c,
+                tenant,
+                "webhook_endpoint.deleted",
+                model::deleted_payload(&endpoint, &actor, Utc::now()),
+            )
+            .await
+        })
+        .await?;
+        tracing::info!(tenant = %tenant, webhook_endpoint_id = %id, actor = %actor, "webhook endpoint deleted");
+        Ok(())
+    }
+
+    /// The current secret in clear. Needs `webhooks:write`: a secret forges deliveries.
+    pub async fn secret(
+        &self,
+        principal: &Principal,
+        id: Uuid,
+    ) -> Result<ShownSecret, WebhookError> {
+        let tenant = principal.tenant_with(Scope::WebhooksWrite)?;
+        let keys = self.keys()?;
+        let mut conn = db::connect(&self.pool).await?;
+        let stored = store::secrets(&mut conn, tenant, id)
+            .await
+            .map_err(|e| not_found(e, id))?;
+        let plain = keys.open(&stored.current, &row_context(tenant.0, id))?;
+        let now = Utc::now();
+        Ok(ShownSecret {
+            secret: Secret::from_bytes(plain)?,
+            previous_secret_expire_time: stored.previous.map(|(_, t)| t).filter(|t| *t > now),
+        })
+    }
+
+    /// Issues a new secret. The current one keeps signing for `grace` (None: the default)
+    /// unless `end_grace_now`; while an earlier rotation's grace lasts, only `end_grace_now`
+    /// may rotate again.
+    pub async fn rotate(
+        &self,
+        principal: &Principal,
+        id: Uuid,
+        grace: Option<Duration>,
+        end_grace_now: bool,
+    ) -> Result<(WebhookEndpoint, Secret), WebhookError> {
+        let tenant = principal.tenant_with(Scope::WebhooksWrite)?;
+        let keys = self.keys()?;
+        self.catalog().await?;
+        let secret = Secret::generate()?;
+        let sealed = keys.seal(secret.expose_bytes(), &row_context(tenant.0, id))?;
+        let actor = principal.actor();
+        let mut conn = db::connect(&self.pool).await?;
+        let endpoint = conn
+            .transaction::<_, WebhookError, _>(async |c| {
+                let current = store::get_for_update(c, tenant, id)
+                    .await
+                    .map_err(|e| not_found(e, id))?;
+                let now = Utc::now();
+                if !end_grace_now && let Some(until) = current.live_previous_secret_expire_time(now)
+                {
+                    return Err(WebhookError::GraceInProgress {
+                        id: id.to_string(),
+                        until,
+                    });
+                }
+                let until = (!end_grace_now).then(|| {
+                    now + chrono::Duration::from_std(grace.unwrap_or(DEFAULT_ROTATION_GRACE))
+                        .expect("the grace is at most 7 days")
+                });
+                let endpoint = store::rotate_secret(c, tenant, id, &sealed, until, now).await?;
+                self.emit(
+                    c,
+                    tenant,
+                    "webhook_endpoint.secret_rotated",
+                    model::secret_rotated_payload(&endpoint, &actor, until.unwrap_or(now)),
+                )
+                .await?;
+                Ok(endpoint)
+            })
+            .await?;
+        tracing::info!(tenant = %tenant, webhook_endpoint_id = %id, actor = %actor, "webhook secret rotated");
+        Ok((endpoint, secret))
+    }
+
+    /// Enables a disabled endpoint (event `webhook_endpoint.enabled`); on an enabled one
+    /// only the failure count is reset, and no event is emitted.
+    pub async fn enable(
+        &self,
+        principal: &Principal,
+        id: Uuid,
+    ) -> Result<WebhookEndpoint, WebhookError> {
+        let tenant = principal.tenant_with(Scope::WebhooksWrite)?;
+        self.catalog().await?;
+        let actor = principal.actor();
+        let mut conn = db::connect(&self.pool).await?;
+        conn.transaction::<_, WebhookError, _>(async |c| {
+            let current = store::get_for_update(c, tenant, id)
+                .await
+                .map_err(|e| not_found(e, id))?;
+            let endpoint = store::enable(c, tenant, id, Utc::now()).await?;
+            if current.state() == EndpointState::Disabled {
+                self.emit(
+                    c,
+                    tenant,
+                    "webhook_endpoint.enabled",
+                    model::enabled_payload(&endpoint, &actor),
+                )
+                .await?;
+            }
+            Ok(endpoint)
+        })
+        .await
+    }
+
+    /// One page of the catalog in name order, after `after`.
+    pub async fn event_types(
+        &self,
+        principal: &Principal,
+        category: Option<&str>,
+        after: Option<&str>,
+        page_size: i64,
+    ) -> Result<(Vec<EventType>, Option<String>), WebhookError> {
+        principal.tenant_with(Scope::WebhooksRead)?;
+        let mut conn = db::connect(&self.pool).await?;
+        let mut types = catalog::list(&mut conn, category, after, page_size + 1).await?;
+        let next = if types.len() as i64 > page_size {
+            types.truncate(page_size as usize);
+            types.last().map(|t| t.name.clone())
+        } else {
+            None
+        };
+        Ok((types, next))
+    }
+
+    pub async fn event_type(
+        &self,
+        principal: &Principal,
+        name: &str,
+    ) -> Result<EventType, WebhookError> {
+        principal.tenant_with(Scope::WebhooksRead)?;
+        let mut conn = db::connect(&self.pool).await?;
+        catalog::get(&mut conn, name).await.map_err(|e| match e {
+            StoreError::NotFound => EventError::UnknownType(name.to_string()).into(),
+            other => other.into(),
+        })
+    }
+}
+
+fn not_found(e: StoreError, id: Uuid) -> WebhookError {
+    match e {
+        StoreError::NotFound => WebhookError::NotFound(id.to_string()),
+        other => other.into(),
+    }
+}
