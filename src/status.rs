@@ -309,11 +309,9 @@ impl From<WebhookError> for Status {
     fn from(e: WebhookError) -> Self {
         match e {
             WebhookError::Invalid(v) => bad_request(&v),
-            WebhookError::NotFound(_) => error_info(
-                Code::NotFound,
-                e.to_string(),
-                "WEBHOOK_ENDPOINT_NOT_FOUND",
-            ),
+            WebhookError::NotFound(_) => {
+                error_info(Code::NotFound, e.to_string(), "WEBHOOK_ENDPOINT_NOT_FOUND")
+            }
             WebhookError::FailedPrecondition(_) => error_info(
                 Code::FailedPrecondition,
                 e.to_string(),

@@ -336,11 +336,8 @@ impl WebhookGrpc {
                     ))
                 }
                 "event_types" => {
-                    let types = model::validate_event_types_shape(
-                        &patch.event_types,
-                        &field,
-                        &mut v,
-                    );
+                    let types =
+                        model::validate_event_types_shape(&patch.event_types, &field, &mut v);
                     if !types.is_empty() {
                         self.webhooks.check_patterns(&types, &field, &mut v).await?;
                     }
@@ -487,7 +484,11 @@ mod tests {
         let Some(Kind::ListValue(list)) = &s.fields["a"].kind else {
             panic!("{s:?}")
         };
-        let kinds: Vec<_> = list.values.iter().map(|v| v.kind.clone().unwrap()).collect();
+        let kinds: Vec<_> = list
+            .values
+            .iter()
+            .map(|v| v.kind.clone().unwrap())
+            .collect();
         assert_eq!(kinds[0], Kind::NumberValue(1.0));
         assert_eq!(kinds[1], Kind::StringValue("x".into()));
         assert_eq!(kinds[2], Kind::NullValue(0));

@@ -26,9 +26,7 @@ pub enum WebhookError {
     #[error("{0}")]
     FailedPrecondition(String),
     /// No key ring: secrets can be neither stored nor read.
-    #[error(
-        "webhook secrets cannot be stored or read: DEVGATE_ENCRYPTION_KEYS is not configured"
-    )]
+    #[error("webhook secrets cannot be stored or read: DEVGATE_ENCRYPTION_KEYS is not configured")]
     EncryptionNotConfigured,
     /// A rotated-out secret still signs: another rotation would end its grace silently.
     #[error(

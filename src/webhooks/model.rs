@@ -175,7 +175,10 @@ pub fn validate_event_types_shape(raw: &[String], field: &str, v: &mut Violation
     for (i, p) in raw.iter().enumerate() {
         let p = p.trim().to_string();
         if out.contains(&p) {
-            v.add(format!("{field}[{i}]"), format!("{} is listed twice", quote(&p)));
+            v.add(
+                format!("{field}[{i}]"),
+                format!("{} is listed twice", quote(&p)),
+            );
         }
         out.push(p);
     }
@@ -188,8 +191,7 @@ fn is_token_byte(b: u8) -> bool {
 }
 
 fn reserved(name: &str) -> bool {
-    RESERVED_HEADERS.contains(&name)
-        || RESERVED_HEADER_PREFIXES.iter().any(|p| name.starts_with(p))
+    RESERVED_HEADERS.contains(&name) || RESERVED_HEADER_PREFIXES.iter().any(|p| name.starts_with(p))
 }
 
 /// Custom headers: names lowercased (HTTP names are case-insensitive, so `X-A` and `x-a`
@@ -207,8 +209,7 @@ pub fn validate_headers(
     for (name, value) in raw {
         let at = format!("{field}[{}]", quote(name));
         let lower = name.to_ascii_lowercase();
-        if name.is_empty() || name.len() > MAX_HEADER_NAME_LEN || !name.bytes().all(is_token_byte)
-        {
+        if name.is_empty() || name.len() > MAX_HEADER_NAME_LEN || !name.bytes().all(is_token_byte) {
             v.add(
                 &at,
                 format!("a header name is 1 to {MAX_HEADER_NAME_LEN} HTTP token characters"),
@@ -226,15 +227,30 @@ pub fn validate_headers(
             continue;
         }
         if value.len() > MAX_HEADER_VALUE_LEN {
-            v.add(&at, format!("a value is at most {MAX_HEADER_VALUE_LEN} bytes"));
+            v.add(
+                &at,
+                format!("a value is at most {MAX_HEADER_VALUE_LEN} bytes"),
+            );
             continue;
         }
-        if !value.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b)) {
+        if !value
+            .bytes()
+            .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
+        {
             v.add(&at, "a value is visible ASCII, spaces and tabs only");
             continue;
         }
-        if out.insert(lower.clone(), value.trim().to_string()).is_some() {
-            v.add(&at, format!("{} is given twice (names are case-insensitive)", quote(&lower)));
+        if out
+            .insert(lower.clone(), value.trim().to_string())
+            .is_some()
+        {
+            v.add(
+                &at,
+                format!(
+                    "{} is given twice (names are case-insensitive)",
+                    quote(&lower)
+                ),
+            );
         }
     }
     out

@@ -30,3 +30,4 @@ mod usage;
 mod usage_log;
 mod webhook_signing;
 mod webhook_ssrf;
+mod webhooks;
