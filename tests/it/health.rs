@@ -10,7 +10,12 @@ use uuid::Uuid;
 
 use crate::harness::{proxy::Proxy, *};
 
-const SERVICES: [&str; 3] = ["", "devgate.v1.ApiKeyService", "devgate.v1.UsageService"];
+const SERVICES: [&str; 4] = [
+    "",
+    "devgate.v1.ApiKeyService",
+    "devgate.v1.UsageService",
+    "devgate.v1.WebhookService",
+];
 
 async fn status(addr: SocketAddr, service: &str) -> ServingStatus {
     let reply = HealthClient::new(channel(addr).await)
