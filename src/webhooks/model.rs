@@ -256,6 +256,18 @@ pub fn validate_headers(
     out
 }
 
+/// Longest actor the event schemas (`created_by`, `updated_by`, …) and the column accept.
+pub const MAX_ACTOR_CHARS: usize = 200;
+
+/// The principal's actor (`user:<sub>`, `api_key:<id>`) cut to [`MAX_ACTOR_CHARS`]: a JWT
+/// `sub` may be 200 characters itself, and an over-long actor must not fail the change.
+pub fn actor(full: String) -> String {
+    match full.char_indices().nth(MAX_ACTOR_CHARS) {
+        Some((at, _)) => full[..at].to_string(),
+        None => full,
+    }
+}
+
 fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
@@ -417,6 +429,13 @@ mod tests {
         let mut v = Violations::new();
         validate_event_types_shape(&vec!["*".to_string(); 101], "event_types", &mut v);
         assert_eq!(fields(&v), ["event_types"]);
+    }
+
+    #[test]
+    fn actors_fit_the_event_schemas() {
+        assert_eq!(actor("user:ada".into()), "user:ada");
+        let long = format!("user:{}", "é".repeat(200));
+        assert_eq!(actor(long).chars().count(), MAX_ACTOR_CHARS);
     }
 
     #[test]

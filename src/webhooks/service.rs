@@ -158,7 +158,7 @@ impl Webhooks {
         let secret = Secret::generate()?;
         let id = Uuid::now_v7();
         let sealed = keys.seal(secret.expose_bytes(), &row_context(tenant.0, id))?;
-        let actor = principal.actor();
+        let actor = model::actor(principal.actor());
         let mut conn = db::connect(&self.pool).await?;
         let endpoint = conn
             .transaction::<_, WebhookError, _>(async |c| {
@@ -238,7 +238,7 @@ impl Webhooks {
     ) -> Result<WebhookEndpoint, WebhookError> {
         let tenant = principal.tenant_with(Scope::WebhooksWrite)?;
         self.catalog().await?;
-        let actor = principal.actor();
+        let actor = model::actor(principal.actor());
         let mut conn = db::connect(&self.pool).await?;
         conn.transaction::<_, WebhookError, _>(async |c| {
             let current = store::get_for_update(c, tenant, id)
@@ -264,7 +264,7 @@ impl Webhooks {
     pub async fn delete(&self, principal: &Principal, id: Uuid) -> Result<(), WebhookError> {
         let tenant = principal.tenant_with(Scope::WebhooksWrite)?;
         self.catalog().await?;
-        let actor = principal.actor();
+        let actor = model::actor(principal.actor());
         let mut conn = db::connect(&self.pool).await?;
         conn.transaction::<_, WebhookError, _>(async |c| {
             let endpoint = store::delete(c, tenant, id)
@@ -318,7 +318,7 @@ impl Webhooks {
         self.catalog().await?;
         let secret = Secret::generate()?;
         let sealed = keys.seal(secret.expose_bytes(), &row_context(tenant.0, id))?;
-        let actor = principal.actor();
+        let actor = model::actor(principal.actor());
         let mut conn = db::connect(&self.pool).await?;
         let endpoint = conn
             .transaction::<_, WebhookError, _>(async |c| {
@@ -361,7 +361,7 @@ impl Webhooks {
     ) -> Result<WebhookEndpoint, WebhookError> {
         let tenant = principal.tenant_with(Scope::WebhooksWrite)?;
         self.catalog().await?;
-        let actor = principal.actor();
+        let actor = model::actor(principal.actor());
         let mut conn = db::connect(&self.pool).await?;
         conn.transaction::<_, WebhookError, _>(async |c| {
             let current = store::get_for_update(c, tenant, id)
