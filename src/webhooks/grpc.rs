@@ -723,6 +723,32 @@ mod tests {
     }
 
     #[test]
+    fn structs_become_json_with_integers_and_no_nan() {
+        let payload = json!({"n": 3, "f": 2.5, "big": 1e300, "l": [{"x": null}, "s", true]});
+        let s = json_to_struct(&payload).unwrap();
+        let mut v = Violations::new();
+        // Whole numbers come back as JSON integers, so `"type": "integer"` schemas match.
+        assert_eq!(struct_to_json(&s, "payload", &mut v), Some(payload));
+        assert!(v.is_empty());
+
+        use prost_types::{Value, value::Kind};
+        let mut bad = s.clone();
+        bad.fields.insert(
+            "nan".into(),
+            Value {
+                kind: Some(Kind::ListValue(prost_types::ListValue {
+                    values: vec![Value {
+                        kind: Some(Kind::NumberValue(f64::NAN)),
+                    }],
+                })),
+            },
+        );
+        assert_eq!(struct_to_json(&bad, "payload", &mut v), None);
+        let fields: Vec<_> = v.iter().map(|f| f.field.clone()).collect();
+        assert_eq!(fields, ["payload.nan[0]"]);
+    }
+
+    #[test]
     fn ids_must_be_uuids() {
         assert!(endpoint_id("018f3a2b-7c4d-7e5f-8a9b-0c1d2e3f4a5b", "id").is_ok());
         let status = endpoint_id("we_123", "id").unwrap_err();

@@ -567,7 +567,7 @@ async fn events_list_and_get_through_envoy() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     // Tenant B sees only its own event.
     let (_, body) = rest(&e, "/v1/events", &admin_token(b)).await;
-    assert_eq!(ids(&body), [foreign.id.clone()]);
+    assert_eq!(ids(&body), [foreign.id.as_str()]);
 
     // Scopes: webhooks:read lists; a key without it is refused.
     let (_, reader) = create_key(app, a, &["webhooks:read"]).await;
