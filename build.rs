@@ -20,6 +20,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Served only on the internal listener.
         "proto/devgate/internal/v1/api_keys.proto",
         "proto/devgate/internal/v1/usage.proto",
+        "proto/devgate/internal/v1/webhooks.proto",
         // Compiled only so their types are in the descriptor: Envoy then prints error
         // details as typed JSON. The Rust types come from tonic-types (extern_path).
         "proto/google/rpc/status.proto",

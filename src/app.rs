@@ -42,6 +42,7 @@ use crate::{
         internal::v1::{
             api_key_service_server::ApiKeyServiceServer as InternalApiKeyServiceServer,
             usage_service_server::UsageServiceServer as InternalUsageServiceServer,
+            webhook_service_server::WebhookServiceServer as InternalWebhookServiceServer,
         },
         v1::{
             api_key_service_server::ApiKeyServiceServer,
@@ -468,6 +469,7 @@ async fn serve(
         &[
             "devgate.internal.v1.ApiKeyService",
             "devgate.internal.v1.UsageService",
+            "devgate.internal.v1.WebhookService",
         ]
     };
     let with_services = |mut b: tonic_reflection::server::Builder<'static>| {
@@ -536,6 +538,7 @@ async fn serve(
         router
             .add_service(InternalApiKeyServiceServer::new(grpc))
             .add_service(InternalUsageServiceServer::new(usage))
+            .add_service(InternalWebhookServiceServer::new(webhooks))
     };
     // Statuses are set by `ServiceHealth` (NOT_SERVING as soon as draining starts).
     router

@@ -23,6 +23,7 @@ use crate::{
     proto::internal::v1::{
         api_key_service_server::ApiKeyServiceServer as InternalApiKeyServiceServer,
         usage_service_server::UsageServiceServer as InternalUsageServiceServer,
+        webhook_service_server::WebhookServiceServer as InternalWebhookServiceServer,
     },
     proto::v1::{
         api_key_service_server::ApiKeyServiceServer, usage_service_server::UsageServiceServer,
@@ -33,13 +34,14 @@ use crate::{
 };
 
 /// The names whose status follows readiness (draining, Postgres).
-pub const READINESS: [&str; 6] = [
+pub const READINESS: [&str; 7] = [
     "",
     <ApiKeyServiceServer<ApiKeyGrpc> as NamedService>::NAME,
     <UsageServiceServer<UsageGrpc> as NamedService>::NAME,
     <WebhookServiceServer<WebhookGrpc> as NamedService>::NAME,
     <InternalApiKeyServiceServer<ApiKeyGrpc> as NamedService>::NAME,
     <InternalUsageServiceServer<UsageGrpc> as NamedService>::NAME,
+    <InternalWebhookServiceServer<WebhookGrpc> as NamedService>::NAME,
 ];
 
 /// SERVING while the process runs (for liveness probes).

@@ -312,6 +312,9 @@ impl From<WebhookError> for Status {
             WebhookError::NotFound(_) => {
                 error_info(Code::NotFound, e.to_string(), "WEBHOOK_ENDPOINT_NOT_FOUND")
             }
+            WebhookError::EventNotFound(_) => {
+                error_info(Code::NotFound, e.to_string(), "EVENT_NOT_FOUND")
+            }
             WebhookError::FailedPrecondition(_) => error_info(
                 Code::FailedPrecondition,
                 e.to_string(),

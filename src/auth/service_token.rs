@@ -21,6 +21,7 @@ pub const INTERNAL_RPCS: &[&str] = &[
     "UsageService/SetPlan",
     "UsageService/GrantCredits",
     "UsageService/RecordUsage",
+    "WebhookService/PublishEvent",
 ];
 
 /// Prefix of service tokens, so secret scanners can tell them from API keys.

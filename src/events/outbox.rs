@@ -4,8 +4,8 @@
 
 use chrono::{DateTime, Utc};
 use diesel::{
-    ExpressionMethods, OptionalExtension, QueryDsl, Queryable, QueryableByName, Selectable,
-    SelectableHelper,
+    BoolExpressionMethods, ExpressionMethods, OptionalExtension, QueryDsl, Queryable,
+    QueryableByName, Selectable, SelectableHelper,
     sql_types::{Jsonb, Nullable, Text, Uuid as SqlUuid},
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
@@ -159,6 +159,56 @@ pub async fn get(
         .first::<EventRow>(conn)
         .await?;
     Ok(row.into())
+}
+
+/// Which events of a tenant a listing returns.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    pub event_type: Option<String>,
+    /// Inclusive.
+    pub start_time: Option<DateTime<Utc>>,
+    /// Exclusive.
+    pub end_time: Option<DateTime<Utc>>,
+}
+
+/// A position in the log: events strictly older than (create_time, id) come next.
+pub type Position = (DateTime<Utc>, Uuid);
+
+/// At most `limit` events of the tenant, newest first, strictly older than `before`
+/// (keyset on `(create_time, id)`, served by `events_tenant_time_idx`).
+pub async fn list(
+    conn: &mut AsyncPgConnection,
+    tenant: TenantId,
+    filter: &EventFilter,
+    before: Option<Position>,
+    limit: i64,
+) -> Result<Vec<Event>, StoreError> {
+    let mut query = events::table
+        .filter(events::tenant_id.eq(tenant.0))
+        .into_boxed();
+    if let Some(t) = &filter.event_type {
+        query = query.filter(events::event_type.eq(t.clone()));
+    }
+    if let Some(start) = filter.start_time {
+        query = query.filter(events::create_time.ge(start));
+    }
+    if let Some(end) = filter.end_time {
+        query = query.filter(events::create_time.lt(end));
+    }
+    if let Some((time, id)) = before {
+        query = query.filter(
+            events::create_time
+                .lt(time)
+                .or(events::create_time.eq(time).and(events::id.lt(id))),
+        );
+    }
+    let rows: Vec<EventRow> = query
+        .order((events::create_time.desc(), events::id.desc()))
+        .limit(limit)
+        .select(EventRow::as_select())
+        .load(conn)
+        .await?;
+    Ok(rows.into_iter().map(Event::from).collect())
 }
 
 /// Rows still waiting in the outbox (for metrics and tests).

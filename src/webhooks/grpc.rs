@@ -3,21 +3,29 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
+use prost::Message;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use super::{
     WebhookError,
     model::{self, EndpointChanges, EndpointState, NewEndpoint, WebhookEndpoint},
-    service::{MAX_ROTATION_GRACE, Webhooks},
+    service::{MAX_ROTATION_GRACE, Publish, Webhooks},
 };
 use crate::{
     auth::{Principal, principal},
-    events::EventType,
-    identity::Scope,
+    events::{
+        EventType,
+        catalog::PAYLOAD_FIELD,
+        outbox::{Event, EventFilter},
+    },
+    identity::{Scope, TenantId},
     pagination,
     proto::{
-        convert::{from_duration, opt_timestamp, timestamp},
+        convert::{from_duration, from_timestamp, opt_timestamp, timestamp},
+        internal::v1::{
+            self as internal, webhook_service_server::WebhookService as InternalWebhookService,
+        },
         v1::{self, webhook_service_server::WebhookService},
     },
     validation::{Violations, quote},
@@ -37,6 +45,12 @@ type RpcResult<T> = Result<Response<T>, Status>;
 
 /// The longest event type name a request may carry (the events table's limit).
 const MAX_EVENT_TYPE_NAME_LEN: usize = 200;
+/// The largest PublishEvent payload, protobuf-encoded.
+pub const MAX_PAYLOAD_BYTES: usize = 256 * 1024;
+/// The longest idempotency id, in characters.
+const MAX_IDEMPOTENCY_ID_CHARS: usize = 200;
+/// The widest time window of a ListEvents call.
+const MAX_EVENT_WINDOW: chrono::TimeDelta = chrono::TimeDelta::days(93);
 
 #[tonic::async_trait]
 impl WebhookService for WebhookGrpc {
@@ -276,6 +290,138 @@ impl WebhookService for WebhookGrpc {
         let t = self.webhooks.event_type(principal, name).await?;
         Ok(Response::new(event_type_to_proto(&t)))
     }
+
+    async fn list_events(
+        &self,
+        req: Request<v1::ListEventsRequest>,
+    ) -> RpcResult<v1::ListEventsResponse> {
+        let principal = principal(&req)?;
+        authorize(principal, Scope::WebhooksRead)?;
+        let r = req.get_ref();
+        let mut v = Violations::new();
+        let page_size = pagination::page_size(r.page_size, &mut v);
+        let before: Option<EventCursor> = pagination::decode_token(&r.page_token, &mut v);
+        let event_type = r.event_type.trim();
+        v.check(
+            event_type.len() <= MAX_EVENT_TYPE_NAME_LEN,
+            "event_type",
+            format!("at most {MAX_EVENT_TYPE_NAME_LEN} characters"),
+        );
+        let mut time = |t: &Option<prost_types::Timestamp>, field: &str| {
+            let parsed = t.as_ref().map(from_timestamp);
+            if let Some(None) = parsed {
+                v.add(field, "not a valid timestamp");
+            }
+            parsed.flatten()
+        };
+        let start_time = time(&r.start_time, "start_time");
+        let end_time = time(&r.end_time, "end_time");
+        if let (Some(start), Some(end)) = (start_time, end_time) {
+            v.check(start < end, "end_time", "must be after start_time");
+            v.check(
+                end - start <= MAX_EVENT_WINDOW,
+                "end_time",
+                format!(
+                    "at most {} days after start_time",
+                    MAX_EVENT_WINDOW.num_days()
+                ),
+            );
+        }
+        v.into_result(()).map_err(WebhookError::from)?;
+        let filter = EventFilter {
+            event_type: (!event_type.is_empty()).then(|| event_type.to_string()),
+            start_time,
+            end_time,
+        };
+        let (events, next) = self
+            .webhooks
+            .events(
+                principal,
+                &filter,
+                before.map(|c| (c.time, c.id)),
+                page_size,
+            )
+            .await?;
+        Ok(Response::new(v1::ListEventsResponse {
+            events: events.iter().map(event_to_proto).collect(),
+            next_page_token: next
+                .map(|(time, id)| pagination::encode_token(&EventCursor { time, id }))
+                .unwrap_or_default(),
+        }))
+    }
+
+    async fn get_event(&self, req: Request<v1::GetEventRequest>) -> RpcResult<v1::Event> {
+        let principal = principal(&req)?;
+        authorize(principal, Scope::WebhooksRead)?;
+        let id = Uuid::parse_str(req.get_ref().id.trim()).map_err(|_| {
+            WebhookError::Invalid(Violations::one("id", "not an event id (a UUID)"))
+        })?;
+        let event = self.webhooks.event(principal, id).await?;
+        Ok(Response::new(event_to_proto(&event)))
+    }
+}
+
+/// `devgate.internal.v1.WebhookService`: events from the platform's services. The auth
+/// layer has already checked the caller's service token and that it may call the RPC.
+#[tonic::async_trait]
+impl InternalWebhookService for WebhookGrpc {
+    async fn publish_event(
+        &self,
+        req: Request<internal::PublishEventRequest>,
+    ) -> RpcResult<internal::PublishEventResponse> {
+        let principal = principal(&req)?;
+        let r = req.get_ref();
+        let mut v = Violations::new();
+        let tenant = r.tenant_id.trim().parse::<TenantId>().ok();
+        v.check(tenant.is_some(), "tenant_id", "required: the tenant's UUID");
+        let event_type = r.event_type.trim();
+        let event_type = if event_type.is_empty() {
+            v.add("event_type", "required: a type of the event catalog");
+            None
+        } else if event_type.len() > MAX_EVENT_TYPE_NAME_LEN {
+            v.add(
+                "event_type",
+                format!("at most {MAX_EVENT_TYPE_NAME_LEN} characters"),
+            );
+            None
+        } else {
+            Some(event_type.to_string())
+        };
+        let idempotency_id = (1..=MAX_IDEMPOTENCY_ID_CHARS)
+            .contains(&r.idempotency_id.chars().count())
+            .then(|| r.idempotency_id.clone());
+        v.check(
+            idempotency_id.is_some(),
+            "idempotency_id",
+            format!("required: 1 to {MAX_IDEMPOTENCY_ID_CHARS} characters"),
+        );
+        let payload = match &r.payload {
+            None => {
+                v.add("payload", "required: an object");
+                None
+            }
+            Some(p) if p.encoded_len() > MAX_PAYLOAD_BYTES => {
+                v.add(
+                    "payload",
+                    format!("at most {} KiB encoded", MAX_PAYLOAD_BYTES / 1024),
+                );
+                None
+            }
+            Some(p) => struct_to_json(p, PAYLOAD_FIELD, &mut v),
+        };
+        // Without a usable payload the schema check would only add noise.
+        let publish = Publish {
+            tenant,
+            event_type: event_type.filter(|_| payload.is_some()),
+            payload: payload.unwrap_or(serde_json::Value::Null),
+            idempotency_id,
+        };
+        let (event, duplicate) = self.webhooks.publish(principal, publish, v).await?;
+        Ok(Response::new(internal::PublishEventResponse {
+            event: Some(event_to_proto(&event)),
+            duplicate,
+        }))
+    }
 }
 
 impl WebhookGrpc {
@@ -378,6 +524,13 @@ struct EndpointCursor {
     before: Uuid,
 }
 
+/// The keyset position of an event listing: events older than (time, id) come next.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct EventCursor {
+    time: chrono::DateTime<chrono::Utc>,
+    id: Uuid,
+}
+
 #[derive(serde::Serialize, serde::Deserialize)]
 struct EventTypeCursor {
     after: String,
@@ -442,6 +595,76 @@ fn event_type_to_proto(t: &EventType) -> v1::EventType {
     }
 }
 
+pub fn event_to_proto(e: &Event) -> v1::Event {
+    v1::Event {
+        id: e.id.to_string(),
+        event_type: e.event_type.clone(),
+        payload: json_to_struct(&e.payload),
+        source: e.source.clone(),
+        idempotency_id: e.idempotency_id.clone().unwrap_or_default(),
+        create_time: Some(timestamp(e.create_time)),
+    }
+}
+
+/// A `google.protobuf.Struct` as a JSON object. Whole numbers within 2^53 become JSON
+/// integers (so `"type": "integer"` schemas accept them); NaN and infinities, which JSON
+/// cannot carry, are violations at their path under `field`.
+pub fn struct_to_json(
+    s: &prost_types::Struct,
+    field: &str,
+    v: &mut Violations,
+) -> Option<serde_json::Value> {
+    let mut found = Violations::new();
+    let object = struct_fields_to_json(s, field, &mut found);
+    for f in found.iter() {
+        v.add(&f.field, &f.description);
+    }
+    found.is_empty().then_some(object)
+}
+
+fn struct_fields_to_json(
+    s: &prost_types::Struct,
+    at: &str,
+    v: &mut Violations,
+) -> serde_json::Value {
+    serde_json::Value::Object(
+        s.fields
+            .iter()
+            .map(|(k, val)| (k.clone(), value_to_json(val, &format!("{at}.{k}"), v)))
+            .collect(),
+    )
+}
+
+fn value_to_json(val: &prost_types::Value, at: &str, v: &mut Violations) -> serde_json::Value {
+    use prost_types::value::Kind;
+    use serde_json::Value as J;
+    /// The largest integer every JSON reader holds exactly.
+    const SAFE_INTEGER: f64 = 9_007_199_254_740_992.0;
+    match &val.kind {
+        None | Some(Kind::NullValue(_)) => J::Null,
+        Some(Kind::BoolValue(b)) => J::Bool(*b),
+        Some(Kind::StringValue(s)) => J::String(s.clone()),
+        Some(Kind::NumberValue(n)) if n.fract() == 0.0 && n.abs() <= SAFE_INTEGER => {
+            J::from(*n as i64)
+        }
+        Some(Kind::NumberValue(n)) => match serde_json::Number::from_f64(*n) {
+            Some(n) => J::Number(n),
+            None => {
+                v.add(at, "not a finite number");
+                J::Null
+            }
+        },
+        Some(Kind::ListValue(l)) => J::Array(
+            l.values
+                .iter()
+                .enumerate()
+                .map(|(i, item)| value_to_json(item, &format!("{at}[{i}]"), v))
+                .collect(),
+        ),
+        Some(Kind::StructValue(s)) => struct_fields_to_json(s, at, v),
+    }
+}
+
 /// A JSON object as a `google.protobuf.Struct` (`None` for anything but an object).
 pub fn json_to_struct(v: &serde_json::Value) -> Option<prost_types::Struct> {
     match json_to_value(v).kind {
@@ -497,6 +720,32 @@ mod tests {
         };
         assert_eq!(inner.fields["b"].kind, Some(Kind::BoolValue(true)));
         assert!(json_to_struct(&json!([1])).is_none());
+    }
+
+    #[test]
+    fn structs_become_json_with_integers_and_no_nan() {
+        let payload = json!({"n": 3, "f": 2.5, "big": 1e300, "l": [{"x": null}, "s", true]});
+        let s = json_to_struct(&payload).unwrap();
+        let mut v = Violations::new();
+        // Whole numbers come back as JSON integers, so `"type": "integer"` schemas match.
+        assert_eq!(struct_to_json(&s, "payload", &mut v), Some(payload));
+        assert!(v.is_empty());
+
+        use prost_types::{Value, value::Kind};
+        let mut bad = s.clone();
+        bad.fields.insert(
+            "nan".into(),
+            Value {
+                kind: Some(Kind::ListValue(prost_types::ListValue {
+                    values: vec![Value {
+                        kind: Some(Kind::NumberValue(f64::NAN)),
+                    }],
+                })),
+            },
+        );
+        assert_eq!(struct_to_json(&bad, "payload", &mut v), None);
+        let fields: Vec<_> = v.iter().map(|f| f.field.clone()).collect();
+        assert_eq!(fields, ["payload.nan[0]"]);
     }
 
     #[test]

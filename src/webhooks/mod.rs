@@ -23,6 +23,8 @@ pub enum WebhookError {
     Invalid(Violations),
     #[error("webhook endpoint {0} not found")]
     NotFound(String),
+    #[error("event {0} not found")]
+    EventNotFound(String),
     #[error("{0}")]
     FailedPrecondition(String),
     /// No key ring: secrets can be neither stored nor read.

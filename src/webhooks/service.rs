@@ -22,10 +22,10 @@ use crate::{
     db::{self, PgPool, StoreError},
     events::{
         Catalog, EventError, EventType, catalog,
-        outbox::{self, NewEvent},
+        outbox::{self, Event, EventFilter, NewEvent, Position},
     },
     identity::{Scope, TenantId},
-    validation::Violations,
+    validation::{Violations, quote},
 };
 
 /// Grace of a rotated-out secret when the request names none.
@@ -414,11 +414,146 @@ impl Webhooks {
             other => other.into(),
         })
     }
+
+    /// PublishEvent: checks the type and payload against the catalog (adding to the
+    /// caller's violations `v`, so one answer names every bad field) and appends the event
+    /// with its outbox row. A repeated idempotency id returns the first event as a
+    /// duplicate, unless its type or payload differs: reusing a key for another event is
+    /// the caller's bug, and silently answering with the old event would hide it.
+    pub async fn publish(
+        &self,
+        principal: &Principal,
+        publish: Publish,
+        mut v: Violations,
+    ) -> Result<(Event, bool), WebhookError> {
+        principal.require_internal()?;
+        if let Some(event_type) = &publish.event_type {
+            match self.catalog().await?.validate(event_type, &publish.payload) {
+                Ok(()) => {}
+                Err(EventError::UnknownType(_)) => v.add(
+                    "event_type",
+                    format!("{} is not a type of the event catalog", quote(event_type)),
+                ),
+                Err(EventError::InvalidPayload(found)) => {
+                    for f in found.iter() {
+                        v.add(&f.field, &f.description);
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let (Some(tenant), Some(event_type), Some(key)) =
+            (publish.tenant, publish.event_type, publish.idempotency_id)
+        else {
+            debug_assert!(!v.is_empty(), "a missing field has its violation");
+            return Err(WebhookError::Invalid(v));
+        };
+        v.into_result(())?;
+        let mut conn = db::connect(&self.pool).await?;
+        let new = NewEvent {
+            tenant,
+            event_type,
+            payload: publish.payload,
+            idempotency_id: Some(key),
+            source: principal.actor(),
+        };
+        let (first, duplicate) = outbox::append(&mut conn, new.clone()).await?;
+        if duplicate
+            && (first.event_type != new.event_type || !same_json(&first.payload, &new.payload))
+        {
+            return Err(Violations::one(
+                "idempotency_id",
+                format!(
+                    "already used for event {} with another type or payload; use a new id for a new event",
+                    first.id
+                ),
+            )
+            .into());
+        }
+        Ok((first, duplicate))
+    }
+
+    /// One page of the tenant's event log, newest first, and the position to continue from.
+    pub async fn events(
+        &self,
+        principal: &Principal,
+        filter: &EventFilter,
+        before: Option<Position>,
+        page_size: i64,
+    ) -> Result<(Vec<Event>, Option<Position>), WebhookError> {
+        let tenant = principal.tenant_with(Scope::WebhooksRead)?;
+        let mut conn = db::connect(&self.pool).await?;
+        let mut events = outbox::list(&mut conn, tenant, filter, before, page_size + 1).await?;
+        let next = if events.len() as i64 > page_size {
+            events.truncate(page_size as usize);
+            events.last().map(|e| (e.create_time, e.id))
+        } else {
+            None
+        };
+        Ok((events, next))
+    }
+
+    /// One event of the tenant; another tenant's id is not found, like a missing one.
+    pub async fn event(&self, principal: &Principal, id: Uuid) -> Result<Event, WebhookError> {
+        let tenant = principal.tenant_with(Scope::WebhooksRead)?;
+        let mut conn = db::connect(&self.pool).await?;
+        outbox::get(&mut conn, tenant, id)
+            .await
+            .map_err(|e| match e {
+                StoreError::NotFound => WebhookError::EventNotFound(id.to_string()),
+                other => other.into(),
+            })
+    }
+}
+
+/// A PublishEvent request after the gRPC layer's checks: `None` where a field was invalid
+/// (its violation is already recorded).
+pub struct Publish {
+    pub tenant: Option<TenantId>,
+    pub event_type: Option<String>,
+    pub payload: serde_json::Value,
+    pub idempotency_id: Option<String>,
+}
+
+/// JSON equality with numbers compared by value: a payload read back from `jsonb` may spell
+/// a number differently (`1e20` as `100000000000000000000`) than the request did.
+fn same_json(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    use serde_json::Value as J;
+    match (a, b) {
+        (J::Number(x), J::Number(y)) => x == y || x.as_f64() == y.as_f64(),
+        (J::Array(x), J::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same_json(x, y))
+        }
+        (J::Object(x), J::Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, xv)| y.get(k).is_some_and(|yv| same_json(xv, yv)))
+        }
+        _ => a == b,
+    }
 }
 
 fn not_found(e: StoreError, id: Uuid) -> WebhookError {
     match e {
         StoreError::NotFound => WebhookError::NotFound(id.to_string()),
         other => other.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::same_json;
+
+    #[test]
+    fn json_numbers_compare_by_value() {
+        let read_back: serde_json::Value =
+            serde_json::from_str(r#"{"n": 100000000000000000000, "a": [1, 2.5]}"#).unwrap();
+        assert!(same_json(&json!({"a": [1, 2.5], "n": 1e20}), &read_back));
+        assert!(!same_json(&json!({"a": [1, 2.5], "n": 1e21}), &read_back));
+        assert!(!same_json(&json!({"a": [1], "n": 1e20}), &read_back));
+        assert!(!same_json(&json!({"a": [1, 2.5]}), &read_back));
+        assert!(!same_json(&json!({"a": [1, "2.5"], "n": 1e20}), &read_back));
     }
 }

@@ -12,6 +12,7 @@ mod ceiling;
 mod cluster;
 mod credits;
 mod edge;
+mod events;
 mod faults;
 mod grpcurl;
 mod health;

@@ -632,7 +632,10 @@ async fn webhooks_tenant_isolation_scopes_and_grpcurl() {
         );
     }
     assert!(described.contains("Scope: `webhooks:write`"), "{described}");
-    assert!(!internal_list.contains("WebhookService"), "{internal_list}");
+    assert!(
+        !internal_list.contains("devgate.v1.WebhookService"),
+        "{internal_list}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
