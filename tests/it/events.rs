@@ -13,10 +13,6 @@ use devgate::{
     webhooks::grpc::json_to_struct,
 };
 use futures_util::StreamExt;
-use lapin::{
-    options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
-    types::FieldTable,
-};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use tonic::Code;
@@ -90,41 +86,7 @@ async fn bind_queue(prefix: &str) -> (lapin::Channel, lapin::Consumer) {
         queue_type: QueueType::Classic,
         prefix: prefix.to_string(),
     });
-    let channel = mq.channel().await.expect("RabbitMQ at 127.0.0.1:5672");
-    let queue = mq.queue_name("events-test");
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..QueueDeclareOptions::default()
-            },
-            QueueType::Classic.arguments(),
-        )
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            mq.events_exchange().as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "events-test".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let (channel, consumer, _) = crate::harness::mq::bind_all(&mq, "events-test").await;
     (channel, consumer)
 }
 

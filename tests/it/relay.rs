@@ -22,13 +22,7 @@ use devgate::{
 use diesel::result::Error as DieselError;
 use diesel_async::{AsyncConnection, AsyncPgConnection};
 use futures_util::StreamExt;
-use lapin::{
-    options::{
-        BasicConsumeOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-        QueueDeleteOptions,
-    },
-    types::FieldTable,
-};
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -115,41 +109,7 @@ impl Bus {
             prefix,
         });
         // Declares the exchange (the topology), as the relay would.
-        let channel = mq.channel().await.expect("RabbitMQ at 127.0.0.1:5672");
-        let queue = mq.queue_name("test");
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                QueueType::Classic.arguments(),
-            )
-            .await
-            .unwrap();
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                mq.events_exchange().as_str().into(),
-                "#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                "relay-test".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let (channel, consumer, queue) = crate::harness::mq::bind_all(&mq, "relay-test").await;
         Bus {
             mq,
             consumer,

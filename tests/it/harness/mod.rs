@@ -3,6 +3,7 @@
 
 pub mod db;
 pub mod envoy;
+pub mod mq;
 pub mod proxy;
 pub mod redis_cluster;
 pub mod redis_server;
