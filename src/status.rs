@@ -287,7 +287,8 @@ impl From<ApiKeyError> for Status {
             ApiKeyError::Auth(a) => a.into(),
             ApiKeyError::RateLimit(r) => r.into(),
             ApiKeyError::Store(s) => s.into(),
-            e @ ApiKeyError::Hashing(_) => internal(&e),
+            ApiKeyError::Event(ev) => ev.into(),
+            e @ (ApiKeyError::Hashing(_) | ApiKeyError::OwnEventInvalid { .. }) => internal(&e),
         }
     }
 }

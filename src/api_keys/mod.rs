@@ -12,7 +12,10 @@ pub mod store;
 pub mod token;
 pub mod verifier;
 
-use crate::{auth::AuthError, db::StoreError, ratelimit::RateLimitError, validation::Violations};
+use crate::{
+    auth::AuthError, db::StoreError, events::EventError, ratelimit::RateLimitError,
+    validation::Violations,
+};
 
 /// Everything that can go wrong in this module; mapped to a gRPC status in `crate::status`.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +47,12 @@ pub enum ApiKeyError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Hashing(#[from] hashing::HashError),
+    /// An `api_key.*` payload devgate built fails its own catalog schema: our bug, and the
+    /// change is rolled back rather than emitted without its event.
+    #[error("devgate's own {event_type} event does not match its schema: {reason}")]
+    OwnEventInvalid { event_type: String, reason: String },
+    #[error(transparent)]
+    Event(#[from] EventError),
 }
 
 impl From<Violations> for ApiKeyError {
@@ -58,5 +67,12 @@ impl From<ApiKeyError> for AuthError {
             ApiKeyError::Auth(a) => a,
             other => AuthError::Unavailable(other.to_string()),
         }
+    }
+}
+
+/// Lets diesel-async transactions return this error directly.
+impl From<diesel::result::Error> for ApiKeyError {
+    fn from(e: diesel::result::Error) -> Self {
+        ApiKeyError::Store(e.into())
     }
 }

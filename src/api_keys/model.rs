@@ -129,6 +129,145 @@ impl ApiKeyChanges {
     }
 }
 
+impl ApiKeyChanges {
+    /// The fields (as the `api_key.updated` schema names them) whose new value differs
+    /// from `current`'s; empty means the update is a no-op. Times within a microsecond
+    /// are the same: Postgres rounds what it stores to microseconds.
+    pub fn changed_fields(&self, current: &ApiKey) -> Vec<&'static str> {
+        let same_time = |a: Option<DateTime<Utc>>, b: Option<DateTime<Utc>>| match (a, b) {
+            (Some(a), Some(b)) => (a - b).abs() < chrono::Duration::microseconds(1),
+            (a, b) => a.is_none() && b.is_none(),
+        };
+        let mut changed = Vec::new();
+        if self.name.as_ref().is_some_and(|n| *n != current.name) {
+            changed.push("name");
+        }
+        if self
+            .description
+            .as_ref()
+            .is_some_and(|d| *d != current.description)
+        {
+            changed.push("description");
+        }
+        if self.scopes.as_ref().is_some_and(|s| *s != current.scopes) {
+            changed.push("scopes");
+        }
+        if self
+            .allowed_cidrs
+            .as_ref()
+            .is_some_and(|c| *c != current.allowed_cidrs)
+        {
+            changed.push("allowed_cidrs");
+        }
+        if self
+            .rate_limits
+            .as_ref()
+            .is_some_and(|l| *l != current.rate_limits)
+        {
+            changed.push("rate_limits");
+        }
+        if self
+            .expire_time
+            .is_some_and(|t| !same_time(t, current.expire_time))
+        {
+            changed.push("expire_time");
+        }
+        changed
+    }
+}
+
+/// The payloads of the `api_key.*` events (schemas in the event catalog migration). They
+/// carry ids, names and times, never a secret or its hash; actors are cut to the schemas'
+/// 200 characters.
+pub mod events {
+    use chrono::{DateTime, SecondsFormat, Utc};
+    use serde_json::{Value, json};
+
+    use super::ApiKey;
+    use crate::webhooks::model::actor;
+
+    fn rfc3339(t: DateTime<Utc>) -> String {
+        t.to_rfc3339_opts(SecondsFormat::Micros, true)
+    }
+
+    fn base(k: &ApiKey) -> serde_json::Map<String, Value> {
+        let mut m = serde_json::Map::new();
+        m.insert("api_key_id".into(), k.id.as_str().into());
+        m.insert("name".into(), k.name.clone().into());
+        m.insert("environment".into(), k.environment.as_str().into());
+        m
+    }
+
+    fn with(k: &ApiKey, more: Value) -> Value {
+        let mut m = base(k);
+        if let Value::Object(more) = more {
+            m.extend(more);
+        }
+        Value::Object(m)
+    }
+
+    /// `api_key.created`.
+    pub fn created(k: &ApiKey) -> Value {
+        with(
+            k,
+            json!({
+                "scopes": k.scopes.to_strings(),
+                "created_by": actor(k.created_by.clone()),
+                "create_time": rfc3339(k.create_time),
+                "expire_time": k.expire_time.map(rfc3339),
+            }),
+        )
+    }
+
+    /// `api_key.updated`, naming the fields that changed.
+    pub fn updated(k: &ApiKey, changed: &[&str], by: &str) -> Value {
+        with(
+            k,
+            json!({
+                "changed_fields": changed,
+                "updated_by": by,
+                "update_time": rfc3339(k.update_time),
+            }),
+        )
+    }
+
+    /// `api_key.rotated`; `previous_secret_expire_time` is null when the old secret
+    /// stopped at once.
+    pub fn rotated(k: &ApiKey, by: &str) -> Value {
+        with(
+            k,
+            json!({
+                "rotated_by": by,
+                "rotate_time": rfc3339(k.update_time),
+                "previous_secret_expire_time": k.previous_secret_expire_time.map(rfc3339),
+            }),
+        )
+    }
+
+    /// `api_key.revoked`; the reason only when one was given.
+    pub fn revoked(k: &ApiKey, by: &str) -> Value {
+        let mut more = json!({
+            "revoked_by": by,
+            "revoke_time": rfc3339(k.revoke_time.unwrap_or(k.update_time)),
+        });
+        if let Some(reason) = k.revoke_reason.as_deref().filter(|r| !r.is_empty()) {
+            more["reason"] = reason.into();
+        }
+        with(k, more)
+    }
+
+    /// `api_key.deleted`.
+    pub fn deleted(k: &ApiKey, by: &str, at: DateTime<Utc>) -> Value {
+        with(
+            k,
+            json!({
+                "deleted_by": by,
+                "delete_time": rfc3339(at),
+            }),
+        )
+    }
+}
+
 /// Filters of ListApiKeys.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ListFilter {
@@ -301,6 +440,47 @@ mod tests {
         validate_scopes(&[], "scopes", &mut v);
         validate_scopes(&["usage:read".into(), "nope".into()], "scopes", &mut v);
         assert_eq!(v.iter().count(), 4);
+    }
+
+    #[test]
+    fn changed_fields_name_only_real_changes() {
+        let at = "2027-01-01T00:00:00.123457Z"
+            .parse::<DateTime<Utc>>()
+            .unwrap();
+        let key = ApiKey {
+            id: KeyId::new_unchecked("Kx7pQ2mZ9aB4".into()),
+            tenant_id: TenantId(uuid::Uuid::nil()),
+            name: "ci".into(),
+            description: String::new(),
+            environment: Environment::Test,
+            scopes: Scopes::all(),
+            allowed_cidrs: Vec::new(),
+            created_by: "user:ada".into(),
+            create_time: at,
+            update_time: at,
+            last_used_time: None,
+            expire_time: Some(at),
+            revoke_time: None,
+            revoke_reason: None,
+            previous_secret_expire_time: None,
+            rate_limits: LimitOverrides::default(),
+        };
+        // The same values (the expiry as sent, before Postgres rounds it) change nothing.
+        let same = ApiKeyChanges {
+            name: Some("ci".into()),
+            scopes: Some(Scopes::all()),
+            expire_time: Some(Some(at - chrono::Duration::nanoseconds(211))),
+            allowed_cidrs: Some(Vec::new()),
+            ..Default::default()
+        };
+        assert!(same.changed_fields(&key).is_empty());
+        let changes = ApiKeyChanges {
+            name: Some("ci".into()),
+            description: Some("now described".into()),
+            expire_time: Some(None),
+            ..Default::default()
+        };
+        assert_eq!(changes.changed_fields(&key), ["description", "expire_time"]);
     }
 
     #[test]

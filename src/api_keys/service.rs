@@ -1,16 +1,19 @@
 //! API-key management: the rules (tenancy, scopes, grace periods) between the gRPC layer
-//! and the store.
+//! and the store. Every state change writes its `api_key.*` event to the outbox in the
+//! same transaction (`api_key.expiring` is a scheduled event, not emitted here).
 
 use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use chrono::Utc;
+use diesel_async::{AsyncConnection, AsyncPgConnection};
+use tokio::sync::OnceCell;
 
 use super::{
     ApiKeyError,
     config::ApiKeyConfig,
     hashing::SecretHasher,
     invalidation::Invalidations,
-    model::{ApiKey, ApiKeyChanges, KeyState, ListFilter, NewApiKey},
+    model::{ApiKey, ApiKeyChanges, KeyState, ListFilter, NewApiKey, events},
     store::{self, Cursor, InsertKey},
     token::{self, NewToken},
     verifier::KeyVerifier,
@@ -19,13 +22,21 @@ use crate::identity::KeyId;
 use crate::{
     auth::{KeyPrincipal, Principal, VerifyFailure},
     db::{self, PgPool, StoreError},
+    events::{
+        Catalog, EventError,
+        outbox::{self, NewEvent},
+    },
     identity::TenantId,
     identity::{Scope, Scopes},
     ratelimit::{Decision, LimitOverrides, PlanLimits, RateLimitError, RateLimiter},
     tenants::TenantDirectory,
     usage::{RequestLog, RequestRecord},
     validation::Violations,
+    webhooks::model::actor,
 };
+
+/// The `source` of the events devgate emits itself.
+const SOURCE: &str = "devgate";
 
 /// One page of keys and the cursor after its last row.
 pub struct Page {
@@ -43,6 +54,8 @@ pub struct ApiKeys {
     plans: PlanLimits,
     limiter: Arc<RateLimiter>,
     request_log: RequestLog,
+    /// Loaded on first use: the process starts while Postgres is down.
+    catalog: OnceCell<Catalog>,
 }
 
 /// How keys are metered: the plans' limits (a key may only lower them), and the limiter
@@ -73,6 +86,7 @@ impl ApiKeys {
             plans: metering.plans,
             limiter: metering.limiter,
             request_log: metering.request_log,
+            catalog: OnceCell::new(),
         }
     }
 
@@ -84,6 +98,50 @@ impl ApiKeys {
         &self.config
     }
 
+    /// The compiled catalog (it changes only with a migration, i.e. a restart). Loaded
+    /// before a change's transaction so no connection is held while compiling schemas.
+    async fn catalog(&self) -> Result<&Catalog, ApiKeyError> {
+        self.catalog
+            .get_or_try_init(|| async {
+                let mut conn = db::connect(&self.pool).await?;
+                Ok::<_, ApiKeyError>(Catalog::load(&mut conn).await?)
+            })
+            .await
+    }
+
+    /// Checks a payload devgate is about to emit against the catalog and appends it with
+    /// its outbox row on `conn` (the change's transaction).
+    async fn emit(
+        &self,
+        conn: &mut AsyncPgConnection,
+        tenant: TenantId,
+        event_type: &str,
+        payload: serde_json::Value,
+    ) -> Result<(), ApiKeyError> {
+        match self.catalog().await?.validate(event_type, &payload) {
+            Ok(()) => {}
+            Err(EventError::InvalidPayload(v)) => {
+                return Err(ApiKeyError::OwnEventInvalid {
+                    event_type: event_type.into(),
+                    reason: v.to_string(),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
+        outbox::append(
+            conn,
+            NewEvent {
+                tenant,
+                event_type: event_type.into(),
+                payload,
+                idempotency_id: None,
+                source: SOURCE.into(),
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Creates a key and returns it with its token (the only time the token exists in clear).
     pub async fn create(
         &self,
@@ -93,6 +151,7 @@ impl ApiKeys {
         let tenant = principal.tenant_with(Scope::ApiKeysWrite)?;
         ensure_covers(principal, &new.scopes, "create a key with")?;
         self.check_limits(tenant, &new.rate_limits).await?;
+        self.catalog().await?;
         // A 71-bit random id practically never collides; retry once if it does.
         for attempt in 0..2 {
             let id = token::new_key_id();
@@ -106,13 +165,22 @@ impl ApiKeys {
                 created_by: principal.actor(),
                 now: Utc::now(),
             };
-            match store::insert(&mut *db::connect(&self.pool).await?, insert).await {
+            let mut conn = db::connect(&self.pool).await?;
+            let created = conn
+                .transaction::<_, ApiKeyError, _>(async |c| {
+                    let key = store::insert(c, insert).await?;
+                    self.emit(c, tenant, "api_key.created", events::created(&key))
+                        .await?;
+                    Ok(key)
+                })
+                .await;
+            match created {
                 Ok(key) => {
                     tracing::info!(tenant = %tenant, key_id = %key.id, actor = %principal.actor(), "api key created");
                     return Ok((key, token));
                 }
-                Err(StoreError::Conflict(_)) if attempt == 0 => continue,
-                Err(e) => return Err(e.into()),
+                Err(ApiKeyError::Store(StoreError::Conflict(_))) if attempt == 0 => continue,
+                Err(e) => return Err(e),
             }
         }
         unreachable!("the loop returns on its second attempt")
@@ -170,16 +238,37 @@ impl ApiKeys {
         if changes.is_empty() {
             return Ok(current);
         }
-        let key = store::update(
-            &mut *db::connect(&self.pool).await?,
-            tenant,
-            id,
-            &changes,
-            Utc::now(),
-        )
-        .await
-        .map_err(|e| not_found(e, id))?;
-        self.broadcast(id).await;
+        self.catalog().await?;
+        let by = actor(principal.actor());
+        let mut conn = db::connect(&self.pool).await?;
+        // The row is locked while compared, so the event names exactly what this call changed.
+        let (key, changed) = conn
+            .transaction::<_, ApiKeyError, _>(async |c| {
+                let current = store::get_for_update(c, tenant, id)
+                    .await
+                    .map_err(|e| not_found(e, id))?;
+                ensure_covers(principal, &current.scopes, "manage a key with")?;
+                let changed = changes.changed_fields(&current);
+                if changed.is_empty() {
+                    return Ok((current, false));
+                }
+                let key = store::update(c, tenant, id, &changes, Utc::now())
+                    .await
+                    .map_err(|e| not_found(e, id))?;
+                self.emit(
+                    c,
+                    tenant,
+                    "api_key.updated",
+                    events::updated(&key, &changed, &by),
+                )
+                .await?;
+                Ok((key, true))
+            })
+            .await?;
+        drop(conn);
+        if changed {
+            self.broadcast(id).await;
+        }
         Ok(key)
     }
 
@@ -191,15 +280,23 @@ impl ApiKeys {
     ) -> Result<ApiKey, ApiKeyError> {
         let tenant = principal.tenant_with(Scope::ApiKeysWrite)?;
         self.managed(principal, tenant, id).await?;
-        let key = store::revoke(
-            &mut *db::connect(&self.pool).await?,
-            tenant,
-            id,
-            reason,
-            Utc::now(),
-        )
-        .await
-        .map_err(|e| not_found(e, id))?;
+        self.catalog().await?;
+        let by = actor(principal.actor());
+        let mut conn = db::connect(&self.pool).await?;
+        // Only the first revocation changes the key, so only it emits `api_key.revoked`.
+        let key = conn
+            .transaction::<_, ApiKeyError, _>(async |c| {
+                let (key, first) = store::revoke(c, tenant, id, reason, Utc::now())
+                    .await
+                    .map_err(|e| not_found(e, id))?;
+                if first {
+                    self.emit(c, tenant, "api_key.revoked", events::revoked(&key, &by))
+                        .await?;
+                }
+                Ok(key)
+            })
+            .await?;
+        drop(conn);
         self.broadcast(id).await;
         tracing::info!(tenant = %tenant, key_id = %id, actor = %principal.actor(), "api key revoked");
         Ok(key)
@@ -224,28 +321,33 @@ impl ApiKeys {
             .then(|| now + chrono::Duration::from_std(grace).expect("grace is bounded"));
         let token = token::generate(current.environment, id);
         let hash = self.hasher.hash(token.secret()).await?;
+        self.catalog().await?;
+        let by = actor(principal.actor());
         // Bound first: the connection goes back to the pool before `find` takes another.
-        let rotated = store::rotate(
-            &mut *db::connect(&self.pool).await?,
-            tenant,
-            id,
-            &hash,
-            previous_until,
-            end_grace,
-            now,
-        )
-        .await;
-        let key = match rotated {
-            Ok(key) => key,
+        let rotated = {
+            let mut conn = db::connect(&self.pool).await?;
+            conn.transaction::<_, ApiKeyError, _>(async |c| {
+                let key = match store::rotate(c, tenant, id, &hash, previous_until, end_grace, now)
+                    .await
+                {
+                    Ok(key) => key,
+                    // No row changed: nothing to emit; the caller finds out why.
+                    Err(StoreError::NotFound) => return Ok(None),
+                    Err(other) => return Err(other.into()),
+                };
+                self.emit(c, tenant, "api_key.rotated", events::rotated(&key, &by))
+                    .await?;
+                Ok(Some(key))
+            })
+            .await?
+        };
+        let Some(key) = rotated else {
             // Revoked, deleted or rotated by someone else since it was read: say which.
-            Err(StoreError::NotFound) => {
-                let latest = self.find(tenant, id).await?;
-                ensure_rotatable(&latest, id, end_grace, Utc::now())?;
-                return Err(ApiKeyError::Aborted(format!(
-                    "api key {id} changed during the rotation; retry"
-                )));
-            }
-            Err(other) => return Err(other.into()),
+            let latest = self.find(tenant, id).await?;
+            ensure_rotatable(&latest, id, end_grace, Utc::now())?;
+            return Err(ApiKeyError::Aborted(format!(
+                "api key {id} changed during the rotation; retry"
+            )));
         };
         self.broadcast(id).await;
         tracing::info!(tenant = %tenant, key_id = %id, actor = %principal.actor(), grace_s = if end_grace { 0 } else { grace.as_secs() }, "api key rotated");
@@ -255,9 +357,23 @@ impl ApiKeys {
     pub async fn delete(&self, principal: &Principal, id: &KeyId) -> Result<(), ApiKeyError> {
         let tenant = principal.tenant_with(Scope::ApiKeysWrite)?;
         self.managed(principal, tenant, id).await?;
-        store::delete(&mut *db::connect(&self.pool).await?, tenant, id)
+        self.catalog().await?;
+        let by = actor(principal.actor());
+        let mut conn = db::connect(&self.pool).await?;
+        conn.transaction::<_, ApiKeyError, _>(async |c| {
+            let key = store::delete(c, tenant, id)
+                .await
+                .map_err(|e| not_found(e, id))?;
+            self.emit(
+                c,
+                tenant,
+                "api_key.deleted",
+                events::deleted(&key, &by, Utc::now()),
+            )
             .await
-            .map_err(|e| not_found(e, id))?;
+        })
+        .await?;
+        drop(conn);
         self.broadcast(id).await;
         tracing::info!(tenant = %tenant, key_id = %id, actor = %principal.actor(), "api key deleted");
         Ok(())

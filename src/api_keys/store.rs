@@ -196,6 +196,23 @@ pub async fn get(
     row.try_into()
 }
 
+/// Like [`get`], and locks the row until the transaction ends: an update compares against
+/// it to know which fields change (and whether to emit an event at all).
+pub async fn get_for_update(
+    conn: &mut AsyncPgConnection,
+    tenant: TenantId,
+    id: &KeyId,
+) -> Result<ApiKey, StoreError> {
+    let row: ApiKeyRow = api_keys::table
+        .filter(api_keys::tenant_id.eq(tenant.0))
+        .filter(api_keys::id.eq(id.as_str()))
+        .select(ApiKeyRow::as_select())
+        .for_update()
+        .first(conn)
+        .await?;
+    row.try_into()
+}
+
 /// One page, newest first, of at most `limit` keys after `after`.
 pub async fn list(
     conn: &mut AsyncPgConnection,
@@ -272,13 +289,14 @@ pub async fn update(
 }
 
 /// Revokes an active key; a key revoked before keeps its first revoke time and reason.
+/// Returns the key and whether this call revoked it (false: it was revoked before).
 pub async fn revoke(
     conn: &mut AsyncPgConnection,
     tenant: TenantId,
     id: &KeyId,
     reason: &str,
     now: DateTime<Utc>,
-) -> Result<ApiKey, StoreError> {
+) -> Result<(ApiKey, bool), StoreError> {
     let updated: Option<ApiKeyRow> = diesel::update(api_keys::table)
         .filter(api_keys::tenant_id.eq(tenant.0))
         .filter(api_keys::id.eq(id.as_str()))
@@ -293,8 +311,8 @@ pub async fn revoke(
         .await
         .optional()?;
     match updated {
-        Some(row) => row.try_into(),
-        None => get(conn, tenant, id).await,
+        Some(row) => Ok((row.try_into()?, true)),
+        None => Ok((get(conn, tenant, id).await?, false)),
     }
 }
 
@@ -356,23 +374,21 @@ pub async fn rotate(
     row.try_into()
 }
 
+/// Deletes the key and returns it as it was (its `api_key.deleted` event names it).
 pub async fn delete(
     conn: &mut AsyncPgConnection,
     tenant: TenantId,
     id: &KeyId,
-) -> Result<(), StoreError> {
-    let n = diesel::delete(
+) -> Result<ApiKey, StoreError> {
+    let row: ApiKeyRow = diesel::delete(
         api_keys::table
             .filter(api_keys::tenant_id.eq(tenant.0))
             .filter(api_keys::id.eq(id.as_str())),
     )
-    .execute(conn)
+    .returning(ApiKeyRow::as_returning())
+    .get_result(conn)
     .await?;
-    if n == 0 {
-        Err(StoreError::NotFound)
-    } else {
-        Ok(())
-    }
+    row.try_into()
 }
 
 /// The verifier's lookup, by key id alone, with the tenant's plan and limits.

@@ -532,10 +532,13 @@ async fn events_list_and_get_through_envoy() {
     assert_eq!(ids(&body), [foreign.id.as_str()]);
 
     // Scopes: webhooks:read lists; a key without it is refused.
-    let (_, reader) = create_key(app, a, &["webhooks:read"]).await;
+    let (key, reader) = create_key(app, a, &["webhooks:read"]).await;
     let (status, body) = rest(&e, "/v1/events", &reader).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(ids(&body).len(), 5);
+    // The five published, and newest the key's own `api_key.created`.
+    assert_eq!(ids(&body).len(), 6);
+    assert_eq!(body["events"][0]["event_type"], "api_key.created", "{body}");
+    assert_eq!(body["events"][0]["payload"]["api_key_id"], key.id.as_str());
     let (_, other) = create_key(app, a, &["usage:read"]).await;
     let (status, body) = rest(&e, &format!("/v1/events/{}", published[0].id), &other).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");

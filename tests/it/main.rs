@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod api_key_events;
 mod api_keys;
 mod auth;
 mod bounded;
