@@ -32,7 +32,7 @@ use crate::{
         auth::{AuthLayer, Authenticator, Listener},
         usage::UsageLayer,
     },
-    events::relay::Relay,
+    events::{emitter::Emitter, relay::Relay},
     health::ServiceHealth,
     kv::Redis,
     mq::Mq,
@@ -140,6 +140,8 @@ impl Application {
         let invalidations = Invalidations::new(redis);
         let tenants = TenantDirectory::new(pool.clone());
         let (request_log, request_log_writer) = RequestLog::with_capacity(config.usage.buffer);
+        // One compiled event catalog for every feature that emits events.
+        let events = Arc::new(Emitter::new(pool.clone()));
         let keys = Arc::new(ApiKeys::new(
             pool.clone(),
             hasher,
@@ -152,6 +154,7 @@ impl Application {
                 limiter: limiter.clone(),
                 request_log: request_log.clone(),
             },
+            events.clone(),
         ));
         let jwt = JwtVerifier::from_config(&config.auth)?;
         let authenticator = Arc::new(Authenticator::new(verifier.clone(), jwt, tenants.clone()));
@@ -172,6 +175,7 @@ impl Application {
                 config.webhook_security.allowed_cidrs.clone(),
                 config.environment == crate::config::RunEnvironment::Production,
             ),
+            events,
         ));
 
         let internal_tls = config

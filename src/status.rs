@@ -288,7 +288,7 @@ impl From<ApiKeyError> for Status {
             ApiKeyError::RateLimit(r) => r.into(),
             ApiKeyError::Store(s) => s.into(),
             ApiKeyError::Event(ev) => ev.into(),
-            e @ (ApiKeyError::Hashing(_) | ApiKeyError::OwnEventInvalid { .. }) => internal(&e),
+            e @ ApiKeyError::Hashing(_) => internal(&e),
         }
     }
 }
@@ -301,7 +301,7 @@ impl From<EventError> for Status {
             }
             EventError::InvalidPayload(v) | EventError::InvalidPattern(v) => bad_request(&v),
             EventError::Store(s) => s.into(),
-            e @ EventError::BadSchema { .. } => internal(&e),
+            e @ (EventError::BadSchema { .. } | EventError::OwnEventInvalid { .. }) => internal(&e),
         }
     }
 }
@@ -341,9 +341,7 @@ impl From<WebhookError> for Status {
             WebhookError::Auth(a) => a.into(),
             WebhookError::Store(s) => s.into(),
             WebhookError::Event(ev) => ev.into(),
-            e @ (WebhookError::OwnEventInvalid { .. }
-            | WebhookError::SecretBox(_)
-            | WebhookError::Signing(_)) => internal(&e),
+            e @ (WebhookError::SecretBox(_) | WebhookError::Signing(_)) => internal(&e),
         }
     }
 }

@@ -47,10 +47,6 @@ pub enum ApiKeyError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Hashing(#[from] hashing::HashError),
-    /// An `api_key.*` payload devgate built fails its own catalog schema: our bug, and the
-    /// change is rolled back rather than emitted without its event.
-    #[error("devgate's own {event_type} event does not match its schema: {reason}")]
-    OwnEventInvalid { event_type: String, reason: String },
     #[error(transparent)]
     Event(#[from] EventError),
 }

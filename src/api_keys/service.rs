@@ -5,8 +5,7 @@
 use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use chrono::Utc;
-use diesel_async::{AsyncConnection, AsyncPgConnection};
-use tokio::sync::OnceCell;
+use diesel_async::AsyncConnection;
 
 use super::{
     ApiKeyError,
@@ -22,10 +21,7 @@ use crate::identity::KeyId;
 use crate::{
     auth::{KeyPrincipal, Principal, VerifyFailure},
     db::{self, PgPool, StoreError},
-    events::{
-        Catalog, EventError,
-        outbox::{self, NewEvent},
-    },
+    events::emitter::Emitter,
     identity::TenantId,
     identity::{Scope, Scopes},
     ratelimit::{Decision, LimitOverrides, PlanLimits, RateLimitError, RateLimiter},
@@ -34,9 +30,6 @@ use crate::{
     validation::Violations,
     webhooks::model::actor,
 };
-
-/// The `source` of the events devgate emits itself.
-const SOURCE: &str = "devgate";
 
 /// One page of keys and the cursor after its last row.
 pub struct Page {
@@ -54,8 +47,8 @@ pub struct ApiKeys {
     plans: PlanLimits,
     limiter: Arc<RateLimiter>,
     request_log: RequestLog,
-    /// Loaded on first use: the process starts while Postgres is down.
-    catalog: OnceCell<Catalog>,
+    /// Checks and appends the `api_key.*` events (one compiled catalog per process).
+    emitter: Arc<Emitter>,
 }
 
 /// How keys are metered: the plans' limits (a key may only lower them), and the limiter
@@ -67,6 +60,9 @@ pub struct Metering {
 }
 
 impl ApiKeys {
+    // Each argument is a collaborator the service is built from; bundling them would only
+    // move the list into a struct literal at the one call site (app.rs).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         pool: PgPool,
         hasher: Arc<SecretHasher>,
@@ -75,6 +71,7 @@ impl ApiKeys {
         config: ApiKeyConfig,
         tenants: TenantDirectory,
         metering: Metering,
+        emitter: Arc<Emitter>,
     ) -> Self {
         Self {
             pool,
@@ -86,7 +83,7 @@ impl ApiKeys {
             plans: metering.plans,
             limiter: metering.limiter,
             request_log: metering.request_log,
-            catalog: OnceCell::new(),
+            emitter,
         }
     }
 
@@ -98,50 +95,6 @@ impl ApiKeys {
         &self.config
     }
 
-    /// The compiled catalog (it changes only with a migration, i.e. a restart). Loaded
-    /// before a change's transaction so no connection is held while compiling schemas.
-    async fn catalog(&self) -> Result<&Catalog, ApiKeyError> {
-        self.catalog
-            .get_or_try_init(|| async {
-                let mut conn = db::connect(&self.pool).await?;
-                Ok::<_, ApiKeyError>(Catalog::load(&mut conn).await?)
-            })
-            .await
-    }
-
-    /// Checks a payload devgate is about to emit against the catalog and appends it with
-    /// its outbox row on `conn` (the change's transaction).
-    async fn emit(
-        &self,
-        conn: &mut AsyncPgConnection,
-        tenant: TenantId,
-        event_type: &str,
-        payload: serde_json::Value,
-    ) -> Result<(), ApiKeyError> {
-        match self.catalog().await?.validate(event_type, &payload) {
-            Ok(()) => {}
-            Err(EventError::InvalidPayload(v)) => {
-                return Err(ApiKeyError::OwnEventInvalid {
-                    event_type: event_type.into(),
-                    reason: v.to_string(),
-                });
-            }
-            Err(e) => return Err(e.into()),
-        }
-        outbox::append(
-            conn,
-            NewEvent {
-                tenant,
-                event_type: event_type.into(),
-                payload,
-                idempotency_id: None,
-                source: SOURCE.into(),
-            },
-        )
-        .await?;
-        Ok(())
-    }
-
     /// Creates a key and returns it with its token (the only time the token exists in clear).
     pub async fn create(
         &self,
@@ -151,7 +104,7 @@ impl ApiKeys {
         let tenant = principal.tenant_with(Scope::ApiKeysWrite)?;
         ensure_covers(principal, &new.scopes, "create a key with")?;
         self.check_limits(tenant, &new.rate_limits).await?;
-        self.catalog().await?;
+        self.emitter.catalog().await?;
         // A 71-bit random id practically never collides; retry once if it does.
         for attempt in 0..2 {
             let id = token::new_key_id();
@@ -169,7 +122,8 @@ impl ApiKeys {
             let created = conn
                 .transaction::<_, ApiKeyError, _>(async |c| {
                     let key = store::insert(c, insert).await?;
-                    self.emit(c, tenant, "api_key.created", events::created(&key))
+                    self.emitter
+                        .emit(c, tenant, "api_key.created", events::created(&key))
                         .await?;
                     Ok(key)
                 })
@@ -238,7 +192,7 @@ impl ApiKeys {
         if changes.is_empty() {
             return Ok(current);
         }
-        self.catalog().await?;
+        self.emitter.catalog().await?;
         let by = actor(principal.actor());
         let mut conn = db::connect(&self.pool).await?;
         // The row is locked while compared, so the event names exactly what this call changed.
@@ -255,13 +209,14 @@ impl ApiKeys {
                 let key = store::update(c, tenant, id, &changes, Utc::now())
                     .await
                     .map_err(|e| not_found(e, id))?;
-                self.emit(
-                    c,
-                    tenant,
-                    "api_key.updated",
-                    events::updated(&key, &changed, &by),
-                )
-                .await?;
+                self.emitter
+                    .emit(
+                        c,
+                        tenant,
+                        "api_key.updated",
+                        events::updated(&key, &changed, &by),
+                    )
+                    .await?;
                 Ok((key, true))
             })
             .await?;
@@ -280,7 +235,7 @@ impl ApiKeys {
     ) -> Result<ApiKey, ApiKeyError> {
         let tenant = principal.tenant_with(Scope::ApiKeysWrite)?;
         self.managed(principal, tenant, id).await?;
-        self.catalog().await?;
+        self.emitter.catalog().await?;
         let by = actor(principal.actor());
         let mut conn = db::connect(&self.pool).await?;
         // Only the first revocation changes the key, so only it emits `api_key.revoked`.
@@ -290,7 +245,8 @@ impl ApiKeys {
                     .await
                     .map_err(|e| not_found(e, id))?;
                 if first {
-                    self.emit(c, tenant, "api_key.revoked", events::revoked(&key, &by))
+                    self.emitter
+                        .emit(c, tenant, "api_key.revoked", events::revoked(&key, &by))
                         .await?;
                 }
                 Ok(key)
@@ -321,7 +277,7 @@ impl ApiKeys {
             .then(|| now + chrono::Duration::from_std(grace).expect("grace is bounded"));
         let token = token::generate(current.environment, id);
         let hash = self.hasher.hash(token.secret()).await?;
-        self.catalog().await?;
+        self.emitter.catalog().await?;
         let by = actor(principal.actor());
         // Bound first: the connection goes back to the pool before `find` takes another.
         let rotated = {
@@ -335,7 +291,8 @@ impl ApiKeys {
                     Err(StoreError::NotFound) => return Ok(None),
                     Err(other) => return Err(other.into()),
                 };
-                self.emit(c, tenant, "api_key.rotated", events::rotated(&key, &by))
+                self.emitter
+                    .emit(c, tenant, "api_key.rotated", events::rotated(&key, &by))
                     .await?;
                 Ok(Some(key))
             })
@@ -357,20 +314,22 @@ impl ApiKeys {
     pub async fn delete(&self, principal: &Principal, id: &KeyId) -> Result<(), ApiKeyError> {
         let tenant = principal.tenant_with(Scope::ApiKeysWrite)?;
         self.managed(principal, tenant, id).await?;
-        self.catalog().await?;
+        self.emitter.catalog().await?;
         let by = actor(principal.actor());
         let mut conn = db::connect(&self.pool).await?;
         conn.transaction::<_, ApiKeyError, _>(async |c| {
             let key = store::delete(c, tenant, id)
                 .await
                 .map_err(|e| not_found(e, id))?;
-            self.emit(
-                c,
-                tenant,
-                "api_key.deleted",
-                events::deleted(&key, &by, Utc::now()),
-            )
-            .await
+            self.emitter
+                .emit(
+                    c,
+                    tenant,
+                    "api_key.deleted",
+                    events::deleted(&key, &by, Utc::now()),
+                )
+                .await?;
+            Ok(())
         })
         .await?;
         drop(conn);

@@ -9,6 +9,7 @@
 //! in `crate::status`.
 
 pub mod catalog;
+pub mod emitter;
 pub mod outbox;
 pub mod relay;
 
@@ -36,6 +37,10 @@ pub enum EventError {
         version: i32,
         reason: String,
     },
+    /// A payload devgate built fails its own catalog schema: our bug, never the caller's;
+    /// the change is rolled back rather than committed without its event.
+    #[error("devgate's own {event_type} event does not match its schema: {reason}")]
+    OwnEventInvalid { event_type: String, reason: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }

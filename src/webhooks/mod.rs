@@ -38,9 +38,6 @@ pub enum WebhookError {
         id: String,
         until: chrono::DateTime<chrono::Utc>,
     },
-    /// devgate built an event payload its own catalog refuses: a bug, never the caller's.
-    #[error("event {event_type} does not match its schema: {reason}")]
-    OwnEventInvalid { event_type: String, reason: String },
     #[error(transparent)]
     Auth(#[from] AuthError),
     #[error(transparent)]

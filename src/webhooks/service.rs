@@ -2,11 +2,10 @@
 //! rotation grace) between the gRPC layer and the store. Every change writes its
 //! `webhook_endpoint.*` event to the outbox in the same transaction.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
-use diesel_async::{AsyncConnection, AsyncPgConnection};
-use tokio::sync::OnceCell;
+use diesel_async::AsyncConnection;
 use uuid::Uuid;
 
 use super::{
@@ -22,6 +21,7 @@ use crate::{
     db::{self, PgPool, StoreError},
     events::{
         Catalog, EventError, EventType, catalog,
+        emitter::Emitter,
         outbox::{self, Event, EventFilter, NewEvent, Position},
     },
     identity::{Scope, TenantId},
@@ -32,9 +32,6 @@ use crate::{
 pub const DEFAULT_ROTATION_GRACE: Duration = Duration::from_secs(24 * 3600);
 /// Longest grace a rotation may ask for.
 pub const MAX_ROTATION_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
-
-/// The `source` of the events devgate emits itself.
-const SOURCE: &str = "devgate";
 
 /// One page of endpoints and the id to continue before.
 pub struct Page {
@@ -52,28 +49,23 @@ pub struct Webhooks {
     pool: PgPool,
     keys: Option<KeyRing>,
     policy: Policy,
-    /// Loaded on first use: the process starts while Postgres is down.
-    catalog: OnceCell<Catalog>,
+    /// Checks and appends the `webhook_endpoint.*` events; holds the compiled catalog.
+    emitter: Arc<Emitter>,
 }
 
 impl Webhooks {
-    pub fn new(pool: PgPool, keys: Option<KeyRing>, policy: Policy) -> Self {
+    pub fn new(pool: PgPool, keys: Option<KeyRing>, policy: Policy, emitter: Arc<Emitter>) -> Self {
         Self {
             pool,
             keys,
             policy,
-            catalog: OnceCell::new(),
+            emitter,
         }
     }
 
-    /// The compiled catalog (it changes only with a migration, i.e. a restart).
+    /// The compiled catalog (shared by every feature that emits events).
     pub async fn catalog(&self) -> Result<&Catalog, WebhookError> {
-        self.catalog
-            .get_or_try_init(|| async {
-                let mut conn = db::connect(&self.pool).await?;
-                Ok::<_, WebhookError>(Catalog::load(&mut conn).await?)
-            })
-            .await
+        Ok(self.emitter.catalog().await?)
     }
 
     /// The URL rules (shape, https in production, SSRF) as field violations.
@@ -110,38 +102,6 @@ impl Webhooks {
         self.keys
             .as_ref()
             .ok_or(WebhookError::EncryptionNotConfigured)
-    }
-
-    /// Checks a payload devgate is about to emit against the catalog and appends it.
-    async fn emit(
-        &self,
-        conn: &mut AsyncPgConnection,
-        tenant: TenantId,
-        event_type: &str,
-        payload: serde_json::Value,
-    ) -> Result<(), WebhookError> {
-        match self.catalog().await?.validate(event_type, &payload) {
-            Ok(()) => {}
-            Err(EventError::InvalidPayload(v)) => {
-                return Err(WebhookError::OwnEventInvalid {
-                    event_type: event_type.into(),
-                    reason: v.to_string(),
-                });
-            }
-            Err(e) => return Err(e.into()),
-        }
-        outbox::append(
-            conn,
-            NewEvent {
-                tenant,
-                event_type: event_type.into(),
-                payload,
-                idempotency_id: None,
-                source: SOURCE.into(),
-            },
-        )
-        .await?;
-        Ok(())
     }
 
     /// Creates an endpoint with a fresh secret; returns both (the secret in clear only here
@@ -182,13 +142,14 @@ impl Webhooks {
                     },
                 )
                 .await?;
-                self.emit(
-                    c,
-                    tenant,
-                    "webhook_endpoint.created",
-                    model::created_payload(&endpoint),
-                )
-                .await?;
+                self.emitter
+                    .emit(
+                        c,
+                        tenant,
+                        "webhook_endpoint.created",
+                        model::created_payload(&endpoint),
+                    )
+                    .await?;
                 Ok(endpoint)
             })
             .await?;
@@ -249,13 +210,14 @@ impl Webhooks {
                 return Ok(current);
             }
             let endpoint = store::update(c, tenant, id, &changes, Utc::now()).await?;
-            self.emit(
-                c,
-                tenant,
-                "webhook_endpoint.updated",
-                model::updated_payload(&endpoint, &changed, &actor),
-            )
-            .await?;
+            self.emitter
+                .emit(
+                    c,
+                    tenant,
+                    "webhook_endpoint.updated",
+                    model::updated_payload(&endpoint, &changed, &actor),
+                )
+                .await?;
             Ok(endpoint)
         })
         .await
@@ -270,13 +232,15 @@ impl Webhooks {
             let endpoint = store::delete(c, tenant, id)
                 .await
                 .map_err(|e| not_found(e, id))?;
-            self.emit(
-                c,
-                tenant,
-                "webhook_endpoint.deleted",
-                model::deleted_payload(&endpoint, &actor, Utc::now()),
-            )
-            .await
+            self.emitter
+                .emit(
+                    c,
+                    tenant,
+                    "webhook_endpoint.deleted",
+                    model::deleted_payload(&endpoint, &actor, Utc::now()),
+                )
+                .await?;
+            Ok(())
         })
         .await?;
         tracing::info!(tenant = %tenant, webhook_endpoint_id = %id, actor = %actor, "webhook endpoint deleted");
@@ -338,13 +302,14 @@ impl Webhooks {
                         .expect("the grace is at most 7 days")
                 });
                 let endpoint = store::rotate_secret(c, tenant, id, &sealed, until, now).await?;
-                self.emit(
-                    c,
-                    tenant,
-                    "webhook_endpoint.secret_rotated",
-                    model::secret_rotated_payload(&endpoint, &actor, until.unwrap_or(now)),
-                )
-                .await?;
+                self.emitter
+                    .emit(
+                        c,
+                        tenant,
+                        "webhook_endpoint.secret_rotated",
+                        model::secret_rotated_payload(&endpoint, &actor, until.unwrap_or(now)),
+                    )
+                    .await?;
                 Ok(endpoint)
             })
             .await?;
@@ -369,13 +334,14 @@ impl Webhooks {
                 .map_err(|e| not_found(e, id))?;
             let endpoint = store::enable(c, tenant, id, Utc::now()).await?;
             if current.state() == EndpointState::Disabled {
-                self.emit(
-                    c,
-                    tenant,
-                    "webhook_endpoint.enabled",
-                    model::enabled_payload(&endpoint, &actor),
-                )
-                .await?;
+                self.emitter
+                    .emit(
+                        c,
+                        tenant,
+                        "webhook_endpoint.enabled",
+                        model::enabled_payload(&endpoint, &actor),
+                    )
+                    .await?;
             }
             Ok(endpoint)
         })
