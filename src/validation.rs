@@ -127,6 +127,53 @@ pub fn quote(value: &str) -> String {
     }
 }
 
+/// The fields an AIP update names: the mask's paths or, with no mask, every updatable field
+/// the patch sets (`present[i]` for `updatable[i]`). Too many paths (each may appear once)
+/// refuses the whole mask before looking at any; unknown paths are `update_mask`
+/// violations. Only names from `updatable` are returned.
+pub fn update_paths(
+    mask: Option<&prost_types::FieldMask>,
+    updatable: &[&'static str],
+    present: &[bool],
+    v: &mut Violations,
+) -> Vec<&'static str> {
+    let updatable_list = || updatable.join(", ");
+    let Some(paths) = mask.map(|m| &m.paths).filter(|p| !p.is_empty()) else {
+        return updatable
+            .iter()
+            .zip(present)
+            .filter(|(_, set)| **set)
+            .map(|(f, _)| *f)
+            .collect();
+    };
+    if paths.len() > updatable.len() {
+        v.add(
+            "update_mask",
+            format!(
+                "at most {} paths; updatable fields: {}",
+                updatable.len(),
+                updatable_list()
+            ),
+        );
+        return Vec::new();
+    }
+    let mut named = Vec::with_capacity(paths.len());
+    for path in paths {
+        match updatable.iter().find(|f| **f == path.as_str()) {
+            Some(f) => named.push(*f),
+            None => v.add(
+                "update_mask",
+                format!(
+                    "{} cannot be updated; updatable fields: {}",
+                    quote(path),
+                    updatable_list()
+                ),
+            ),
+        }
+    }
+    named
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -110,12 +110,8 @@ impl ApiKeyService for ApiKeyGrpc {
             .into());
         };
         let id = key_id(&patch.id, "api_key.id")?;
-        let paths: Vec<String> = r
-            .update_mask
-            .as_ref()
-            .map(|m| m.paths.clone())
-            .unwrap_or_default();
-        let changes = changes(patch, &paths, Utc::now()).map_err(ApiKeyError::from)?;
+        let changes =
+            changes(patch, r.update_mask.as_ref(), Utc::now()).map_err(ApiKeyError::from)?;
         let key = self.keys.update(principal, &id, changes).await?;
         Ok(Response::new(to_proto(&key)))
     }
@@ -317,10 +313,10 @@ fn new_api_key(r: &v1::CreateApiKeyRequest, now: DateTime<Utc>) -> Result<NewApi
     })
 }
 
-/// The changes named by `paths`; with no paths, every field set to a non-empty value.
+/// The changes the mask names; with no mask, every field set to a non-empty value.
 fn changes(
     patch: &v1::ApiKey,
-    paths: &[String],
+    mask: Option<&prost_types::FieldMask>,
     now: DateTime<Utc>,
 ) -> Result<ApiKeyChanges, Violations> {
     const UPDATABLE: [&str; 6] = [
@@ -332,36 +328,15 @@ fn changes(
         "rate_limits",
     ];
     let mut v = Violations::new();
-    // Each path may appear once; more than that is refused before looking at any of them.
-    if paths.len() > UPDATABLE.len() {
-        v.add(
-            "update_mask",
-            format!(
-                "at most {} paths; updatable fields: {}",
-                UPDATABLE.len(),
-                UPDATABLE.join(", ")
-            ),
-        );
-        return Err(v);
-    }
-    let named: Vec<&str> = if paths.is_empty() {
-        let present = [
-            !patch.name.is_empty(),
-            !patch.description.is_empty(),
-            !patch.scopes.is_empty(),
-            patch.expire_time.is_some(),
-            !patch.allowed_cidrs.is_empty(),
-            patch.rate_limits.is_some(),
-        ];
-        UPDATABLE
-            .iter()
-            .zip(present)
-            .filter(|(_, p)| *p)
-            .map(|(f, _)| *f)
-            .collect()
-    } else {
-        paths.iter().map(String::as_str).collect()
-    };
+    let present = [
+        !patch.name.is_empty(),
+        !patch.description.is_empty(),
+        !patch.scopes.is_empty(),
+        patch.expire_time.is_some(),
+        !patch.allowed_cidrs.is_empty(),
+        patch.rate_limits.is_some(),
+    ];
+    let named = crate::validation::update_paths(mask, &UPDATABLE, &present, &mut v);
     let mut c = ApiKeyChanges::default();
     for path in named {
         let field = format!("api_key.{path}");
@@ -388,14 +363,7 @@ fn changes(
                     &mut v,
                 ))
             }
-            other => v.add(
-                "update_mask",
-                format!(
-                    "{} cannot be updated; updatable fields: {}",
-                    crate::validation::quote(other),
-                    UPDATABLE.join(", ")
-                ),
-            ),
+            _ => {} // update_paths returns only the names above
         }
     }
     v.into_result(c)

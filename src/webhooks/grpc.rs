@@ -28,7 +28,7 @@ use crate::{
         },
         v1::{self, webhook_service_server::WebhookService},
     },
-    validation::{Violations, quote},
+    validation::Violations,
 };
 
 pub struct WebhookGrpc {
@@ -154,12 +154,7 @@ impl WebhookService for WebhookGrpc {
             .into());
         };
         let id = endpoint_id(&patch.id, "webhook_endpoint.id")?;
-        let paths: Vec<String> = r
-            .update_mask
-            .as_ref()
-            .map(|m| m.paths.clone())
-            .unwrap_or_default();
-        let changes = self.changes(patch, &paths).await?;
+        let changes = self.changes(patch, r.update_mask.as_ref()).await?;
         let endpoint = self.webhooks.update(principal, id, changes).await?;
         Ok(Response::new(to_proto(&endpoint)))
     }
@@ -425,12 +420,12 @@ impl InternalWebhookService for WebhookGrpc {
 }
 
 impl WebhookGrpc {
-    /// The changes named by `paths`; with no paths, every field set to a non-empty value
+    /// The changes the mask names; with no mask, every field set to a non-empty value
     /// (a rate limit of 0 cannot be set that way: name it in the mask).
     async fn changes(
         &self,
         patch: &v1::WebhookEndpoint,
-        paths: &[String],
+        mask: Option<&prost_types::FieldMask>,
     ) -> Result<EndpointChanges, Status> {
         const UPDATABLE: [&str; 5] = [
             "url",
@@ -440,34 +435,14 @@ impl WebhookGrpc {
             "rate_limit_per_second",
         ];
         let mut v = Violations::new();
-        if paths.len() > UPDATABLE.len() {
-            v.add(
-                "update_mask",
-                format!(
-                    "at most {} paths; updatable fields: {}",
-                    UPDATABLE.len(),
-                    UPDATABLE.join(", ")
-                ),
-            );
-            return Err(WebhookError::Invalid(v).into());
-        }
-        let named: Vec<&str> = if paths.is_empty() {
-            let present = [
-                !patch.url.is_empty(),
-                !patch.description.is_empty(),
-                !patch.event_types.is_empty(),
-                !patch.headers.is_empty(),
-                patch.rate_limit_per_second != 0,
-            ];
-            UPDATABLE
-                .iter()
-                .zip(present)
-                .filter(|(_, p)| *p)
-                .map(|(f, _)| *f)
-                .collect()
-        } else {
-            paths.iter().map(String::as_str).collect()
-        };
+        let present = [
+            !patch.url.is_empty(),
+            !patch.description.is_empty(),
+            !patch.event_types.is_empty(),
+            !patch.headers.is_empty(),
+            patch.rate_limit_per_second != 0,
+        ];
+        let named = crate::validation::update_paths(mask, &UPDATABLE, &present, &mut v);
         let mut c = EndpointChanges::default();
         for path in named {
             let field = format!("webhook_endpoint.{path}");
@@ -503,14 +478,7 @@ impl WebhookGrpc {
                         &mut v,
                     ))
                 }
-                other => v.add(
-                    "update_mask",
-                    format!(
-                        "{} cannot be updated; updatable fields: {}",
-                        quote(other),
-                        UPDATABLE.join(", ")
-                    ),
-                ),
+                _ => {} // update_paths returns only the names above
             }
         }
         v.into_result(c)
