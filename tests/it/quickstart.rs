@@ -24,7 +24,21 @@ fn quickstart_block() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readme_quickstart_runs_as_written() {
-    let w = World::new().await;
+    // The local stack's plans (deploy/local/devgate.env), not the harness's generous ones:
+    // the quick-start must work against what deploy/local/run.sh really runs.
+    let local_env = manifest_dir().join("deploy/local/devgate.env");
+    let plans: Vec<(String, String)> = dotenvy::from_path_iter(&local_env)
+        .unwrap()
+        .map(Result::unwrap)
+        .filter(|(k, _)| k.starts_with("DEVGATE_PLAN_") || k.starts_with("DEVGATE_QUOTA_"))
+        .collect();
+    let w = World::with(|mut s| {
+        for (k, v) in &plans {
+            s = s.set(k, v);
+        }
+        s
+    })
+    .await;
     let envoy = Envoy::start(w.app.public).await;
     let dir = tempfile::tempdir().unwrap();
     let env_file = dir.path().join("devgate.env");
