@@ -19,7 +19,7 @@ use crate::{
     ratelimit::{Limits, PlanLimits, PlanQuotas, QuotaLimits, RateLimitConfig},
     telemetry::{LogConfig, LogFormat},
     usage::UsageConfig,
-    webhooks::WebhookSecurityConfig,
+    webhooks::{WebhookDeliveryConfig, WebhookSecurityConfig},
 };
 
 /// `(name, default, meaning)` of every variable devgate reads. An empty default means
@@ -293,6 +293,26 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "Comma-separated CIDRs that webhook deliveries may reach although they are loopback, private, link-local, CGNAT, … (refused by default, at endpoint creation and at connect time). Development only, e.g. `127.0.0.0/8` for a local receiver.",
     ),
     (
+        "DEVGATE_WEBHOOK_CONCURRENCY",
+        "64",
+        "Webhook deliveries in flight per worker process (also its RabbitMQ prefetch).",
+    ),
+    (
+        "DEVGATE_WEBHOOK_TIMEOUT",
+        "30s",
+        "How long one delivery attempt may take, connect to last byte; longer counts as a failed attempt (`timeout`).",
+    ),
+    (
+        "DEVGATE_WEBHOOK_RETRY_SCHEDULE",
+        "1m,5m,30m,2h,24h",
+        "Waits before each retry of a failed delivery (each ±10 % jitter, 10ms to 24h, at most 20); after the last one the delivery is `failed`. A longer `Retry-After` from the endpoint is honoured (up to 24h).",
+    ),
+    (
+        "DEVGATE_WEBHOOK_DISABLE_AFTER",
+        "10",
+        "Consecutive deliveries to one endpoint that exhausted their retries before it is disabled (and `webhook_endpoint.disabled` is emitted); 0 never disables.",
+    ),
+    (
         "DEVGATE_SHUTDOWN_GRACE",
         "30s",
         "On SIGINT/SIGTERM, how long in-flight calls may take to finish.",
@@ -336,6 +356,7 @@ pub struct Config {
     pub rate_limits: RateLimitConfig,
     pub usage: UsageConfig,
     pub webhook_security: WebhookSecurityConfig,
+    pub webhook_delivery: WebhookDeliveryConfig,
     pub log: LogConfig,
     pub shutdown_grace: Duration,
 }
@@ -508,6 +529,22 @@ impl Config {
                 })?,
             allowed_cidrs: env.parse("DEVGATE_WEBHOOK_ALLOWED_CIDRS")?,
         };
+        let webhook_delivery = WebhookDeliveryConfig {
+            concurrency: env.parse("DEVGATE_WEBHOOK_CONCURRENCY")?,
+            timeout: env.duration("DEVGATE_WEBHOOK_TIMEOUT")?,
+            retry_schedule: env.parse("DEVGATE_WEBHOOK_RETRY_SCHEDULE")?,
+            disable_after: env.parse("DEVGATE_WEBHOOK_DISABLE_AFTER")?,
+        };
+        if !(1..=10_000).contains(&webhook_delivery.concurrency) {
+            return Err(env.invalid(
+                "DEVGATE_WEBHOOK_CONCURRENCY",
+                &webhook_delivery.concurrency.to_string(),
+                "expected 1 to 10000",
+            ));
+        }
+        if webhook_delivery.timeout.is_zero() {
+            return Err(env.invalid("DEVGATE_WEBHOOK_TIMEOUT", "0", "must be positive"));
+        }
         Ok(Config {
             environment,
             public_addr: env.parse("DEVGATE_PUBLIC_ADDR")?,
@@ -574,6 +611,7 @@ impl Config {
                 buffer: env.parse("DEVGATE_USAGE_BUFFER")?,
             },
             webhook_security,
+            webhook_delivery,
             log: LogConfig {
                 filter: env.string("DEVGATE_LOG"),
                 format: log_format,

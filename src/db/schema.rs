@@ -111,6 +111,7 @@ diesel::table! {
         idempotency_id -> Nullable<Text>,
         source -> Text,
         create_time -> Timestamptz,
+        endpoint_id -> Nullable<Uuid>,
     }
 }
 
@@ -156,6 +157,43 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    webhook_deliveries (id) {
+        id -> Uuid,
+        tenant_id -> Uuid,
+        endpoint_id -> Uuid,
+        event_id -> Uuid,
+        event_type -> Text,
+        status -> Text,
+        attempts -> Int4,
+        lease_until -> Nullable<Timestamptz>,
+        next_attempt_time -> Nullable<Timestamptz>,
+        last_attempt_time -> Nullable<Timestamptz>,
+        last_status_code -> Nullable<Int4>,
+        last_error -> Nullable<Text>,
+        create_time -> Timestamptz,
+        update_time -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    webhook_attempts (delivery_id, attempt) {
+        delivery_id -> Uuid,
+        attempt -> Int4,
+        tenant_id -> Uuid,
+        endpoint_id -> Uuid,
+        attempt_time -> Timestamptz,
+        url -> Text,
+        status_code -> Nullable<Int4>,
+        response_headers -> Jsonb,
+        response_body -> Text,
+        latency_ms -> Int4,
+        error_kind -> Nullable<Text>,
+        error_message -> Nullable<Text>,
+        trigger -> Text,
+    }
+}
+
 diesel::joinable!(api_keys -> tenants (tenant_id));
 diesel::joinable!(metered_usage -> tenants (tenant_id));
 diesel::joinable!(credit_balances -> tenants (tenant_id));
@@ -163,6 +201,9 @@ diesel::joinable!(credit_ledger -> tenants (tenant_id));
 diesel::joinable!(events -> tenants (tenant_id));
 diesel::joinable!(outbox -> events (event_id));
 diesel::joinable!(webhook_endpoints -> tenants (tenant_id));
+diesel::joinable!(webhook_deliveries -> webhook_endpoints (endpoint_id));
+diesel::joinable!(webhook_deliveries -> events (event_id));
+diesel::joinable!(webhook_attempts -> webhook_deliveries (delivery_id));
 diesel::allow_tables_to_appear_in_same_query!(
     api_keys,
     api_request_logs,
@@ -173,5 +214,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     metered_usage,
     outbox,
     tenants,
+    webhook_attempts,
+    webhook_deliveries,
     webhook_endpoints,
 );

@@ -71,6 +71,7 @@ impl Emitter {
                 payload,
                 idempotency_id: None,
                 source: SOURCE.into(),
+                endpoint_id: None,
             },
         )
         .await?;

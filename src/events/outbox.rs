@@ -28,6 +28,8 @@ pub struct NewEvent {
     pub idempotency_id: Option<String>,
     /// Who emitted it: `service:<caller>` or `devgate`.
     pub source: String,
+    /// A test event (SendTestEvent): delivered to this endpoint only, whatever it subscribes to.
+    pub endpoint_id: Option<Uuid>,
 }
 
 /// An event of the log.
@@ -40,6 +42,8 @@ pub struct Event {
     pub idempotency_id: Option<String>,
     pub source: String,
     pub create_time: DateTime<Utc>,
+    /// Set for a test event: its only recipient.
+    pub endpoint_id: Option<Uuid>,
 }
 
 /// An `events` row as diesel reads it.
@@ -53,6 +57,7 @@ pub(crate) struct EventRow {
     idempotency_id: Option<String>,
     source: String,
     create_time: DateTime<Utc>,
+    endpoint_id: Option<Uuid>,
 }
 
 impl From<EventRow> for Event {
@@ -65,6 +70,7 @@ impl From<EventRow> for Event {
             idempotency_id: row.idempotency_id,
             source: row.source,
             create_time: row.create_time,
+            endpoint_id: row.endpoint_id,
         }
     }
 }
@@ -80,6 +86,7 @@ impl Event {
             idempotency_id: self.idempotency_id.clone(),
             create_time: self.create_time,
             data: self.payload.clone(),
+            endpoint_id: self.endpoint_id,
         }
     }
 }
@@ -97,6 +104,10 @@ pub struct EventMessage {
     pub idempotency_id: Option<String>,
     pub create_time: DateTime<Utc>,
     pub data: serde_json::Value,
+    /// Only on test events (SendTestEvent): the one endpoint it is for. Internal consumers
+    /// may skip such events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_id: Option<Uuid>,
 }
 
 /// Inserts the event and its outbox row on `conn` — call it inside the transaction of the
@@ -111,8 +122,9 @@ pub async fn append(
     // One statement: the event and its outbox row are atomic even without a transaction.
     let inserted: Option<EventRow> = diesel::sql_query(
         "WITH ins AS ( \
-             INSERT INTO events (id, tenant_id, event_type, payload, idempotency_id, source) \
-             VALUES ($1, $2, $3, $4, $5, $6) \
+             INSERT INTO events (id, tenant_id, event_type, payload, idempotency_id, source, \
+                                 endpoint_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) \
              ON CONFLICT (tenant_id, idempotency_id) DO NOTHING \
              RETURNING * \
          ), queued AS ( \
@@ -126,6 +138,7 @@ pub async fn append(
     .bind::<Jsonb, _>(&new.payload)
     .bind::<Nullable<Text>, _>(new.idempotency_id.as_deref())
     .bind::<Text, _>(&new.source)
+    .bind::<Nullable<SqlUuid>, _>(new.endpoint_id)
     .get_result(conn)
     .await
     .optional()?;

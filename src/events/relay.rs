@@ -104,6 +104,8 @@ struct Claimed {
     source: String,
     #[diesel(sql_type = Timestamptz)]
     create_time: chrono::DateTime<chrono::Utc>,
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    endpoint_id: Option<Uuid>,
 }
 
 impl Claimed {
@@ -116,12 +118,13 @@ impl Claimed {
             idempotency_id: self.idempotency_id,
             source: self.source,
             create_time: self.create_time,
+            endpoint_id: self.endpoint_id,
         }
     }
 }
 
 const CLAIM: &str = "SELECT o.id AS outbox_id, e.id, e.tenant_id, e.event_type, e.payload, \
-                            e.idempotency_id, e.source, e.create_time \
+                            e.idempotency_id, e.source, e.create_time, e.endpoint_id \
                      FROM outbox o JOIN events e ON e.id = o.event_id \
                      ORDER BY o.id \
                      LIMIT $1 \

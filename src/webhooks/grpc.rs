@@ -354,6 +354,46 @@ impl WebhookService for WebhookGrpc {
         let event = self.webhooks.event(principal, id).await?;
         Ok(Response::new(event_to_proto(&event)))
     }
+
+    // Placeholders while the delivery RPCs are written (same branch, next commits).
+    async fn send_test_event(
+        &self,
+        _req: Request<v1::SendTestEventRequest>,
+    ) -> RpcResult<v1::WebhookDelivery> {
+        Err(Status::unimplemented("SendTestEvent is being built"))
+    }
+
+    async fn recover_webhook_deliveries(
+        &self,
+        _req: Request<v1::RecoverWebhookDeliveriesRequest>,
+    ) -> RpcResult<v1::RecoverWebhookDeliveriesResponse> {
+        Err(Status::unimplemented(
+            "RecoverWebhookDeliveries is being built",
+        ))
+    }
+
+    async fn list_webhook_deliveries(
+        &self,
+        _req: Request<v1::ListWebhookDeliveriesRequest>,
+    ) -> RpcResult<v1::ListWebhookDeliveriesResponse> {
+        Err(Status::unimplemented(
+            "ListWebhookDeliveries is being built",
+        ))
+    }
+
+    async fn get_webhook_delivery(
+        &self,
+        _req: Request<v1::GetWebhookDeliveryRequest>,
+    ) -> RpcResult<v1::WebhookDelivery> {
+        Err(Status::unimplemented("GetWebhookDelivery is being built"))
+    }
+
+    async fn retry_webhook_delivery(
+        &self,
+        _req: Request<v1::RetryWebhookDeliveryRequest>,
+    ) -> RpcResult<v1::WebhookDelivery> {
+        Err(Status::unimplemented("RetryWebhookDelivery is being built"))
+    }
 }
 
 /// `devgate.internal.v1.WebhookService`: events from the platform's services. The auth
@@ -571,6 +611,7 @@ pub fn event_to_proto(e: &Event) -> v1::Event {
         source: e.source.clone(),
         idempotency_id: e.idempotency_id.clone().unwrap_or_default(),
         create_time: Some(timestamp(e.create_time)),
+        deliveries: Vec::new(),
     }
 }
 

@@ -3,6 +3,7 @@
 //! validation and the delivery HTTP client).
 
 pub mod config;
+pub mod delivery;
 pub mod grpc;
 pub mod model;
 pub mod secret_box;
@@ -11,7 +12,7 @@ pub mod signing;
 pub mod ssrf;
 pub mod store;
 
-pub use config::WebhookSecurityConfig;
+pub use config::{RetrySchedule, WebhookDeliveryConfig, WebhookSecurityConfig};
 
 use crate::{auth::AuthError, db::StoreError, events::EventError, validation::Violations};
 

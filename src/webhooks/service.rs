@@ -422,6 +422,7 @@ impl Webhooks {
             payload: publish.payload,
             idempotency_id: Some(key),
             source: principal.actor(),
+            endpoint_id: None,
         };
         let (first, duplicate) = outbox::append(&mut conn, new.clone()).await?;
         if duplicate

@@ -57,6 +57,7 @@ fn new_event(tenant: TenantId, event_type: &str, key: Option<&str>) -> NewEvent 
         payload: json!({"api_key_id": "k_123", "n": 1}),
         idempotency_id: key.map(Into::into),
         source: "service:test".into(),
+        endpoint_id: None,
     }
 }
 
