@@ -233,6 +233,54 @@ impl Publisher {
     }
 }
 
+/// A [`Publisher`] shared by a process's tasks and RPCs: opened on first use, reopened after
+/// a failure (the next call reconnects).
+#[derive(Clone)]
+pub struct TaskQueue {
+    mq: Mq,
+    queues: Queues,
+    publisher: std::sync::Arc<tokio::sync::Mutex<Option<Publisher>>>,
+}
+
+impl TaskQueue {
+    pub fn new(mq: Mq) -> Self {
+        Self {
+            queues: Queues::new(&mq),
+            mq,
+            publisher: Default::default(),
+        }
+    }
+
+    pub fn queues(&self) -> &Queues {
+        &self.queues
+    }
+
+    pub fn mq(&self) -> &Mq {
+        &self.mq
+    }
+
+    /// [`Publisher::publish`] on the shared channel. On an error the channel is dropped, so
+    /// the next call opens a new one; the caller decides whether to retry.
+    pub async fn publish(&self, tasks: &[Task], delay: Option<Duration>) -> Result<(), MqError> {
+        if tasks.is_empty() {
+            return Ok(());
+        }
+        let mut slot = self.publisher.lock().await;
+        if !slot.as_ref().is_some_and(Publisher::is_usable) {
+            *slot = Some(Publisher::open(&self.mq, self.queues.clone()).await?);
+        }
+        let publisher = slot.as_mut().expect("opened above");
+        let result = publisher.publish(tasks, delay).await;
+        if result.is_err() {
+            *slot = None;
+            if matches!(result, Err(MqError::ConfirmTimeout(_))) {
+                self.mq.reset().await;
+            }
+        }
+        result
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
