@@ -238,6 +238,11 @@ impl Application {
         self.services.keys.verifier().clone()
     }
 
+    /// The process's RabbitMQ handle (tests delete the queues it declared).
+    pub fn mq(&self) -> Mq {
+        self.mq.clone()
+    }
+
     pub fn pool(&self) -> PgPool {
         self.pool.clone()
     }

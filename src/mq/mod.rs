@@ -96,6 +96,8 @@ pub enum MqError {
 pub struct Mq {
     config: Arc<MqConfig>,
     conn: Arc<Mutex<Option<Arc<Connection>>>>,
+    /// Every queue this process declared (see [`Mq::note_queue`]).
+    queues: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
 }
 
 impl fmt::Debug for Mq {
@@ -113,6 +115,7 @@ impl Mq {
         Self {
             config: Arc::new(config),
             conn: Arc::new(Mutex::new(None)),
+            queues: Default::default(),
         }
     }
 
@@ -128,6 +131,26 @@ impl Mq {
     /// A queue name under this deployment's prefix.
     pub fn queue_name(&self, name: &str) -> String {
         format!("{}.{name}", self.config.prefix)
+    }
+
+    /// Records that this process declared `queue`, so whoever tears a deployment down (the
+    /// tests, after each one) can delete every queue it used, including delay queues whose
+    /// names depend on the delays that occurred.
+    pub fn note_queue(&self, queue: &str) {
+        self.queues
+            .lock()
+            .expect("queue registry lock")
+            .insert(queue.to_string());
+    }
+
+    /// The queues declared so far (see [`Mq::note_queue`]).
+    pub fn declared_queues(&self) -> Vec<String> {
+        self.queues
+            .lock()
+            .expect("queue registry lock")
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// A new channel on the live connection, connecting (and declaring the topology) first

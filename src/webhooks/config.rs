@@ -75,7 +75,10 @@ mod tests {
         let s: RetrySchedule = "1m,5m,30m,2h,24h".parse().unwrap();
         assert_eq!(s.0.len(), 5);
         assert_eq!(s.0[4], MAX_RETRY_DELAY);
-        assert_eq!("".parse::<RetrySchedule>().unwrap().0, vec![]);
+        assert_eq!(
+            "".parse::<RetrySchedule>().unwrap().0,
+            Vec::<Duration>::new()
+        );
         assert!("25h".parse::<RetrySchedule>().is_err());
         assert!("1ms".parse::<RetrySchedule>().is_err());
         assert!("soon".parse::<RetrySchedule>().is_err());

@@ -84,8 +84,9 @@ impl Queues {
 
     /// Declares the fan-out queue (bound to every event) and the deliveries queue;
     /// idempotent, run on every (re)connect.
-    pub async fn declare(&self, channel: &Channel) -> Result<(), MqError> {
+    pub async fn declare(&self, mq: &Mq, channel: &Channel) -> Result<(), MqError> {
         for queue in [&self.fanout, &self.deliveries] {
+            mq.note_queue(queue);
             declare_queue(channel, queue, self.queue_type.arguments()).await?;
         }
         channel
@@ -140,6 +141,7 @@ pub fn jitter(base: Duration) -> Duration {
 
 /// Publishes tasks on one confirm-mode channel, declaring delay queues on first use.
 pub struct Publisher {
+    mq: Mq,
     channel: Channel,
     queues: Queues,
     declared: HashSet<u128>,
@@ -149,8 +151,9 @@ impl Publisher {
     /// A confirm-mode channel of `mq` (which connects if needed).
     pub async fn open(mq: &Mq, queues: Queues) -> Result<Self, MqError> {
         let channel = mq.confirm_channel().await?;
-        queues.declare(&channel).await?;
+        queues.declare(mq, &channel).await?;
         Ok(Self {
+            mq: mq.clone(),
             channel,
             queues,
             declared: HashSet::new(),
@@ -224,6 +227,7 @@ impl Publisher {
                 "x-dead-letter-routing-key".into(),
                 AMQPValue::LongString(LongString::from(self.queues.deliveries.as_str())),
             );
+            self.mq.note_queue(&name);
             if let Err(e) = declare_queue(&self.channel, &name, args).await {
                 self.declared.remove(&delay.as_millis());
                 return Err(e);

@@ -97,6 +97,12 @@ impl Settings {
             ("DEVGATE_USAGE_FLUSH_INTERVAL", "100ms"),
             ("DEVGATE_SHUTDOWN_GRACE", "2s"),
             ("DEVGATE_ENCRYPTION_KEYS", TEST_ENCRYPTION_KEYS),
+            // Every test its own exchange and queues (deleted when its World drops).
+            (
+                "DEVGATE_RABBITMQ_PREFIX",
+                &format!("devgate-test-{}", Uuid::new_v4().simple()),
+            ),
+            ("DEVGATE_WEBHOOK_ALLOWED_CIDRS", "127.0.0.0/8"),
             // Generous plan defaults, so tests that are not about rate limits never meet
             // them; rate-limit tests set small per-key limits.
             ("DEVGATE_PLAN_FREE", "100000/1000000/10000000/10000"),
@@ -124,6 +130,7 @@ pub struct TestApp {
     pub internal: SocketAddr,
     pub settings: Settings,
     verifier: Arc<KeyVerifier>,
+    mq: devgate::mq::Mq,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -137,6 +144,7 @@ impl TestApp {
         let public = app.public_addr().unwrap();
         let internal = app.internal_addr().unwrap();
         let verifier = app.key_verifier();
+        let mq = app.mq();
         let shutdown = app.shutdown_token();
         let task = tokio::spawn(app.run());
         TestApp {
@@ -144,6 +152,7 @@ impl TestApp {
             internal,
             settings,
             verifier,
+            mq,
             shutdown,
             task: Some(task),
         }
@@ -159,6 +168,11 @@ impl TestApp {
 
     pub fn invalidations_live(&self) -> bool {
         self.verifier.invalidations_live()
+    }
+
+    /// The instance's RabbitMQ handle (its prefix, the queues it declared).
+    pub fn mq(&self) -> &devgate::mq::Mq {
+        &self.mq
     }
 
     /// The instance's key verifier (argon2 run counter, test pause points).
@@ -245,6 +259,8 @@ impl World {
 impl Drop for World {
     fn drop(&mut self) {
         db::delete_redis_prefix(&self.prefix);
+        self.app.shutdown.cancel();
+        mq::delete_declared(self.app.mq());
     }
 }
 

@@ -2,7 +2,10 @@
 
 use devgate::mq::{Mq, QueueType};
 use lapin::{
-    options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
+    options::{
+        BasicConsumeOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+        QueueDeleteOptions,
+    },
     types::FieldTable,
 };
 
@@ -45,4 +48,34 @@ pub async fn bind_all(mq: &Mq, name: &str) -> (lapin::Channel, lapin::Consumer, 
         .await
         .unwrap();
     (channel, consumer, queue)
+}
+
+/// Deletes every queue `mq` declared and its events exchange (a World's teardown). Runs on a
+/// thread of its own: Drop runs inside the test's runtime.
+pub fn delete_declared(mq: &Mq) {
+    let (queues, exchange, config) = (
+        mq.declared_queues(),
+        mq.events_exchange(),
+        mq.config().clone(),
+    );
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let Ok(channel) = Mq::new(config).channel().await else {
+                return;
+            };
+            for queue in queues {
+                let _ = channel
+                    .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+            }
+            let _ = channel
+                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        });
+    })
+    .join();
 }
