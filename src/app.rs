@@ -26,7 +26,10 @@ use crate::{
     auth::jwt::JwtVerifier,
     config::Config,
     credits::{Credits, grpc::CreditsGrpc},
-    db::{self, PgPool, StoreError},
+    db::{
+        self, PgPool, StoreError,
+        batch::{BatchLog, BatchWriter},
+    },
     edge::client_ip::TrustedProxies,
     edge::{
         auth::{AuthLayer, Authenticator, Listener},
@@ -57,7 +60,12 @@ use crate::{
         grpc::UsageGrpc,
         service::{PlanChanged, Usage},
     },
-    webhooks::{grpc::WebhookGrpc, service::Webhooks, ssrf::Policy},
+    webhooks::{
+        delivery::{Attempt, fanout::FanOut, queue::TaskQueue, worker::DeliveryWorker},
+        grpc::WebhookGrpc,
+        service::Webhooks,
+        ssrf::{ClientTimeouts, GuardedClient, Policy},
+    },
 };
 
 /// The feature services both listeners serve (cheap to clone).
@@ -106,8 +114,12 @@ pub struct Application {
     request_log_writer: RequestLogWriter,
     invalidations: Invalidations,
     pool: PgPool,
-    /// RabbitMQ, connected on first use (the worker's relay).
+    /// RabbitMQ, connected on first use (the worker's relay, fan-out and deliveries).
     mq: Mq,
+    /// The worker's webhook pipeline.
+    delivery: DeliveryWorker,
+    fan_out: FanOut,
+    attempt_log_writer: BatchWriter<Attempt>,
     /// TLS of the internal listener (read at build, so a bad file stops the start).
     internal_tls: Option<ServerTlsConfig>,
     shutdown: CancellationToken,
@@ -119,6 +131,7 @@ impl Application {
     pub async fn build(config: Config, roles: Roles) -> anyhow::Result<Self> {
         let pool = db::pool(&config.database);
         let redis = Redis::connect(&config.redis)?;
+        let mq = Mq::new(config.rabbitmq.clone());
         let hasher = Arc::new(SecretHasher::new(
             config.api_keys.argon2,
             config.api_keys.hash_concurrency,
@@ -137,7 +150,7 @@ impl Application {
             redis.clone(),
             config.rate_limits.fail_closed,
         ));
-        let invalidations = Invalidations::new(redis);
+        let invalidations = Invalidations::new(redis.clone());
         let tenants = TenantDirectory::new(pool.clone());
         let (request_log, request_log_writer) = RequestLog::with_capacity(config.usage.buffer);
         // One compiled event catalog for every feature that emits events.
@@ -175,7 +188,7 @@ impl Application {
                 config.webhook_security.allowed_cidrs.clone(),
                 config.environment == crate::config::RunEnvironment::Production,
             ),
-            events,
+            events.clone(),
         ));
 
         let internal_tls = config
@@ -197,7 +210,32 @@ impl Application {
         } else {
             None
         };
-        let mq = Mq::new(config.rabbitmq.clone());
+        let delivery_client = GuardedClient::new(
+            Policy::new(
+                config.webhook_security.allowed_cidrs.clone(),
+                config.environment == crate::config::RunEnvironment::Production,
+            ),
+            ClientTimeouts {
+                total: config.webhook_delivery.timeout,
+                connect: config.webhook_delivery.timeout.min(Duration::from_secs(10)),
+            },
+        )?;
+        let (attempt_log, attempt_log_writer) = BatchLog::with_capacity(config.usage.buffer);
+        let delivery = DeliveryWorker::new(
+            pool.clone(),
+            TaskQueue::new(mq.clone()),
+            delivery_client,
+            config.webhook_security.encryption_keys.clone(),
+            config.webhook_delivery.clone(),
+            events.clone(),
+            attempt_log,
+            redis.clone(),
+        );
+        let fan_out = FanOut::new(
+            pool.clone(),
+            config.database.url.clone(),
+            TaskQueue::new(mq.clone()),
+        );
         Ok(Self {
             config,
             roles,
@@ -216,6 +254,9 @@ impl Application {
             invalidations,
             pool,
             mq,
+            delivery,
+            fan_out,
+            attempt_log_writer,
             internal_tls,
             shutdown: CancellationToken::new(),
         })
@@ -320,6 +361,37 @@ impl Application {
                 self.mq.clone(),
                 self.config.relay.clone(),
             );
+            let (fan_out, stop) = (self.fan_out.clone(), background.clone());
+            tasks.restartable("webhook fan-out", backoff, move || {
+                let (fan_out, stop) = (fan_out.clone(), stop.clone());
+                async move {
+                    fan_out.run(stop).await;
+                    Ok::<(), Infallible>(())
+                }
+            });
+            let (delivery, stop) = (self.delivery.clone(), background.clone());
+            tasks.restartable("webhook delivery", backoff, move || {
+                let (delivery, stop) = (delivery.clone(), stop.clone());
+                async move {
+                    delivery.run(stop).await;
+                    Ok::<(), Infallible>(())
+                }
+            });
+            let usage = &self.config.usage;
+            let writer = self.attempt_log_writer.run(
+                self.pool.clone(),
+                usage.flush_interval,
+                usage.batch_size,
+                background.clone(),
+            );
+            tasks.once("webhook attempt log writer", async move {
+                let stats = writer.await;
+                tracing::info!(
+                    rows = stats.rows_written,
+                    dropped = stats.rows_dropped,
+                    "webhook attempt log writer stopped"
+                );
+            });
             let stop = background.clone();
             tasks.restartable("outbox relay", backoff, move || {
                 let (relay, stop) = (relay.clone(), stop.clone());

@@ -1,6 +1,7 @@
 //! Postgres: the bb8 pool of diesel-async connections, embedded migrations, and the one
 //! mapping of diesel errors to [`StoreError`].
 
+pub mod batch;
 pub mod schema;
 
 use std::time::Duration;

@@ -87,6 +87,9 @@ pub enum MqError {
     /// The broker refused to take responsibility for a message (publisher confirm `nack`).
     #[error("RabbitMQ nacked message {message_id}")]
     Nacked { message_id: String },
+    /// The broker cancelled a consumer or closed its channel without an error.
+    #[error("the RabbitMQ consumer ended")]
+    ConsumerEnded,
     #[error("RabbitMQ did not confirm the publishes within {0:?}")]
     ConfirmTimeout(Duration),
 }

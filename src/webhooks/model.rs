@@ -316,6 +316,27 @@ pub fn enabled_payload(e: &WebhookEndpoint, actor: &str) -> Value {
     })
 }
 
+/// `webhook_endpoint.disabled` (by the delivery worker: `gone` or `consecutive_failures`).
+pub fn disabled_payload(
+    e: &WebhookEndpoint,
+    reason: &str,
+    consecutive_failures: Option<i32>,
+    last_status_code: Option<i32>,
+) -> Value {
+    let mut payload = json!({
+        "webhook_endpoint_id": e.id,
+        "url": e.url,
+        "event_types": e.event_types,
+        "reason": reason,
+        "last_status_code": last_status_code.filter(|c| (100..=599).contains(c)),
+        "disable_time": rfc3339(e.disabled_time.unwrap_or(e.update_time)),
+    });
+    if let Some(n) = consecutive_failures {
+        payload["consecutive_failures"] = json!(n.max(0));
+    }
+    payload
+}
+
 /// `webhook_endpoint.secret_rotated`.
 pub fn secret_rotated_payload(
     e: &WebhookEndpoint,

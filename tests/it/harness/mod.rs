@@ -5,6 +5,7 @@ pub mod db;
 pub mod envoy;
 pub mod mq;
 pub mod proxy;
+pub mod receiver;
 pub mod redis_cluster;
 pub mod redis_server;
 
