@@ -433,3 +433,44 @@ pub fn assert_refused(status: &tonic::Status, code: tonic::Code, reason: &str) {
         reason
     );
 }
+
+/// A `devgate worker` process (the real binary) with a test instance's settings: what a
+/// `kill -9` can hit. Killed when dropped.
+pub struct WorkerProcess {
+    child: std::process::Child,
+}
+
+impl WorkerProcess {
+    /// Starts the worker with `settings` (another database URL, e.g. through a proxy, may
+    /// be set there first).
+    pub fn spawn(settings: &Settings) -> WorkerProcess {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_devgate"));
+        command
+            .arg("worker")
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(&settings.vars)
+            .env(
+                "DEVGATE_LOG",
+                std::env::var("TEST_LOG").map_or("error".into(), |_| "info".to_string()),
+            )
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null());
+        WorkerProcess {
+            child: command.spawn().expect("spawn devgate worker"),
+        }
+    }
+
+    /// SIGKILL: no drain, no flush, no acks — a crash.
+    pub fn kill9(mut self) {
+        self.child.kill().expect("kill -9 the worker");
+        self.child.wait().expect("reap the worker");
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
