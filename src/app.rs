@@ -57,7 +57,7 @@ use crate::{
         grpc::UsageGrpc,
         service::{PlanChanged, Usage},
     },
-    webhooks::{grpc::WebhookGrpc, service::Webhooks, ssrf::Policy},
+    webhooks::{delivery::queue::TaskQueue, grpc::WebhookGrpc, service::Webhooks, ssrf::Policy},
 };
 
 /// The feature services both listeners serve (cheap to clone).
@@ -168,6 +168,7 @@ impl Application {
             plan_changed(verifier, invalidations.clone()),
         ));
         let credits = CreditsGrpc::new(credits, tenants);
+        let mq = Mq::new(config.rabbitmq.clone());
         let webhooks = Arc::new(Webhooks::new(
             pool.clone(),
             config.webhook_security.encryption_keys.clone(),
@@ -176,6 +177,7 @@ impl Application {
                 config.environment == crate::config::RunEnvironment::Production,
             ),
             events,
+            TaskQueue::new(mq.clone()),
         ));
 
         let internal_tls = config
@@ -197,7 +199,6 @@ impl Application {
         } else {
             None
         };
-        let mq = Mq::new(config.rabbitmq.clone());
         Ok(Self {
             config,
             roles,
