@@ -181,6 +181,8 @@ impl Application {
             plan_changed(verifier, invalidations.clone()),
         ));
         let credits = CreditsGrpc::new(credits, tenants);
+        // One shared task publisher: the RPCs (retry, recover) and the worker's retries.
+        let tasks = TaskQueue::new(mq.clone());
         let webhooks = Arc::new(Webhooks::new(
             pool.clone(),
             config.webhook_security.encryption_keys.clone(),
@@ -189,6 +191,7 @@ impl Application {
                 config.environment == crate::config::RunEnvironment::Production,
             ),
             events.clone(),
+            tasks.clone(),
         ));
 
         let internal_tls = config
@@ -223,7 +226,7 @@ impl Application {
         let (attempt_log, attempt_log_writer) = BatchLog::with_capacity(config.usage.buffer);
         let delivery = DeliveryWorker::new(
             pool.clone(),
-            TaskQueue::new(mq.clone()),
+            tasks.clone(),
             delivery_client,
             config.webhook_security.encryption_keys.clone(),
             config.webhook_delivery.clone(),

@@ -14,6 +14,7 @@ use crate::{
     credits::CreditError,
     db::StoreError,
     events::EventError,
+    mq::MqError,
     ratelimit::{RateLimitError, model::retry_after_secs},
     usage::service::UsageError,
     validation::Violations,
@@ -306,6 +307,20 @@ impl From<EventError> for Status {
     }
 }
 
+/// RabbitMQ down or not confirming: the caller may retry (what was queued before the
+/// failure is deduplicated by the consumers).
+impl From<MqError> for Status {
+    fn from(e: MqError) -> Self {
+        tracing::warn!(error = %e, "RabbitMQ unavailable");
+        retry_later(
+            Code::Unavailable,
+            "message queue temporarily unavailable",
+            "MESSAGE_QUEUE_UNAVAILABLE",
+            Duration::from_secs(1),
+        )
+    }
+}
+
 impl From<WebhookError> for Status {
     fn from(e: WebhookError) -> Self {
         match e {
@@ -315,6 +330,9 @@ impl From<WebhookError> for Status {
             }
             WebhookError::EventNotFound(_) => {
                 error_info(Code::NotFound, e.to_string(), "EVENT_NOT_FOUND")
+            }
+            WebhookError::DeliveryNotFound(_) => {
+                error_info(Code::NotFound, e.to_string(), "WEBHOOK_DELIVERY_NOT_FOUND")
             }
             WebhookError::FailedPrecondition(_) => error_info(
                 Code::FailedPrecondition,
@@ -341,6 +359,7 @@ impl From<WebhookError> for Status {
             WebhookError::Auth(a) => a.into(),
             WebhookError::Store(s) => s.into(),
             WebhookError::Event(ev) => ev.into(),
+            WebhookError::Mq(m) => m.into(),
             e @ (WebhookError::SecretBox(_) | WebhookError::Signing(_)) => internal(&e),
         }
     }

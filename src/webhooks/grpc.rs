@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use super::{
     WebhookError,
+    delivery::{Attempt, Delivery, DeliveryStatus, store::DeliveryFilter},
     model::{self, EndpointChanges, EndpointState, NewEndpoint, WebhookEndpoint},
     service::{MAX_ROTATION_GRACE, Publish, Webhooks},
 };
@@ -49,8 +50,15 @@ const MAX_EVENT_TYPE_NAME_LEN: usize = 200;
 pub const MAX_PAYLOAD_BYTES: usize = 256 * 1024;
 /// The longest idempotency id, in characters.
 const MAX_IDEMPOTENCY_ID_CHARS: usize = 200;
-/// The widest time window of a ListEvents call.
+/// The widest time window of a ListEvents or ListWebhookDeliveries call.
 const MAX_EVENT_WINDOW: chrono::TimeDelta = chrono::TimeDelta::days(93);
+/// How far back RecoverWebhookDeliveries reaches.
+const MAX_RECOVER_WINDOW: chrono::TimeDelta = chrono::TimeDelta::days(14);
+/// Clock skew and request latency forgiven at both ends of `since`: "14 days ago" computed
+/// by the caller is a little older when it arrives.
+const SINCE_SLACK: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
+/// The description of a malformed endpoint id.
+const ENDPOINT_ID: &str = "not a webhook endpoint id (a UUID)";
 
 #[tonic::async_trait]
 impl WebhookService for WebhookGrpc {
@@ -302,26 +310,7 @@ impl WebhookService for WebhookGrpc {
             "event_type",
             format!("at most {MAX_EVENT_TYPE_NAME_LEN} characters"),
         );
-        let mut time = |t: &Option<prost_types::Timestamp>, field: &str| {
-            let parsed = t.as_ref().map(from_timestamp);
-            if let Some(None) = parsed {
-                v.add(field, "not a valid timestamp");
-            }
-            parsed.flatten()
-        };
-        let start_time = time(&r.start_time, "start_time");
-        let end_time = time(&r.end_time, "end_time");
-        if let (Some(start), Some(end)) = (start_time, end_time) {
-            v.check(start < end, "end_time", "must be after start_time");
-            v.check(
-                end - start <= MAX_EVENT_WINDOW,
-                "end_time",
-                format!(
-                    "at most {} days after start_time",
-                    MAX_EVENT_WINDOW.num_days()
-                ),
-            );
-        }
+        let (start_time, end_time) = time_range(&r.start_time, &r.end_time, &mut v);
         v.into_result(()).map_err(WebhookError::from)?;
         let filter = EventFilter {
             event_type: (!event_type.is_empty()).then(|| event_type.to_string()),
@@ -338,7 +327,10 @@ impl WebhookService for WebhookGrpc {
             )
             .await?;
         Ok(Response::new(v1::ListEventsResponse {
-            events: events.iter().map(event_to_proto).collect(),
+            events: events
+                .iter()
+                .map(|e| event_with_deliveries(&e.event, &e.deliveries))
+                .collect(),
             next_page_token: next
                 .map(|(time, id)| pagination::encode_token(&EventCursor { time, id }))
                 .unwrap_or_default(),
@@ -351,48 +343,167 @@ impl WebhookService for WebhookGrpc {
         let id = Uuid::parse_str(req.get_ref().id.trim()).map_err(|_| {
             WebhookError::Invalid(Violations::one("id", "not an event id (a UUID)"))
         })?;
-        let event = self.webhooks.event(principal, id).await?;
-        Ok(Response::new(event_to_proto(&event)))
+        let logged = self.webhooks.event(principal, id).await?;
+        Ok(Response::new(event_with_deliveries(
+            &logged.event,
+            &logged.deliveries,
+        )))
     }
 
-    // Placeholders while the delivery RPCs are written (same branch, next commits).
     async fn send_test_event(
         &self,
-        _req: Request<v1::SendTestEventRequest>,
+        req: Request<v1::SendTestEventRequest>,
     ) -> RpcResult<v1::WebhookDelivery> {
-        Err(Status::unimplemented("SendTestEvent is being built"))
+        let principal = principal(&req)?;
+        authorize(principal, Scope::WebhooksWrite)?;
+        let r = req.get_ref();
+        let mut v = Violations::new();
+        let id = uuid_field(&r.id, "id", ENDPOINT_ID, &mut v);
+        let event_type = r.event_type.trim();
+        v.check(
+            event_type.len() <= MAX_EVENT_TYPE_NAME_LEN,
+            "event_type",
+            format!("at most {MAX_EVENT_TYPE_NAME_LEN} characters"),
+        );
+        let id = v.into_result(id).map_err(WebhookError::from)?;
+        let delivery = self
+            .webhooks
+            .send_test_event(
+                principal,
+                id.expect("valid when no violation"),
+                (!event_type.is_empty()).then_some(event_type),
+            )
+            .await?;
+        Ok(Response::new(delivery_to_proto(&delivery, &[])))
     }
 
     async fn recover_webhook_deliveries(
         &self,
-        _req: Request<v1::RecoverWebhookDeliveriesRequest>,
+        req: Request<v1::RecoverWebhookDeliveriesRequest>,
     ) -> RpcResult<v1::RecoverWebhookDeliveriesResponse> {
-        Err(Status::unimplemented(
-            "RecoverWebhookDeliveries is being built",
-        ))
+        let principal = principal(&req)?;
+        authorize(principal, Scope::WebhooksWrite)?;
+        let r = req.get_ref();
+        let mut v = Violations::new();
+        let id = uuid_field(&r.id, "id", ENDPOINT_ID, &mut v);
+        let now = chrono::Utc::now();
+        let since = match r.since.as_ref().map(from_timestamp) {
+            None => {
+                v.add(
+                    "since",
+                    "required: recover failed deliveries created since when",
+                );
+                None
+            }
+            Some(None) => {
+                v.add("since", "not a valid timestamp");
+                None
+            }
+            Some(Some(t)) if t > now + SINCE_SLACK => {
+                v.add("since", "must not be in the future");
+                None
+            }
+            Some(Some(t)) if now - t > MAX_RECOVER_WINDOW + SINCE_SLACK => {
+                v.add(
+                    "since",
+                    format!("at most {} days ago", MAX_RECOVER_WINDOW.num_days()),
+                );
+                None
+            }
+            Some(Some(t)) => Some(t),
+        };
+        let (id, since) = v.into_result((id, since)).map_err(WebhookError::from)?;
+        let recovered = self
+            .webhooks
+            .recover(
+                principal,
+                id.expect("valid when no violation"),
+                since.expect("valid when no violation"),
+            )
+            .await?;
+        Ok(Response::new(v1::RecoverWebhookDeliveriesResponse {
+            recovered: i32::try_from(recovered).unwrap_or(i32::MAX),
+        }))
     }
 
     async fn list_webhook_deliveries(
         &self,
-        _req: Request<v1::ListWebhookDeliveriesRequest>,
+        req: Request<v1::ListWebhookDeliveriesRequest>,
     ) -> RpcResult<v1::ListWebhookDeliveriesResponse> {
-        Err(Status::unimplemented(
-            "ListWebhookDeliveries is being built",
-        ))
+        let principal = principal(&req)?;
+        authorize(principal, Scope::WebhooksRead)?;
+        let r = req.get_ref();
+        let mut v = Violations::new();
+        let id = uuid_field(&r.webhook_id, "webhook_id", ENDPOINT_ID, &mut v);
+        let page_size = pagination::page_size(r.page_size, &mut v);
+        let before: Option<DeliveryCursor> = pagination::decode_token(&r.page_token, &mut v);
+        let status = match v1::WebhookDeliveryStatus::try_from(r.status) {
+            Ok(v1::WebhookDeliveryStatus::Unspecified) => None,
+            Ok(v1::WebhookDeliveryStatus::Pending) => Some(DeliveryStatus::Pending),
+            Ok(v1::WebhookDeliveryStatus::Succeeded) => Some(DeliveryStatus::Succeeded),
+            Ok(v1::WebhookDeliveryStatus::Failed) => Some(DeliveryStatus::Failed),
+            Err(_) => {
+                v.add("status", format!("unknown status {}", r.status));
+                None
+            }
+        };
+        let event_type = r.event_type.trim();
+        v.check(
+            event_type.len() <= MAX_EVENT_TYPE_NAME_LEN,
+            "event_type",
+            format!("at most {MAX_EVENT_TYPE_NAME_LEN} characters"),
+        );
+        let (start_time, end_time) = time_range(&r.start_time, &r.end_time, &mut v);
+        let id = v.into_result(id).map_err(WebhookError::from)?;
+        let filter = DeliveryFilter {
+            status,
+            event_type: (!event_type.is_empty()).then(|| event_type.to_string()),
+            start_time,
+            end_time,
+        };
+        let page = self
+            .webhooks
+            .deliveries(
+                principal,
+                id.expect("valid when no violation"),
+                &filter,
+                before.map(|c| c.before),
+                page_size,
+            )
+            .await?;
+        Ok(Response::new(v1::ListWebhookDeliveriesResponse {
+            deliveries: page
+                .deliveries
+                .iter()
+                .map(|d| delivery_to_proto(d, &[]))
+                .collect(),
+            next_page_token: page
+                .next
+                .map(|before| pagination::encode_token(&DeliveryCursor { before }))
+                .unwrap_or_default(),
+        }))
     }
 
     async fn get_webhook_delivery(
         &self,
-        _req: Request<v1::GetWebhookDeliveryRequest>,
+        req: Request<v1::GetWebhookDeliveryRequest>,
     ) -> RpcResult<v1::WebhookDelivery> {
-        Err(Status::unimplemented("GetWebhookDelivery is being built"))
+        let principal = principal(&req)?;
+        authorize(principal, Scope::WebhooksRead)?;
+        let (webhook_id, id) = delivery_ids(&req.get_ref().webhook_id, &req.get_ref().id)?;
+        let (delivery, attempts) = self.webhooks.delivery(principal, webhook_id, id).await?;
+        Ok(Response::new(delivery_to_proto(&delivery, &attempts)))
     }
 
     async fn retry_webhook_delivery(
         &self,
-        _req: Request<v1::RetryWebhookDeliveryRequest>,
+        req: Request<v1::RetryWebhookDeliveryRequest>,
     ) -> RpcResult<v1::WebhookDelivery> {
-        Err(Status::unimplemented("RetryWebhookDelivery is being built"))
+        let principal = principal(&req)?;
+        authorize(principal, Scope::WebhooksWrite)?;
+        let (webhook_id, id) = delivery_ids(&req.get_ref().webhook_id, &req.get_ref().id)?;
+        let delivery = self.webhooks.retry(principal, webhook_id, id).await?;
+        Ok(Response::new(delivery_to_proto(&delivery, &[])))
     }
 }
 
@@ -539,6 +650,12 @@ struct EventCursor {
     id: Uuid,
 }
 
+/// The keyset position of a delivery listing: ids below this one come next.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct DeliveryCursor {
+    before: Uuid,
+}
+
 #[derive(serde::Serialize, serde::Deserialize)]
 struct EventTypeCursor {
     after: String,
@@ -554,9 +671,59 @@ fn authorize(principal: &Principal, scope: Scope) -> Result<(), Status> {
 
 /// Endpoint ids are UUIDs; anything else is a bad request, not a missing endpoint.
 fn endpoint_id(raw: &str, field: &str) -> Result<Uuid, Status> {
-    Uuid::parse_str(raw.trim()).map_err(|_| {
-        WebhookError::Invalid(Violations::one(field, "not a webhook endpoint id (a UUID)")).into()
-    })
+    Uuid::parse_str(raw.trim())
+        .map_err(|_| WebhookError::Invalid(Violations::one(field, ENDPOINT_ID)).into())
+}
+
+/// A UUID field, or its violation.
+fn uuid_field(raw: &str, field: &str, description: &str, v: &mut Violations) -> Option<Uuid> {
+    let id = Uuid::parse_str(raw.trim()).ok();
+    v.check(id.is_some(), field, description);
+    id
+}
+
+/// The (webhook_id, id) of a delivery request, both checked in one answer.
+fn delivery_ids(webhook_id: &str, id: &str) -> Result<(Uuid, Uuid), Status> {
+    let mut v = Violations::new();
+    let webhook_id = uuid_field(webhook_id, "webhook_id", ENDPOINT_ID, &mut v);
+    let id = uuid_field(id, "id", "not a webhook delivery id (a UUID)", &mut v);
+    let ids = v
+        .into_result(webhook_id.zip(id))
+        .map_err(WebhookError::from)?;
+    Ok(ids.expect("both valid when no violation"))
+}
+
+/// `start_time` (inclusive) and `end_time` (exclusive) of a listing: valid timestamps,
+/// in order, at most [`MAX_EVENT_WINDOW`] apart.
+fn time_range(
+    start: &Option<prost_types::Timestamp>,
+    end: &Option<prost_types::Timestamp>,
+    v: &mut Violations,
+) -> (
+    Option<chrono::DateTime<chrono::Utc>>,
+    Option<chrono::DateTime<chrono::Utc>>,
+) {
+    let mut time = |t: &Option<prost_types::Timestamp>, field: &str| {
+        let parsed = t.as_ref().map(from_timestamp);
+        if let Some(None) = parsed {
+            v.add(field, "not a valid timestamp");
+        }
+        parsed.flatten()
+    };
+    let start_time = time(start, "start_time");
+    let end_time = time(end, "end_time");
+    if let (Some(start), Some(end)) = (start_time, end_time) {
+        v.check(start < end, "end_time", "must be after start_time");
+        v.check(
+            end - start <= MAX_EVENT_WINDOW,
+            "end_time",
+            format!(
+                "at most {} days after start_time",
+                MAX_EVENT_WINDOW.num_days()
+            ),
+        );
+    }
+    (start_time, end_time)
 }
 
 fn to_btree(h: &std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
@@ -604,6 +771,11 @@ fn event_type_to_proto(t: &EventType) -> v1::EventType {
 }
 
 pub fn event_to_proto(e: &Event) -> v1::Event {
+    event_with_deliveries(e, &[])
+}
+
+/// An event of the log with the state of its delivery to each endpoint.
+fn event_with_deliveries(e: &Event, deliveries: &[Delivery]) -> v1::Event {
     v1::Event {
         id: e.id.to_string(),
         event_type: e.event_type.clone(),
@@ -611,7 +783,61 @@ pub fn event_to_proto(e: &Event) -> v1::Event {
         source: e.source.clone(),
         idempotency_id: e.idempotency_id.clone().unwrap_or_default(),
         create_time: Some(timestamp(e.create_time)),
-        deliveries: Vec::new(),
+        deliveries: deliveries
+            .iter()
+            .map(|d| v1::EventDelivery {
+                webhook_id: d.endpoint_id.to_string(),
+                delivery_id: d.id.to_string(),
+                status: status_to_proto(d.status) as i32,
+                attempts: d.attempts,
+                last_attempt_time: opt_timestamp(d.last_attempt_time),
+            })
+            .collect(),
+    }
+}
+
+fn status_to_proto(s: DeliveryStatus) -> v1::WebhookDeliveryStatus {
+    match s {
+        DeliveryStatus::Pending => v1::WebhookDeliveryStatus::Pending,
+        DeliveryStatus::Succeeded => v1::WebhookDeliveryStatus::Succeeded,
+        DeliveryStatus::Failed => v1::WebhookDeliveryStatus::Failed,
+    }
+}
+
+/// A delivery, with its attempt log when `attempts` holds it (GetWebhookDelivery only).
+fn delivery_to_proto(d: &Delivery, attempts: &[Attempt]) -> v1::WebhookDelivery {
+    v1::WebhookDelivery {
+        id: d.id.to_string(),
+        webhook_id: d.endpoint_id.to_string(),
+        event_id: d.event_id.to_string(),
+        event_type: d.event_type.clone(),
+        status: status_to_proto(d.status) as i32,
+        attempts: d.attempts,
+        next_attempt_time: opt_timestamp(
+            d.next_attempt_time
+                .filter(|_| d.status == DeliveryStatus::Pending),
+        ),
+        last_attempt_time: opt_timestamp(d.last_attempt_time),
+        last_status_code: d.last_status_code.unwrap_or(0),
+        last_error: d.last_error.clone().unwrap_or_default(),
+        create_time: Some(timestamp(d.create_time)),
+        update_time: Some(timestamp(d.update_time)),
+        attempt_log: attempts.iter().map(attempt_to_proto).collect(),
+    }
+}
+
+fn attempt_to_proto(a: &Attempt) -> v1::WebhookAttempt {
+    v1::WebhookAttempt {
+        attempt: a.attempt,
+        attempt_time: Some(timestamp(a.attempt_time)),
+        url: a.url.clone(),
+        status_code: a.status_code.unwrap_or(0),
+        response_headers: a.response_headers.iter().cloned().collect(),
+        response_body: a.response_body.clone(),
+        latency_ms: a.latency_ms,
+        error_kind: a.error_kind.map(|k| k.as_str()).unwrap_or_default().into(),
+        error_message: a.error_message.clone().unwrap_or_default(),
+        trigger: if a.manual { "manual" } else { "scheduled" }.into(),
     }
 }
 

@@ -14,7 +14,9 @@ pub mod store;
 
 pub use config::{RetrySchedule, WebhookDeliveryConfig, WebhookSecurityConfig};
 
-use crate::{auth::AuthError, db::StoreError, events::EventError, validation::Violations};
+use crate::{
+    auth::AuthError, db::StoreError, events::EventError, mq::MqError, validation::Violations,
+};
 
 /// Everything that can go wrong managing endpoints; mapped to a gRPC status in
 /// `crate::status`.
@@ -26,6 +28,8 @@ pub enum WebhookError {
     NotFound(String),
     #[error("event {0} not found")]
     EventNotFound(String),
+    #[error("webhook delivery {0} not found")]
+    DeliveryNotFound(String),
     #[error("{0}")]
     FailedPrecondition(String),
     /// No key ring: secrets can be neither stored nor read.
@@ -45,6 +49,9 @@ pub enum WebhookError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Event(#[from] EventError),
+    /// RabbitMQ did not take a delivery task (RetryWebhookDelivery, RecoverWebhookDeliveries).
+    #[error(transparent)]
+    Mq(#[from] MqError),
     #[error("secret at rest: {0}")]
     SecretBox(#[from] secret_box::SecretBoxError),
     #[error("secret: {0}")]

@@ -1,8 +1,10 @@
 //! Endpoint management: the rules (tenancy, the per-tenant limit, secrets sealed at rest,
 //! rotation grace) between the gRPC layer and the store. Every change writes its
 //! `webhook_endpoint.*` event to the outbox in the same transaction.
+//! The delivery RPCs read the delivery tables and hand manual attempts to the delivery
+//! workers through RabbitMQ ([`TaskQueue`]); the event log shows each event's deliveries.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 use diesel_async::AsyncConnection;
@@ -10,6 +12,11 @@ use uuid::Uuid;
 
 use super::{
     WebhookError,
+    delivery::{
+        Attempt, Delivery,
+        queue::{Task, TaskQueue},
+        store::{self as deliveries, DeliveryFilter},
+    },
     model::{self, EndpointChanges, EndpointState, NewEndpoint, WebhookEndpoint},
     secret_box::{KeyRing, row_context},
     signing::Secret,
@@ -32,11 +39,30 @@ use crate::{
 pub const DEFAULT_ROTATION_GRACE: Duration = Duration::from_secs(24 * 3600);
 /// Longest grace a rotation may ask for.
 pub const MAX_ROTATION_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The event type SendTestEvent sends when the request names none.
+pub const DEFAULT_TEST_EVENT_TYPE: &str = "webhook.test";
+/// Most deliveries one RecoverWebhookDeliveries call queues again (documented in the proto):
+/// bounds the call's work; a caller recovers more by calling again with a later `since`.
+pub const MAX_RECOVER: i64 = 10_000;
+/// Tasks per confirmed publish while recovering.
+const RECOVER_CHUNK: usize = 500;
 
 /// One page of endpoints and the id to continue before.
 pub struct Page {
     pub endpoints: Vec<WebhookEndpoint>,
     pub next: Option<Uuid>,
+}
+
+/// One page of an endpoint's deliveries and the id to continue before.
+pub struct DeliveryPage {
+    pub deliveries: Vec<Delivery>,
+    pub next: Option<Uuid>,
+}
+
+/// An event of the log with its delivery to each endpoint it was sent to.
+pub struct LoggedEvent {
+    pub event: Event,
+    pub deliveries: Vec<Delivery>,
 }
 
 /// A secret shown to the tenant, and the rotated-out one's grace end while it lasts.
@@ -51,15 +77,24 @@ pub struct Webhooks {
     policy: Policy,
     /// Checks and appends the `webhook_endpoint.*` events; holds the compiled catalog.
     emitter: Arc<Emitter>,
+    /// Queues manual delivery attempts (retry, recover) for the delivery workers.
+    tasks: TaskQueue,
 }
 
 impl Webhooks {
-    pub fn new(pool: PgPool, keys: Option<KeyRing>, policy: Policy, emitter: Arc<Emitter>) -> Self {
+    pub fn new(
+        pool: PgPool,
+        keys: Option<KeyRing>,
+        policy: Policy,
+        emitter: Arc<Emitter>,
+        tasks: TaskQueue,
+    ) -> Self {
         Self {
             pool,
             keys,
             policy,
             emitter,
+            tasks,
         }
     }
 
@@ -440,14 +475,15 @@ impl Webhooks {
         Ok((first, duplicate))
     }
 
-    /// One page of the tenant's event log, newest first, and the position to continue from.
+    /// One page of the tenant's event log, newest first, each event with its deliveries,
+    /// and the position to continue from.
     pub async fn events(
         &self,
         principal: &Principal,
         filter: &EventFilter,
         before: Option<Position>,
         page_size: i64,
-    ) -> Result<(Vec<Event>, Option<Position>), WebhookError> {
+    ) -> Result<(Vec<LoggedEvent>, Option<Position>), WebhookError> {
         let tenant = principal.tenant_with(Scope::WebhooksRead)?;
         let mut conn = db::connect(&self.pool).await?;
         let mut events = outbox::list(&mut conn, tenant, filter, before, page_size + 1).await?;
@@ -457,19 +493,216 @@ impl Webhooks {
         } else {
             None
         };
+        let events = with_deliveries(&mut conn, tenant, events).await?;
         Ok((events, next))
     }
 
-    /// One event of the tenant; another tenant's id is not found, like a missing one.
-    pub async fn event(&self, principal: &Principal, id: Uuid) -> Result<Event, WebhookError> {
+    /// One event of the tenant with its deliveries; another tenant's id is not found, like
+    /// a missing one.
+    pub async fn event(
+        &self,
+        principal: &Principal,
+        id: Uuid,
+    ) -> Result<LoggedEvent, WebhookError> {
         let tenant = principal.tenant_with(Scope::WebhooksRead)?;
         let mut conn = db::connect(&self.pool).await?;
-        outbox::get(&mut conn, tenant, id)
+        let event = outbox::get(&mut conn, tenant, id)
             .await
             .map_err(|e| match e {
                 StoreError::NotFound => WebhookError::EventNotFound(id.to_string()),
                 other => other.into(),
+            })?;
+        let mut events = with_deliveries(&mut conn, tenant, vec![event]).await?;
+        Ok(events.pop().expect("one event in, one out"))
+    }
+
+    /// SendTestEvent: a sample of `event_type` (default `webhook.test`) for this endpoint
+    /// only, and its pending delivery, in one transaction. The fan-out, when the event
+    /// reaches it, finds the delivery (pending, no attempt yet) and queues its first attempt;
+    /// nothing is queued here, so the attempt never races the event's commit.
+    pub async fn send_test_event(
+        &self,
+        principal: &Principal,
+        endpoint_id: Uuid,
+        event_type: Option<&str>,
+    ) -> Result<Delivery, WebhookError> {
+        let tenant = principal.tenant_with(Scope::WebhooksWrite)?;
+        let event_type = event_type.unwrap_or(DEFAULT_TEST_EVENT_TYPE);
+        let mut conn = db::connect(&self.pool).await?;
+        let sample = match catalog::get(&mut conn, event_type).await {
+            Ok(t) => t.sample,
+            Err(StoreError::NotFound) => {
+                return Err(Violations::one(
+                    "event_type",
+                    format!("{} is not a type of the event catalog", quote(event_type)),
+                )
+                .into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let source = principal.actor();
+        let delivery = conn
+            .transaction::<_, WebhookError, _>(async |c| {
+                // Locked so a concurrent delete cannot slip between the check and the insert.
+                store::get_for_update(c, tenant, endpoint_id)
+                    .await
+                    .map_err(|e| not_found(e, endpoint_id))?;
+                let (event, _) = outbox::append(
+                    c,
+                    NewEvent {
+                        tenant,
+                        event_type: event_type.to_string(),
+                        payload: sample,
+                        idempotency_id: None,
+                        source,
+                        endpoint_id: Some(endpoint_id),
+                    },
+                )
+                .await?;
+                Ok(deliveries::insert_pending(
+                    c,
+                    Uuid::now_v7(),
+                    tenant,
+                    endpoint_id,
+                    event.id,
+                    &event.event_type,
+                    event.create_time,
+                )
+                .await?)
             })
+            .await?;
+        tracing::info!(tenant = %tenant, webhook_endpoint_id = %endpoint_id, webhook_delivery_id = %delivery.id, event_type, "test event sent");
+        Ok(delivery)
+    }
+
+    /// One page of an endpoint's deliveries, newest first.
+    pub async fn deliveries(
+        &self,
+        principal: &Principal,
+        endpoint_id: Uuid,
+        filter: &DeliveryFilter,
+        before: Option<Uuid>,
+        page_size: i64,
+    ) -> Result<DeliveryPage, WebhookError> {
+        let tenant = principal.tenant_with(Scope::WebhooksRead)?;
+        let mut conn = db::connect(&self.pool).await?;
+        // An empty page must not tell a foreign endpoint from one without deliveries.
+        store::get(&mut conn, tenant, endpoint_id)
+            .await
+            .map_err(|e| not_found(e, endpoint_id))?;
+        let mut found = deliveries::list(
+            &mut conn,
+            tenant,
+            endpoint_id,
+            filter,
+            before,
+            page_size + 1,
+        )
+        .await?;
+        let next = if found.len() as i64 > page_size {
+            found.truncate(page_size as usize);
+            found.last().map(|d| d.id)
+        } else {
+            None
+        };
+        Ok(DeliveryPage {
+            deliveries: found,
+            next,
+        })
+    }
+
+    /// One delivery of the endpoint with every attempt, oldest first.
+    pub async fn delivery(
+        &self,
+        principal: &Principal,
+        endpoint_id: Uuid,
+        id: Uuid,
+    ) -> Result<(Delivery, Vec<Attempt>), WebhookError> {
+        let tenant = principal.tenant_with(Scope::WebhooksRead)?;
+        let mut conn = db::connect(&self.pool).await?;
+        let delivery = deliveries::get(&mut conn, tenant, endpoint_id, id)
+            .await
+            .map_err(|e| delivery_not_found(e, id))?;
+        let attempts = deliveries::attempts(&mut conn, tenant, id).await?;
+        Ok((delivery, attempts))
+    }
+
+    /// RetryWebhookDelivery: queues the delivery's next attempt now, as a manual one (the
+    /// worker runs it whatever the status; a failure leaves a failed delivery failed and a
+    /// pending one on its schedule). Returns the delivery as it is before that attempt.
+    pub async fn retry(
+        &self,
+        principal: &Principal,
+        endpoint_id: Uuid,
+        id: Uuid,
+    ) -> Result<Delivery, WebhookError> {
+        let tenant = principal.tenant_with(Scope::WebhooksWrite)?;
+        let delivery = {
+            let mut conn = db::connect(&self.pool).await?;
+            let endpoint = store::get(&mut conn, tenant, endpoint_id)
+                .await
+                .map_err(|e| not_found(e, endpoint_id))?;
+            let delivery = deliveries::get(&mut conn, tenant, endpoint_id, id)
+                .await
+                .map_err(|e| delivery_not_found(e, id))?;
+            // A test event goes to its endpoint even while it is disabled; nothing else does.
+            if endpoint.state() == EndpointState::Disabled
+                && deliveries::event_target(&mut conn, tenant, delivery.event_id).await?
+                    != Some(endpoint_id)
+            {
+                return Err(disabled(endpoint_id));
+            }
+            delivery
+        };
+        // No connection is held while RabbitMQ confirms.
+        self.tasks
+            .publish(
+                &[Task {
+                    delivery_id: delivery.id,
+                    attempt: delivery.attempts + 1,
+                    manual: true,
+                }],
+                None,
+            )
+            .await?;
+        tracing::info!(tenant = %tenant, webhook_endpoint_id = %endpoint_id, webhook_delivery_id = %id, attempt = delivery.attempts + 1, "manual delivery attempt queued");
+        Ok(delivery)
+    }
+
+    /// RecoverWebhookDeliveries: queues one manual attempt for each failed delivery of the
+    /// endpoint created at or after `since` (oldest first, at most [`MAX_RECOVER`]); returns
+    /// how many. If RabbitMQ fails midway the call fails, and calling again is safe: a task
+    /// for an attempt already made is dropped by the worker.
+    pub async fn recover(
+        &self,
+        principal: &Principal,
+        endpoint_id: Uuid,
+        since: DateTime<Utc>,
+    ) -> Result<usize, WebhookError> {
+        let tenant = principal.tenant_with(Scope::WebhooksWrite)?;
+        let failed = {
+            let mut conn = db::connect(&self.pool).await?;
+            let endpoint = store::get(&mut conn, tenant, endpoint_id)
+                .await
+                .map_err(|e| not_found(e, endpoint_id))?;
+            if endpoint.state() == EndpointState::Disabled {
+                return Err(disabled(endpoint_id));
+            }
+            deliveries::failed_since(&mut conn, tenant, endpoint_id, since, MAX_RECOVER).await?
+        };
+        let tasks: Vec<Task> = failed
+            .iter()
+            .map(|&(delivery_id, attempts)| Task {
+                delivery_id,
+                attempt: attempts + 1,
+                manual: true,
+            })
+            .collect();
+        for chunk in tasks.chunks(RECOVER_CHUNK) {
+            self.tasks.publish(chunk, None).await?;
+        }
+        tracing::info!(tenant = %tenant, webhook_endpoint_id = %endpoint_id, recovered = tasks.len(), since = %since, "failed deliveries queued again");
+        Ok(tasks.len())
     }
 }
 
@@ -497,6 +730,39 @@ fn same_json(a: &serde_json::Value, b: &serde_json::Value) -> bool {
                     .all(|(k, xv)| y.get(k).is_some_and(|yv| same_json(xv, yv)))
         }
         _ => a == b,
+    }
+}
+
+/// Pairs each event with its deliveries (one query for the whole page).
+async fn with_deliveries(
+    conn: &mut diesel_async::AsyncPgConnection,
+    tenant: TenantId,
+    events: Vec<Event>,
+) -> Result<Vec<LoggedEvent>, WebhookError> {
+    let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+    let mut by_event: HashMap<Uuid, Vec<Delivery>> = HashMap::new();
+    for d in deliveries::for_events(conn, tenant, &ids).await? {
+        by_event.entry(d.event_id).or_default().push(d);
+    }
+    Ok(events
+        .into_iter()
+        .map(|event| LoggedEvent {
+            deliveries: by_event.remove(&event.id).unwrap_or_default(),
+            event,
+        })
+        .collect())
+}
+
+fn disabled(endpoint_id: Uuid) -> WebhookError {
+    WebhookError::FailedPrecondition(format!(
+        "webhook endpoint {endpoint_id} is disabled: enable it first (EnableWebhookEndpoint)"
+    ))
+}
+
+fn delivery_not_found(e: StoreError, id: Uuid) -> WebhookError {
+    match e {
+        StoreError::NotFound => WebhookError::DeliveryNotFound(id.to_string()),
+        other => other.into(),
     }
 }
 

@@ -30,6 +30,7 @@ mod rotation;
 mod transactions;
 mod usage;
 mod usage_log;
+mod webhook_deliveries;
 mod webhook_delivery;
 mod webhook_signing;
 mod webhook_ssrf;

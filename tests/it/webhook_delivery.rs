@@ -135,8 +135,13 @@ async fn attempt_log(app: &TestApp, event: &str) -> Vec<(i32, Option<i32>, Optio
         .unwrap()
 }
 
+/// Deliveries may reach the receiver on 127.0.0.1 (as in the local stack).
+fn local(s: Settings) -> Settings {
+    s.set("DEVGATE_WEBHOOK_ALLOWED_CIDRS", "127.0.0.0/8")
+}
+
 fn retrying(s: Settings) -> Settings {
-    s.set("DEVGATE_WEBHOOK_RETRY_SCHEDULE", "200ms,400ms")
+    local(s).set("DEVGATE_WEBHOOK_RETRY_SCHEDULE", "200ms,400ms")
 }
 
 #[tokio::test]
@@ -334,7 +339,8 @@ async fn gone_disables_at_once_and_the_other_endpoints_hear_of_it() {
 #[tokio::test]
 async fn consecutive_exhausted_deliveries_disable_the_endpoint_until_enabled() {
     let world = World::with(|s| {
-        s.set("DEVGATE_WEBHOOK_RETRY_SCHEDULE", "100ms")
+        local(s)
+            .set("DEVGATE_WEBHOOK_RETRY_SCHEDULE", "100ms")
             .set("DEVGATE_WEBHOOK_DISABLE_AFTER", "2")
     })
     .await;
@@ -405,7 +411,7 @@ async fn consecutive_exhausted_deliveries_disable_the_endpoint_until_enabled() {
 
 #[tokio::test]
 async fn both_secrets_sign_during_a_rotation_grace_then_only_the_new_one() {
-    let world = World::new().await;
+    let world = World::with(local).await;
     let receiver = Receiver::start().await;
     let tenant = Uuid::new_v4();
     let (id, old) = endpoint(
@@ -462,7 +468,7 @@ async fn both_secrets_sign_during_a_rotation_grace_then_only_the_new_one() {
 
 #[tokio::test]
 async fn the_endpoint_rate_limit_spreads_deliveries_without_failures() {
-    let world = World::new().await;
+    let world = World::with(local).await;
     let receiver = Receiver::start().await;
     let tenant = Uuid::new_v4();
     let (id, secret) = endpoint(

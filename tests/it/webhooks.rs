@@ -18,10 +18,18 @@ use tonic::{Code, transport::Channel};
 use tonic_types::StatusExt;
 use uuid::Uuid;
 
+use devgate::app::Roles;
+
 use crate::harness::{envoy::Edge, *};
 
 /// A public address: IP literals need no DNS (the test machine has none) and pass the guard.
 const URL: &str = "https://93.184.215.14/hooks/devgate";
+
+/// These tests are about the API: no worker, so nothing is ever sent to their endpoints'
+/// (public) URLs.
+async fn api_only() -> World {
+    World::with_roles(Roles::API, |s| s).await
+}
 
 async fn client(app: &TestApp) -> WebhookServiceClient<Channel> {
     WebhookServiceClient::new(channel(app.public).await)
@@ -112,7 +120,7 @@ fn unix(rfc3339: &Value) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_every_rest_path_through_envoy() {
-    let e = Edge::start().await;
+    let e = Edge::on(api_only().await).await;
     let tenant = Uuid::new_v4();
     let token = admin_token(tenant);
     use Method as M;
@@ -375,7 +383,7 @@ async fn webhooks_every_rest_path_through_envoy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_tenant_isolation_scopes_and_grpcurl() {
-    let w = World::new().await;
+    let w = api_only().await;
     let app = &w.app;
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
     let (admin_a, admin_b) = (admin_token(a), admin_token(b));
@@ -640,7 +648,7 @@ async fn webhooks_tenant_isolation_scopes_and_grpcurl() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_validation_limits_and_events() {
-    let w = World::new().await;
+    let w = api_only().await;
     let app = &w.app;
     let tenant = Uuid::new_v4();
     let token = admin_token(tenant);
@@ -854,7 +862,7 @@ async fn webhooks_validation_limits_and_events() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_event_types_page_through_the_catalog() {
-    let w = World::new().await;
+    let w = api_only().await;
     let token = admin_token(Uuid::new_v4());
     let mut c = client(&w.app).await;
     let mut conn = db(&w.app).await;

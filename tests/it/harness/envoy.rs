@@ -143,7 +143,11 @@ pub struct Edge {
 
 impl Edge {
     pub async fn start() -> Edge {
-        let world = super::World::new().await;
+        Self::on(super::World::new().await).await
+    }
+
+    /// Envoy in front of a world the test built (e.g. an API-only one).
+    pub async fn on(world: super::World) -> Edge {
         let envoy = Envoy::start(world.app.public).await;
         let base = envoy.base.clone();
         Edge {

@@ -103,7 +103,6 @@ impl Settings {
                 "DEVGATE_RABBITMQ_PREFIX",
                 &format!("devgate-test-{}", Uuid::new_v4().simple()),
             ),
-            ("DEVGATE_WEBHOOK_ALLOWED_CIDRS", "127.0.0.0/8"),
             // Generous plan defaults, so tests that are not about rate limits never meet
             // them; rate-limit tests set small per-key limits.
             ("DEVGATE_PLAN_FREE", "100000/1000000/10000000/10000"),
@@ -138,8 +137,14 @@ pub struct TestApp {
 
 impl TestApp {
     pub async fn spawn(settings: Settings) -> TestApp {
+        Self::spawn_as(settings, Roles::ALL).await
+    }
+
+    /// An instance with only `roles`: with `Roles::API` no relay, fan-out or delivery worker
+    /// runs, so a test owns the outbox and the delivery queues.
+    pub async fn spawn_as(settings: Settings, roles: Roles) -> TestApp {
         init_logging();
-        let app = Application::build(settings.config(), Roles::ALL)
+        let app = Application::build(settings.config(), roles)
             .await
             .expect("application builds");
         let public = app.public_addr().unwrap();
@@ -169,6 +174,14 @@ impl TestApp {
 
     pub fn invalidations_live(&self) -> bool {
         self.verifier.invalidations_live()
+    }
+
+    /// A connection to the instance's (test) database.
+    pub async fn db(&self) -> diesel_async::AsyncPgConnection {
+        use diesel_async::AsyncConnection;
+        diesel_async::AsyncPgConnection::establish(&self.settings.vars["DEVGATE_DATABASE_URL"])
+            .await
+            .expect("connect to the test database")
     }
 
     /// The instance's RabbitMQ handle (its prefix, the queues it declared).
@@ -238,9 +251,14 @@ impl World {
     }
 
     pub async fn with(configure: impl FnOnce(Settings) -> Settings) -> World {
+        Self::with_roles(Roles::ALL, configure).await
+    }
+
+    /// A world whose instance runs only `roles` (see [`TestApp::spawn_as`]).
+    pub async fn with_roles(roles: Roles, configure: impl FnOnce(Settings) -> Settings) -> World {
         let db = TestDb::create().await;
         let prefix = format!("devgate-test:{}:", Uuid::new_v4().simple());
-        let app = TestApp::spawn(configure(Settings::new(&db, &prefix))).await;
+        let app = TestApp::spawn_as(configure(Settings::new(&db, &prefix)), roles).await;
         app.wait_invalidations_live().await;
         World {
             _db: db,
