@@ -297,7 +297,12 @@ pub async fn publish_confirmed(
             .basic_publish(
                 exchange.into(),
                 event.event_type.as_str().into(),
-                BasicPublishOptions::default(),
+                // Mandatory: an event no queue takes (the fan-out queue not declared yet on a
+                // new deployment) comes back, and the batch stays in the outbox.
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
                 &body,
                 properties,
             )
@@ -307,14 +312,9 @@ pub async fn publish_confirmed(
     }
     let all = async {
         for (id, confirm) in confirms {
-            let confirmation = confirm.await.map_err(MqError::Publish)?;
-            if !confirmation.is_ack() {
-                return Err(MqError::Nacked {
-                    message_id: id.to_string(),
-                });
-            }
+            Mq::confirmed(confirm, id).await?;
         }
-        Ok(())
+        Ok::<(), MqError>(())
     };
     tokio::time::timeout(config.confirm_timeout, all)
         .await

@@ -87,6 +87,10 @@ pub enum MqError {
     /// The broker refused to take responsibility for a message (publisher confirm `nack`).
     #[error("RabbitMQ nacked message {message_id}")]
     Nacked { message_id: String },
+    /// A mandatory publish no queue was bound to receive (e.g. before the webhook fan-out
+    /// declared its queue): the broker returned it, so it must be published again.
+    #[error("RabbitMQ could not route message {message_id} to any queue")]
+    Unroutable { message_id: String },
     /// The broker cancelled a consumer or closed its channel without an error.
     #[error("the RabbitMQ consumer ended")]
     ConsumerEnded,
@@ -200,6 +204,26 @@ impl Mq {
             }
             delay = (delay * 2).min(max_delay);
         }
+    }
+
+    /// Waits for a publish's confirm: Ok only when the broker acked it AND routed it to at
+    /// least one queue (publishes are mandatory, so an unroutable one comes back).
+    pub async fn confirmed(
+        confirm: lapin::PublisherConfirm,
+        message_id: impl fmt::Display,
+    ) -> Result<(), MqError> {
+        let confirmation = confirm.await.map_err(MqError::Publish)?;
+        if !confirmation.is_ack() {
+            return Err(MqError::Nacked {
+                message_id: message_id.to_string(),
+            });
+        }
+        if confirmation.take_message().is_some() {
+            return Err(MqError::Unroutable {
+                message_id: message_id.to_string(),
+            });
+        }
+        Ok(())
     }
 
     /// Drops the current connection (after an error that may have broken it), so the next

@@ -32,6 +32,7 @@ mod usage;
 mod usage_log;
 mod webhook_deliveries;
 mod webhook_delivery;
+mod webhook_faults;
 mod webhook_signing;
 mod webhook_ssrf;
 mod webhooks;

@@ -187,7 +187,12 @@ impl Publisher {
                 .basic_publish(
                     "".into(),
                     routing_key.as_str().into(),
-                    BasicPublishOptions::default(),
+                    // Mandatory: a queue deleted under us returns the task instead of
+                    // dropping it.
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
                     &body,
                     properties,
                 )
@@ -197,13 +202,9 @@ impl Publisher {
         }
         let all = async {
             for (id, confirm) in confirms {
-                if !confirm.await.map_err(MqError::Publish)?.is_ack() {
-                    return Err(MqError::Nacked {
-                        message_id: id.to_string(),
-                    });
-                }
+                Mq::confirmed(confirm, id).await?;
             }
-            Ok(())
+            Ok::<(), MqError>(())
         };
         tokio::time::timeout(CONFIRM_TIMEOUT, all)
             .await

@@ -46,7 +46,7 @@ use crate::{
 };
 
 /// Beyond the HTTP timeout, how long a claimed delivery stays leased to its worker.
-const LEASE_MARGIN: Duration = Duration::from_secs(30);
+const LEASE_MARGIN: Duration = Duration::from_secs(10);
 /// A failed step (Postgres or RabbitMQ down) waits this long before the task is requeued.
 const STEP_RETRY: Duration = Duration::from_secs(1);
 /// Reconnect backoff of the consumer.

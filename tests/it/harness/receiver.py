@@ -6,6 +6,7 @@ Listens on 127.0.0.1 (a free port, printed as the first stdout line). Per hook n
                         "delay_ms", "body"}], "default": {...}}   the next deliveries take the
                         scripted responses in order, then the default (200).
   GET  /_log/<name>     every delivery so far: headers, body, which secrets verify it.
+  GET  /_summary/<name> {"received", "ids": {webhook-id: count}, "unverified"} (for thousands).
   POST /hooks/<name>    a delivery.
 """
 
@@ -68,6 +69,20 @@ class Handler(BaseHTTPRequestHandler):
         self.reply(204)
 
     def do_GET(self):
+        if self.path.startswith("/_summary/"):
+            name = self.path[len("/_summary/"):]
+            with lock:
+                entries = list(logs.get(name, []))
+            ids = {}
+            for e in entries:
+                key = e["headers"].get("webhook-id", "")
+                ids[key] = ids.get(key, 0) + 1
+            out = {
+                "received": len(entries),
+                "ids": ids,
+                "unverified": sum(1 for e in entries if not e["verified_by"]),
+            }
+            return self.reply(200, json.dumps(out).encode(), [("content-type", "application/json")])
         if not self.path.startswith("/_log/"):
             return self.reply(404)
         name = self.path[len("/_log/"):]
@@ -102,9 +117,16 @@ class Handler(BaseHTTPRequestHandler):
         self.reply(response.get("status", 200), response.get("body", "").encode(), extra)
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        # A sender that died mid-request (the fault tests kill it) is not our error.
+        pass
+
+
 def main():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
+    server = Server(("127.0.0.1", 0), Handler)
     print(server.server_address[1], flush=True)
     # Exit with the test process: stdin closes when it does.
     threading.Thread(target=lambda: (sys.stdin.read(), server.shutdown()), daemon=True).start()

@@ -43,6 +43,16 @@ impl Received {
     }
 }
 
+/// What a hook received, for thousands of deliveries.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Summary {
+    pub received: usize,
+    /// webhook-id → how many times it arrived.
+    pub ids: std::collections::HashMap<String, usize>,
+    /// Deliveries no configured secret verified.
+    pub unverified: usize,
+}
+
 /// A scripted answer.
 pub fn respond(status: u16) -> Value {
     json!({ "status": status })
@@ -109,6 +119,17 @@ impl Receiver {
     pub async fn log(&self, name: &str) -> Vec<Received> {
         self.http
             .get(format!("http://127.0.0.1:{}/_log/{name}", self.port))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn summary(&self, name: &str) -> Summary {
+        self.http
+            .get(format!("http://127.0.0.1:{}/_summary/{name}", self.port))
             .send()
             .await
             .unwrap()
