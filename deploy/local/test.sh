@@ -30,5 +30,11 @@ log "cargo test --all-targets"
 results="$(mktemp)"
 trap 'rm -f "$results"' EXIT
 cargo test --all-targets "$@" 2>&1 | tee "$results"
+if [ "$#" -eq 0 ]; then
+    # Tests that disturb the shared services (RabbitMQ stop_app/start_app) are #[ignore]d in
+    # the parallel run and run here, one at a time, with nothing else using the broker.
+    log "cargo test --test it -- --ignored --test-threads=1"
+    cargo test --test it -- --ignored --test-threads=1 2>&1 | tee -a "$results"
+fi
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i } }
      END { printf "total: %d passed, %d failed\n", p, f }' "$results"
