@@ -538,3 +538,148 @@ async fn the_guard_refuses_at_connect_time_what_validation_let_through() {
     .await;
     assert!(receiver.log("ssrf").await.is_empty(), "nothing reached it");
 }
+
+#[tokio::test]
+async fn test_events_manual_retry_and_recover_go_through_the_worker() {
+    let world = World::with(|s| local(s).set("DEVGATE_WEBHOOK_RETRY_SCHEDULE", "50ms")).await;
+    let receiver = Receiver::start().await;
+    let tenant = Uuid::new_v4();
+    let token = admin_token(tenant);
+    // Subscribed to nothing a test event is: the test event reaches it anyway.
+    let (id, secret) = endpoint(
+        &world.app,
+        tenant,
+        &receiver.url("m"),
+        &["generation.*"],
+        &[],
+        0,
+    )
+    .await;
+    receiver.configure("m", &[&secret], vec![], None).await;
+    let mut api = client(&world.app).await;
+    let sent = api
+        .send_test_event(bearer(
+            v1::SendTestEventRequest {
+                id: id.clone(),
+                event_type: String::new(),
+            },
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let got = receiver.wait_for("m", 1, Duration::from_secs(30)).await;
+    assert_eq!(got[0].json()["type"], "webhook.test");
+    assert_eq!(got[0].webhook_id(), sent.event_id);
+    assert_eq!(got[0].verified_by, vec![0]);
+    wait_delivery_status(&world.app, &sent.event_id, &id, "succeeded").await;
+
+    // Two test events that fail for good (two attempts each).
+    receiver
+        .configure("m", &[&secret], vec![], Some(respond(500)))
+        .await;
+    let mut failed = Vec::new();
+    for _ in 0..2 {
+        let d = api
+            .send_test_event(bearer(
+                v1::SendTestEventRequest {
+                    id: id.clone(),
+                    event_type: "credits.low".into(),
+                },
+                &token,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            wait_delivery_status(&world.app, &d.event_id, &id, "failed").await,
+            2
+        );
+        failed.push(d);
+    }
+    receiver.configure("m", &[&secret], vec![], None).await;
+
+    // A manual retry: one more attempt, the same webhook-id, now succeeded.
+    api.retry_webhook_delivery(bearer(
+        v1::RetryWebhookDeliveryRequest {
+            webhook_id: id.clone(),
+            id: failed[0].id.clone(),
+        },
+        &token,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        wait_delivery_status(&world.app, &failed[0].event_id, &id, "succeeded").await,
+        3
+    );
+    // Recover sends the rest (only the one still failed).
+    let recovered = api
+        .recover_webhook_deliveries(bearer(
+            v1::RecoverWebhookDeliveriesRequest {
+                id: id.clone(),
+                since: Some(prost_types::Timestamp {
+                    seconds: chrono::Utc::now().timestamp() - 3600,
+                    nanos: 0,
+                }),
+            },
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(recovered.recovered, 1);
+    assert_eq!(
+        wait_delivery_status(&world.app, &failed[1].event_id, &id, "succeeded").await,
+        3
+    );
+    let log = receiver.log("m").await;
+    for d in &failed {
+        let copies: Vec<_> = log
+            .iter()
+            .filter(|r| r.webhook_id() == d.event_id)
+            .collect();
+        assert_eq!(copies.len(), 3, "two failures and the manual attempt");
+        assert!(copies.iter().all(|r| r.verified_by == vec![0]));
+    }
+    // The delivery shows every attempt, the manual one marked.
+    let shown = api
+        .get_webhook_delivery(bearer(
+            v1::GetWebhookDeliveryRequest {
+                webhook_id: id.clone(),
+                id: failed[1].id.clone(),
+            },
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(shown.status, v1::WebhookDeliveryStatus::Succeeded as i32);
+    wait_until(Duration::from_secs(10), || {
+        let mut api = api.clone();
+        let (id, delivery, token) = (id.clone(), failed[1].id.clone(), token.clone());
+        async move {
+            let d = api
+                .get_webhook_delivery(bearer(
+                    v1::GetWebhookDeliveryRequest {
+                        webhook_id: id,
+                        id: delivery,
+                    },
+                    &token,
+                ))
+                .await
+                .unwrap()
+                .into_inner();
+            d.attempt_log
+                .iter()
+                .map(|a| (a.attempt, a.status_code, a.trigger.as_str()))
+                .collect::<Vec<_>>()
+                == vec![
+                    (1, 500, "scheduled"),
+                    (2, 500, "scheduled"),
+                    (3, 200, "manual"),
+                ]
+        }
+    })
+    .await;
+}
