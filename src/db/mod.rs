@@ -1,5 +1,6 @@
 //! Postgres: the bb8 pool of diesel-async connections, embedded migrations, and the one
-//! mapping of diesel errors to [`StoreError`].
+//! mapping of diesel errors to [`StoreError`]; [`batch`] is the batching writer shared by
+//! the append-only logs.
 
 pub mod batch;
 pub mod schema;

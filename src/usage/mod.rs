@@ -3,7 +3,8 @@
 //! aggregates over it.
 //!
 //! A library feature: the auth/usage layer builds a [`RequestRecord`] per call and hands it
-//! to [`RequestLog::record`]; the [`RequestLogWriter`] task writes batches; [`store`]
+//! to [`RequestLog::record`]; the [`RequestLogWriter`] task (the [`crate::db::batch`]
+//! writer) writes batches; [`store`]
 //! answers the queries (over a connection the caller passes); the worker runs [`log::maintain_partitions`].
 //!
 //! Errors are [`StoreError`](crate::db::StoreError): nothing here fails in another way.
