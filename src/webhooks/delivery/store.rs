@@ -329,29 +329,29 @@ pub async fn fan_out(
         #[diesel(sql_type = SqlUuid)]
         id: Uuid,
     }
-    if !endpoints.is_empty() {
-        let ids: Vec<Uuid> = endpoints.iter().map(|_| Uuid::now_v7()).collect();
-        diesel::sql_query(
-            "INSERT INTO webhook_deliveries (id, tenant_id, endpoint_id, event_id, event_type) \
+    // One statement: the new rows (RETURNING) and the older ones still waiting (the SELECT
+    // sees the table as it was before the INSERT, so the two parts never overlap).
+    let ids: Vec<Uuid> = endpoints.iter().map(|_| Uuid::now_v7()).collect();
+    let waiting: Vec<Id> = diesel::sql_query(
+        "WITH ins AS ( \
+             INSERT INTO webhook_deliveries (id, tenant_id, endpoint_id, event_id, event_type) \
              SELECT u.id, $3, u.endpoint_id, $4, $5 \
              FROM unnest($1::uuid[], $2::uuid[]) AS u(id, endpoint_id) \
              JOIN webhook_endpoints e ON e.id = u.endpoint_id AND e.tenant_id = $3 \
              WHERE EXISTS (SELECT 1 FROM events WHERE id = $4) \
-             ON CONFLICT (event_id, endpoint_id) DO NOTHING",
-        )
-        .bind::<Array<SqlUuid>, _>(&ids)
-        .bind::<Array<SqlUuid>, _>(endpoints)
-        .bind::<SqlUuid, _>(tenant.0)
-        .bind::<SqlUuid, _>(event_id)
-        .bind::<Text, _>(event_type)
-        .execute(conn)
-        .await?;
-    }
-    let waiting: Vec<Id> = diesel::sql_query(
-        "SELECT id FROM webhook_deliveries \
-         WHERE event_id = $1 AND status = 'pending' AND attempts = 0",
+             ON CONFLICT (event_id, endpoint_id) DO NOTHING \
+             RETURNING id \
+         ) \
+         SELECT id FROM ins \
+         UNION ALL \
+         SELECT id FROM webhook_deliveries \
+         WHERE event_id = $4 AND status = 'pending' AND attempts = 0",
     )
+    .bind::<Array<SqlUuid>, _>(&ids)
+    .bind::<Array<SqlUuid>, _>(endpoints)
+    .bind::<SqlUuid, _>(tenant.0)
     .bind::<SqlUuid, _>(event_id)
+    .bind::<Text, _>(event_type)
     .load(conn)
     .await?;
     Ok(waiting.into_iter().map(|r| r.id).collect())
@@ -524,16 +524,28 @@ pub async fn record(
     Ok(())
 }
 
-/// A delivery succeeded: the endpoint's run of failures is over (no write when there was none).
-pub async fn reset_failures(
+/// [`record`] of a success, and the end of the endpoint's run of failures, in one statement
+/// (the hot path: no transaction, no write to the endpoint unless it had failures).
+pub async fn record_success(
     conn: &mut AsyncPgConnection,
-    endpoint: Uuid,
+    id: Uuid,
+    r: &Recorded<'_>,
 ) -> Result<(), StoreError> {
     diesel::sql_query(
-        "UPDATE webhook_endpoints SET consecutive_failures = 0 \
-         WHERE id = $1 AND consecutive_failures <> 0",
+        "WITH d AS ( \
+             UPDATE webhook_deliveries SET status = 'succeeded', \
+                    attempts = GREATEST(attempts, $2), lease_until = NULL, \
+                    next_attempt_time = NULL, last_attempt_time = $3, last_status_code = $4, \
+                    last_error = NULL, update_time = now() \
+             WHERE id = $1 RETURNING endpoint_id \
+         ) \
+         UPDATE webhook_endpoints SET consecutive_failures = 0 \
+         WHERE id = (SELECT endpoint_id FROM d) AND consecutive_failures <> 0",
     )
-    .bind::<SqlUuid, _>(endpoint)
+    .bind::<SqlUuid, _>(id)
+    .bind::<Integer, _>(r.attempts)
+    .bind::<Nullable<Timestamptz>, _>(r.last_attempt_time)
+    .bind::<Nullable<Integer>, _>(r.last_status_code)
     .execute(conn)
     .await?;
     Ok(())

@@ -296,12 +296,7 @@ impl DeliveryWorker {
             Verdict::Delivered => {
                 recorded.status = "succeeded";
                 let mut conn = db::connect(&self.pool).await?;
-                conn.transaction::<(), DeliveryError, _>(async |conn| {
-                    store::record(conn, claimed.id, &recorded).await?;
-                    store::reset_failures(conn, claimed.endpoint_id).await?;
-                    Ok(())
-                })
-                .await?;
+                store::record_success(&mut conn, claimed.id, &recorded).await?;
             }
             Verdict::Gone => {
                 let mut conn = db::connect(&self.pool).await?;
