@@ -530,6 +530,13 @@ impl Webhooks {
         let event_type = event_type.unwrap_or(DEFAULT_TEST_EVENT_TYPE);
         let mut conn = db::connect(&self.pool).await?;
         let sample = match catalog::get(&mut conn, event_type).await {
+            // The real endpoint and time rather than the catalog's placeholders.
+            Ok(t) if event_type == DEFAULT_TEST_EVENT_TYPE => serde_json::json!({
+                "webhook_endpoint_id": endpoint_id,
+                "message": t.sample.get("message").cloned().unwrap_or_default(),
+                "send_time": chrono::Utc::now()
+                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            }),
             Ok(t) => t.sample,
             Err(StoreError::NotFound) => {
                 return Err(Violations::one(

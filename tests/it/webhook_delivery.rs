@@ -683,3 +683,81 @@ async fn test_events_manual_retry_and_recover_go_through_the_worker() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_fan_out_sees_endpoint_changes_at_once() {
+    let world = World::with(local).await;
+    let receiver = Receiver::start().await;
+    let tenant = Uuid::new_v4();
+    let token = admin_token(tenant);
+    let (id, secret) = endpoint(
+        &world.app,
+        tenant,
+        &receiver.url("c"),
+        &["credits.*"],
+        &[],
+        0,
+    )
+    .await;
+    receiver.configure("c", &[&secret], vec![], None).await;
+    let first = publish(&world.app, tenant, 1).await;
+    wait_delivery_status(&world.app, &first, &id, "succeeded").await;
+    // The tenant's endpoints are cached now; unsubscribe from credits.* and add a second one.
+    let mut api = client(&world.app).await;
+    api.update_webhook_endpoint(bearer(
+        v1::UpdateWebhookEndpointRequest {
+            webhook_endpoint: Some(v1::WebhookEndpoint {
+                id: id.clone(),
+                event_types: vec!["generation.*".into()],
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["event_types".into()],
+            }),
+        },
+        &token,
+    ))
+    .await
+    .unwrap();
+    let (second, second_secret) = endpoint(
+        &world.app,
+        tenant,
+        &receiver.url("c2"),
+        &["credits.*"],
+        &[],
+        0,
+    )
+    .await;
+    receiver
+        .configure("c2", &[&second_secret], vec![], None)
+        .await;
+    let later = publish(&world.app, tenant, 2).await;
+    wait_delivery_status(&world.app, &later, &second, "succeeded").await;
+    let mut conn = db(&world.app).await;
+    assert_eq!(delivery(&mut conn, &later, &id).await, None, "unsubscribed");
+    assert_eq!(receiver.log("c").await.len(), 1);
+}
+
+#[tokio::test]
+async fn retries_work_on_quorum_queues_too() {
+    let world = World::with(|s| retrying(s).set("DEVGATE_RABBITMQ_QUEUE_TYPE", "quorum")).await;
+    let receiver = Receiver::start().await;
+    let tenant = Uuid::new_v4();
+    let (id, secret) = endpoint(
+        &world.app,
+        tenant,
+        &receiver.url("q"),
+        &["credits.*"],
+        &[],
+        0,
+    )
+    .await;
+    receiver
+        .configure("q", &[&secret], vec![respond(500)], None)
+        .await;
+    let event = publish(&world.app, tenant, 1).await;
+    assert_eq!(
+        wait_delivery_status(&world.app, &event, &id, "succeeded").await,
+        2
+    );
+}

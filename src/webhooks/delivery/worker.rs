@@ -508,12 +508,7 @@ impl DeliveryWorker {
             previous.as_ref().map(|(s, until)| (s, *until)),
             timestamp,
         );
-        let body = serde_json::to_vec(&json!({
-            "type": c.event_type,
-            "timestamp": c.event_time.to_rfc3339_opts(SecondsFormat::Micros, true),
-            "data": c.payload,
-        }))
-        .map_err(|e| format!("encoding the body: {e}"))?;
+        let body = body(&c.event_type, c.event_time, &c.payload)?;
         let msg_id = c.event_id.to_string();
         let signature = signing::sign(&secrets, &msg_id, timestamp, &body)
             .map_err(|e| format!("signing: {e}"))?;
@@ -547,6 +542,26 @@ impl DeliveryWorker {
         *request.body_mut() = Some(body.into());
         Ok(request)
     }
+}
+
+/// `{"type","timestamp","data"}`, in that order (serde_json would sort the keys).
+fn body(
+    event_type: &str,
+    time: DateTime<Utc>,
+    data: &serde_json::Value,
+) -> Result<Vec<u8>, String> {
+    fn encode<T: serde::Serialize + ?Sized>(v: &T) -> Result<Vec<u8>, String> {
+        serde_json::to_vec(v).map_err(|e| format!("encoding the body: {e}"))
+    }
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(br#"{"type":"#);
+    out.extend(encode(event_type)?);
+    out.extend_from_slice(br#","timestamp":"#);
+    out.extend(encode(&time.to_rfc3339_opts(SecondsFormat::Micros, true))?);
+    out.extend_from_slice(br#","data":"#);
+    out.extend(encode(data)?);
+    out.push(b'}');
+    Ok(out)
 }
 
 /// The body as text, at most `limit` bytes (cut on a character boundary).
@@ -669,6 +684,16 @@ mod tests {
         );
         h.insert("retry-after", HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&h, now), None);
+    }
+
+    #[test]
+    fn the_body_keeps_type_timestamp_data_in_order() {
+        let time = "2026-11-23T10:00:00Z".parse().unwrap();
+        let out = body("credits.low", time, &json!({"b": 1, "a": "x"})).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"type":"credits.low","timestamp":"2026-11-23T10:00:00.000000Z","data":{"a":"x","b":1}}"#
+        );
     }
 
     #[test]
