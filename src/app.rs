@@ -16,6 +16,7 @@ use tower_http::{
 use crate::{
     api_keys::{
         self,
+        expiring::ExpiringNotices,
         grpc::ApiKeyGrpc,
         hashing::SecretHasher,
         invalidation::Invalidations,
@@ -58,6 +59,7 @@ use crate::{
     usage::{
         RequestLog, RequestLogWriter,
         grpc::UsageGrpc,
+        notices::QuotaNotices,
         service::{PlanChanged, Usage},
     },
     webhooks::{
@@ -120,6 +122,10 @@ pub struct Application {
     delivery: DeliveryWorker,
     fan_out: FanOut,
     attempt_log_writer: BatchWriter<Attempt>,
+    /// The worker's `api_key.expiring` task.
+    expiring: Arc<ExpiringNotices>,
+    /// `usage.quota.*`: sent on crossings, and by the worker's check what those missed.
+    quota_notices: Arc<QuotaNotices>,
     /// TLS of the internal listener (read at build, so a bad file stops the start).
     internal_tls: Option<ServerTlsConfig>,
     shutdown: CancellationToken,
@@ -146,15 +152,25 @@ impl Application {
             config.rate_limits.plans,
             config.rate_limits.quotas,
         ));
-        let limiter = Arc::new(RateLimiter::new(
-            redis.clone(),
-            config.rate_limits.fail_closed,
+        // One compiled event catalog for every feature that emits events.
+        let events = Arc::new(Emitter::new(pool.clone()));
+        let quota_notices = Arc::new(QuotaNotices::new(
+            pool.clone(),
+            events.clone(),
+            config.rate_limits.quotas,
         ));
+        let limiter = Arc::new(
+            RateLimiter::new(redis.clone(), config.rate_limits.fail_closed)
+                .with_crossings(quota_notices.clone()),
+        );
         let invalidations = Invalidations::new(redis.clone());
         let tenants = TenantDirectory::new(pool.clone());
         let (request_log, request_log_writer) = RequestLog::with_capacity(config.usage.buffer);
-        // One compiled event catalog for every feature that emits events.
-        let events = Arc::new(Emitter::new(pool.clone()));
+        let expiring = Arc::new(ExpiringNotices::new(
+            pool.clone(),
+            events.clone(),
+            config.api_keys.expiring_notice,
+        ));
         let keys = Arc::new(ApiKeys::new(
             pool.clone(),
             hasher,
@@ -260,6 +276,8 @@ impl Application {
             delivery,
             fan_out,
             attempt_log_writer,
+            expiring,
+            quota_notices,
             internal_tls,
             shutdown: CancellationToken::new(),
         })
@@ -346,15 +364,29 @@ impl Application {
                     Ok::<(), Infallible>(())
                 }
             });
-            let (pool, stop, limiter) = (
+            let (pool, stop, limiter, notices) = (
                 self.pool.clone(),
                 background.clone(),
                 self.services.limiter.clone(),
+                self.quota_notices.clone(),
             );
             tasks.restartable("quota reconciliation", backoff, move || {
-                let (pool, stop, limiter) = (pool.clone(), stop.clone(), limiter.clone());
+                let (pool, stop, limiter, notices) =
+                    (pool.clone(), stop.clone(), limiter.clone(), notices.clone());
                 async move {
-                    quota_reconciliation(pool, limiter, stop).await;
+                    quota_reconciliation(pool, limiter, notices, stop).await;
+                    Ok::<(), Infallible>(())
+                }
+            });
+            let (expiring, stop, interval) = (
+                self.expiring.clone(),
+                background.clone(),
+                self.config.api_keys.expiring_check_interval,
+            );
+            tasks.restartable("api key expiring notices", backoff, move || {
+                let (expiring, stop) = (expiring.clone(), stop.clone());
+                async move {
+                    expiring.run(interval, stop).await;
                     Ok::<(), Infallible>(())
                 }
             });
@@ -704,14 +736,29 @@ async fn partition_maintenance(pool: PgPool, retention: Duration, stop: Cancella
 /// How often the worker raises this month's quota counters in Redis to what Postgres logged.
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(60);
 
-/// Restores quota counters after a Redis restart or flush (they only ever go up).
-async fn quota_reconciliation(pool: PgPool, limiter: Arc<RateLimiter>, stop: CancellationToken) {
+/// Restores quota counters after a Redis restart or flush (they only ever go up), then
+/// sends the `usage.quota.*` notices a crossing on the hot path could not.
+async fn quota_reconciliation(
+    pool: PgPool,
+    limiter: Arc<RateLimiter>,
+    notices: Arc<QuotaNotices>,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(RECONCILE_INTERVAL);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tick.tick() => if let Err(e) = limiter.quotas().reconcile_requests(&pool).await {
-                tracing::warn!(error = %e, "quota reconciliation failed; will retry");
+            _ = tick.tick() => {
+                let quotas = limiter.quotas();
+                if let Err(e) = quotas.reconcile_requests(&pool).await {
+                    tracing::warn!(error = %e, "quota reconciliation failed; will retry");
+                } else {
+                    match notices.check(quotas).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(events = n, "quota notices sent by the worker's check"),
+                        Err(e) => tracing::warn!(error = %e, "quota notice check failed; will retry"),
+                    }
+                }
             },
         }
     }

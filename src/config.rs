@@ -208,6 +208,16 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "Longest grace period a rotation may ask for.",
     ),
     (
+        "DEVGATE_API_KEY_EXPIRING_NOTICE",
+        "7d",
+        "Keys expiring within this (at most 30d) get one `api_key.expiring` event per expire_time, sent by the worker.",
+    ),
+    (
+        "DEVGATE_API_KEY_EXPIRING_INTERVAL",
+        "1m",
+        "How often the worker looks for keys expiring within DEVGATE_API_KEY_EXPIRING_NOTICE.",
+    ),
+    (
         "DEVGATE_PLAN_FREE",
         "30/500/5000/5",
         "Default limits of the free plan: calls per minute/hour/day/burst.",
@@ -444,7 +454,24 @@ impl Config {
             last_used_flush_interval: env.duration("DEVGATE_LAST_USED_FLUSH_INTERVAL")?,
             rotation_grace_default: env.duration("DEVGATE_ROTATION_GRACE_DEFAULT")?,
             rotation_grace_max: env.duration("DEVGATE_ROTATION_GRACE_MAX")?,
+            expiring_notice: env.duration("DEVGATE_API_KEY_EXPIRING_NOTICE")?,
+            expiring_check_interval: env.duration("DEVGATE_API_KEY_EXPIRING_INTERVAL")?,
         };
+        let max_notice = Duration::from_secs(crate::api_keys::expiring::MAX_NOTICE_DAYS * 86_400);
+        if api_keys.expiring_notice.is_zero() || api_keys.expiring_notice > max_notice {
+            return Err(env.invalid(
+                "DEVGATE_API_KEY_EXPIRING_NOTICE",
+                &env.string("DEVGATE_API_KEY_EXPIRING_NOTICE"),
+                "must be positive and at most 30d (the event's days_left)",
+            ));
+        }
+        if api_keys.expiring_check_interval.is_zero() {
+            return Err(env.invalid(
+                "DEVGATE_API_KEY_EXPIRING_INTERVAL",
+                "0s",
+                "must be positive",
+            ));
+        }
         if api_keys.rotation_grace_default > api_keys.rotation_grace_max {
             return Err(env.invalid(
                 "DEVGATE_ROTATION_GRACE_DEFAULT",
@@ -715,6 +742,7 @@ mod tests {
             "100/2000/20000/10"
         );
         assert!(!c.rate_limits.fail_closed);
+        assert_eq!(c.api_keys.expiring_notice, Duration::from_secs(7 * 86_400));
         assert!(c.webhook_security.encryption_keys.is_none());
         assert_eq!(c.webhook_security.allowed_cidrs, Default::default());
     }
@@ -745,6 +773,8 @@ mod tests {
             shown.contains("k1"),
             "the entry is named by its id: {shown}"
         );
+        let err = config(&[("DEVGATE_API_KEY_EXPIRING_NOTICE", "31d")]).unwrap_err();
+        assert_eq!(err.variable, "DEVGATE_API_KEY_EXPIRING_NOTICE");
         let err = config(&[("DEVGATE_WEBHOOK_ALLOWED_CIDRS", "127.0.0.1/40")]).unwrap_err();
         assert_eq!(err.variable, "DEVGATE_WEBHOOK_ALLOWED_CIDRS");
     }

@@ -22,4 +22,8 @@ pub struct ApiKeyConfig {
     pub last_used_flush_interval: Duration,
     pub rotation_grace_default: Duration,
     pub rotation_grace_max: Duration,
+    /// Keys expiring within this get one `api_key.expiring` event.
+    pub expiring_notice: Duration,
+    /// How often the worker looks for such keys.
+    pub expiring_check_interval: Duration,
 }

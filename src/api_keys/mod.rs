@@ -2,6 +2,7 @@
 //! and verification (the hot path of every key-authenticated call).
 
 pub mod config;
+pub mod expiring;
 pub mod grpc;
 pub mod hashing;
 pub mod invalidation;

@@ -266,6 +266,17 @@ pub mod events {
             }),
         )
     }
+
+    /// `api_key.expiring`: `days_left` whole days until `expire_time` (0 on its last day).
+    pub fn expiring(k: &ApiKey, expire_time: DateTime<Utc>, days_left: i64) -> Value {
+        with(
+            k,
+            json!({
+                "expire_time": rfc3339(expire_time),
+                "days_left": days_left,
+            }),
+        )
+    }
 }
 
 /// Filters of ListApiKeys.

@@ -13,7 +13,7 @@ use crate::ratelimit::{LimitOverrides, QuotaOverrides};
 use crate::{
     db::{
         StoreError,
-        schema::{api_keys, tenants},
+        schema::{api_key_expiring_notices, api_keys, tenants},
     },
     identity::Scopes,
     identity::{Plan, TenantId},
@@ -506,4 +506,50 @@ pub async fn purge_expired_previous_secrets(
             .execute(conn)
             .await?,
     )
+}
+
+/// At most `limit` live keys of any tenant expiring in `(now, until]` that have no
+/// `api_key.expiring` notice for their current expire_time, soonest first.
+pub async fn expiring_without_notice(
+    conn: &mut AsyncPgConnection,
+    now: DateTime<Utc>,
+    until: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<ApiKey>, StoreError> {
+    let noticed = api_key_expiring_notices::table
+        .filter(api_key_expiring_notices::api_key_id.eq(api_keys::id))
+        .filter(
+            api_key_expiring_notices::expire_time
+                .nullable()
+                .eq(api_keys::expire_time),
+        );
+    let rows: Vec<ApiKeyRow> = api_keys::table
+        .filter(api_keys::revoke_time.is_null())
+        .filter(api_keys::expire_time.gt(now))
+        .filter(api_keys::expire_time.le(until))
+        .filter(diesel::dsl::not(diesel::dsl::exists(noticed)))
+        .order((api_keys::expire_time.asc(), api_keys::id.asc()))
+        .limit(limit)
+        .select(ApiKeyRow::as_select())
+        .load(conn)
+        .await?;
+    rows.into_iter().map(ApiKey::try_from).collect()
+}
+
+/// Records the `api_key.expiring` notice of key `id` for `expire_time`; false if it was
+/// already recorded (by this or another worker).
+pub async fn insert_expiring_notice(
+    conn: &mut AsyncPgConnection,
+    id: &KeyId,
+    expire_time: DateTime<Utc>,
+) -> Result<bool, StoreError> {
+    let inserted = diesel::insert_into(api_key_expiring_notices::table)
+        .values((
+            api_key_expiring_notices::api_key_id.eq(id.as_str()),
+            api_key_expiring_notices::expire_time.eq(expire_time),
+        ))
+        .on_conflict_do_nothing()
+        .execute(conn)
+        .await?;
+    Ok(inserted == 1)
 }

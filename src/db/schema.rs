@@ -194,6 +194,26 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    quota_notices (tenant_id, metric, month, level) {
+        tenant_id -> Uuid,
+        metric -> Text,
+        month -> Date,
+        level -> Text,
+        quota_limit -> Int8,
+        used -> Int8,
+        create_time -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    api_key_expiring_notices (api_key_id, expire_time) {
+        api_key_id -> Text,
+        expire_time -> Timestamptz,
+        create_time -> Timestamptz,
+    }
+}
+
 diesel::joinable!(api_keys -> tenants (tenant_id));
 diesel::joinable!(metered_usage -> tenants (tenant_id));
 diesel::joinable!(credit_balances -> tenants (tenant_id));
@@ -201,11 +221,14 @@ diesel::joinable!(credit_ledger -> tenants (tenant_id));
 diesel::joinable!(events -> tenants (tenant_id));
 diesel::joinable!(outbox -> events (event_id));
 diesel::joinable!(webhook_endpoints -> tenants (tenant_id));
+diesel::joinable!(quota_notices -> tenants (tenant_id));
+diesel::joinable!(api_key_expiring_notices -> api_keys (api_key_id));
 diesel::joinable!(webhook_deliveries -> webhook_endpoints (endpoint_id));
 diesel::joinable!(webhook_deliveries -> events (event_id));
 diesel::joinable!(webhook_attempts -> webhook_deliveries (delivery_id));
 diesel::allow_tables_to_appear_in_same_query!(
     api_keys,
+    api_key_expiring_notices,
     api_request_logs,
     credit_balances,
     credit_ledger,
@@ -213,6 +236,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     event_types,
     metered_usage,
     outbox,
+    quota_notices,
     tenants,
     webhook_attempts,
     webhook_deliveries,

@@ -52,6 +52,14 @@ impl RateLimiter {
         &self.quotas
     }
 
+    /// `sink` is told whenever a call takes its tenant's quota past a level.
+    pub fn with_crossings(self, sink: Arc<dyn super::CrossingSink>) -> Self {
+        Self {
+            quotas: self.quotas.with_crossings(sink),
+            ..self
+        }
+    }
+
     /// One API-key call: `cost` tokens from each of the key's windows and one request from
     /// its tenant's monthly quota, both in the same script (nothing is taken unless both
     /// have room).
@@ -127,6 +135,10 @@ impl RateLimiter {
                     used: reply[2].max(0) as u64,
                     reset,
                 });
+                // Admitted: the script counted `units`; a refused call counted nothing.
+                if let Some(usage) = usage.filter(|u| u.allowed && decision.allowed) {
+                    self.quotas.observe(tenant, month, &usage, units);
+                }
                 Ok((decision, usage))
             }
             None if self.fail_closed => Err(RateLimitError::Unavailable),

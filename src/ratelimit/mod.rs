@@ -10,7 +10,8 @@ pub mod quota;
 pub use limiter::RateLimiter;
 pub use model::{Decision, LimitOverrides, Limits, PlanLimits};
 pub use quota::{
-    Metric, PlanQuotas, QuotaLimits, QuotaOverrides, QuotaUsage, Quotas, ReconcileStats,
+    Crossing, CrossingSink, Metric, PlanQuotas, QuotaLevel, QuotaLimits, QuotaOverrides,
+    QuotaUsage, Quotas, ReconcileStats,
 };
 
 /// The rate-limit and quota section, composed by `crate::config`.

@@ -2,7 +2,7 @@
 //! path and reconciled from Postgres by the worker, so a Redis restart loses at most the
 //! calls since the last reconciliation.
 
-use std::{collections::HashMap, fmt, str::FromStr, time::Duration};
+use std::{collections::HashMap, fmt, str::FromStr, sync::Arc, time::Duration};
 
 use chrono::{DateTime, Datelike, TimeZone, Utc};
 use futures_util::StreamExt;
@@ -148,6 +148,87 @@ pub struct Quotas {
     outage: OutageLog,
     /// The reconciler's watermark; the lock also keeps two passes from overlapping.
     reconciled: tokio::sync::Mutex<Option<Watermark>>,
+    /// Told when a counted call takes a quota past a level (None: nobody listens).
+    crossings: Option<Arc<dyn CrossingSink>>,
+}
+
+/// `usage.quota.warning` is due once this share of a quota is used.
+pub const WARNING_PERCENT: u64 = 80;
+
+/// How far a quota is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuotaLevel {
+    /// [`WARNING_PERCENT`] of the limit or more.
+    Warning,
+    /// All of it.
+    Exceeded,
+}
+
+impl QuotaLevel {
+    /// Lowest first.
+    pub const ALL: [QuotaLevel; 2] = [QuotaLevel::Warning, QuotaLevel::Exceeded];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuotaLevel::Warning => "warning",
+            QuotaLevel::Exceeded => "exceeded",
+        }
+    }
+}
+
+/// How many levels `used` of `limit` has reached (each level implies the ones below it; a
+/// limit of 0 is never reached: quotas are positive).
+fn height(used: u64, limit: u64) -> usize {
+    if limit == 0 {
+        0
+    } else if used >= limit {
+        2
+    } else if u128::from(used) * 100 >= u128::from(limit) * u128::from(WARNING_PERCENT) {
+        1
+    } else {
+        0
+    }
+}
+
+/// The levels `used` of `limit` has reached, lowest first.
+pub fn levels_reached(used: u64, limit: u64) -> Vec<QuotaLevel> {
+    QuotaLevel::ALL[..height(used, limit)].to_vec()
+}
+
+/// The levels a count going from `before` to `after` crossed: of all concurrent calls
+/// (on every replica: the counter is one Redis key), only the one whose increment passed a
+/// level sees it. Allocates only on a crossing (it runs on every counted call).
+pub fn levels_crossed(before: u64, after: u64, limit: u64) -> Vec<QuotaLevel> {
+    let (from, to) = (height(before, limit), height(after, limit));
+    if to > from {
+        QuotaLevel::ALL[from..to].to_vec()
+    } else {
+        Vec::new()
+    }
+}
+
+/// A counted call took a quota of `month` past `levels`; the counter is at `used`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Crossing {
+    pub tenant: TenantId,
+    pub metric: Metric,
+    pub month: DateTime<Utc>,
+    pub limit: u64,
+    pub used: u64,
+    pub levels: Vec<QuotaLevel>,
+}
+
+/// Told of each crossing on the hot path (devgate sends `usage.quota.*` notices): must
+/// return at once and do its I/O elsewhere.
+pub trait CrossingSink: Send + Sync {
+    fn crossed(&self, crossing: Crossing);
+}
+
+/// What the reconciler has counted of a month: requests per tenant logged in Postgres.
+#[derive(Debug, Clone)]
+pub struct ReconciledMonth {
+    pub month: DateTime<Utc>,
+    pub totals: HashMap<TenantId, u64>,
 }
 
 impl Quotas {
@@ -158,7 +239,50 @@ impl Quotas {
             raise: redis::Script::new(RAISE),
             outage: OutageLog::new("quotas"),
             reconciled: tokio::sync::Mutex::new(None),
+            crossings: None,
         }
+    }
+
+    /// `sink` is told whenever a counted call takes a quota past a level.
+    pub fn with_crossings(mut self, sink: Arc<dyn CrossingSink>) -> Self {
+        self.crossings = Some(sink);
+        self
+    }
+
+    /// After `units` were counted and the counter of `month` is at `usage.used`: tells the
+    /// sink of the levels that increment crossed (two comparisons; no I/O here).
+    pub(crate) fn observe(
+        &self,
+        tenant: TenantId,
+        month: DateTime<Utc>,
+        usage: &QuotaUsage,
+        units: u64,
+    ) {
+        let Some(sink) = &self.crossings else { return };
+        let levels = levels_crossed(usage.used.saturating_sub(units), usage.used, usage.limit);
+        if !levels.is_empty() {
+            sink.crossed(Crossing {
+                tenant,
+                metric: usage.metric,
+                month,
+                limit: usage.limit,
+                used: usage.used,
+                levels,
+            });
+        }
+    }
+
+    /// The month the last reconciliation pass counted, with its per-tenant totals (None
+    /// before the first pass).
+    pub async fn reconciled(&self) -> Option<ReconciledMonth> {
+        self.reconciled
+            .lock()
+            .await
+            .as_ref()
+            .map(|w| ReconciledMonth {
+                month: w.month,
+                totals: w.totals.clone(),
+            })
     }
 
     /// The counter of `metric` for `tenant` in the month starting at `month`.
@@ -191,13 +315,17 @@ impl Quotas {
             .invoke_async(&mut conn)
             .await;
         let (allowed, used) = self.outage.observe(reply)?;
-        Some(QuotaUsage {
+        let usage = QuotaUsage {
             metric,
             allowed: allowed == 1,
             limit,
             used: used.max(0) as u64,
             reset,
-        })
+        };
+        if usage.allowed {
+            self.observe(tenant, month, &usage, amount);
+        }
+        Some(usage)
     }
 
     /// Gives back what a refused call took (it was refused by the rate limiter after all).
@@ -441,6 +569,30 @@ mod tests {
                 monthly_generations: 1000
             }
         );
+    }
+
+    #[test]
+    fn levels() {
+        use QuotaLevel::*;
+        assert_eq!(levels_reached(79, 100), []);
+        assert_eq!(levels_reached(80, 100), [Warning]);
+        assert_eq!(levels_reached(100, 100), [Warning, Exceeded]);
+        assert_eq!(levels_reached(5, 0), []);
+        // 80 % of 3 is 2.4: the third call reaches both.
+        assert_eq!(levels_reached(2, 3), []);
+        assert_eq!(levels_reached(3, 3), [Warning, Exceeded]);
+        assert_eq!(levels_reached(u64::MAX, u64::MAX), [Warning, Exceeded]);
+    }
+
+    #[test]
+    fn only_the_increment_that_passes_a_level_crosses_it() {
+        use QuotaLevel::*;
+        assert_eq!(levels_crossed(78, 79, 100), []);
+        assert_eq!(levels_crossed(79, 80, 100), [Warning]);
+        assert_eq!(levels_crossed(80, 81, 100), []);
+        assert_eq!(levels_crossed(99, 100, 100), [Exceeded]);
+        assert_eq!(levels_crossed(0, 1, 1), [Warning, Exceeded]);
+        assert_eq!(levels_crossed(70, 100, 100), [Warning, Exceeded]);
     }
 
     #[test]

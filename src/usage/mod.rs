@@ -7,13 +7,15 @@
 //! writer) writes batches; [`store`]
 //! answers the queries (over a connection the caller passes); the worker runs [`log::maintain_partitions`].
 //!
-//! Errors are [`StoreError`](crate::db::StoreError): nothing here fails in another way.
+//! Errors are [`StoreError`](crate::db::StoreError): nothing here fails in another way,
+//! except the `usage.quota.*` [`notices`], which also emit events.
 
 use std::time::Duration;
 
 pub mod grpc;
 pub mod log;
 pub mod model;
+pub mod notices;
 pub mod service;
 pub mod store;
 

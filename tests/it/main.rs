@@ -23,6 +23,7 @@ mod jwt;
 mod layering;
 mod quickstart;
 mod quota;
+mod quota_events;
 mod ratelimit;
 mod reconcile;
 mod relay;
