@@ -1,10 +1,12 @@
-//! The README's quick-start block, executed verbatim against a private stack (devgate,
-//! Envoy); only the addresses, the binary path and the env file are substituted.
+//! The README's quick-start block, executed verbatim against a private stack (devgate with
+//! its worker, Envoy, the README's webhook receiver); only the addresses, the binary paths
+//! and the env file are substituted.
 
 use std::process::Command;
 
 use crate::harness::{
     envoy::{Envoy, grpcurl_binary},
+    receiver::python_binary,
     *,
 };
 
@@ -22,15 +24,29 @@ fn quickstart_block() -> String {
     block[body_start..body_end].to_string()
 }
 
+/// A port nothing listens on now: the README's receiver binds it itself.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readme_quickstart_runs_as_written() {
-    // The local stack's plans (deploy/local/devgate.env), not the harness's generous ones:
-    // the quick-start must work against what deploy/local/run.sh really runs.
+    // The local stack's plans (deploy/local/devgate.env), not the harness's generous ones,
+    // and its webhook allow-list (loopback): the quick-start must work against what
+    // deploy/local/run.sh really runs.
     let local_env = manifest_dir().join("deploy/local/devgate.env");
     let plans: Vec<(String, String)> = dotenvy::from_path_iter(&local_env)
         .unwrap()
         .map(Result::unwrap)
-        .filter(|(k, _)| k.starts_with("DEVGATE_PLAN_") || k.starts_with("DEVGATE_QUOTA_"))
+        .filter(|(k, _)| {
+            k.starts_with("DEVGATE_PLAN_")
+                || k.starts_with("DEVGATE_QUOTA_")
+                || k.starts_with("DEVGATE_WEBHOOK_")
+        })
         .collect();
     let w = World::with(|mut s| {
         for (k, v) in &plans {
@@ -55,8 +71,10 @@ async fn readme_quickstart_runs_as_written() {
         "http://127.0.0.1:8080",
         "127.0.0.1:50051",
         "127.0.0.1:50052",
+        "127.0.0.1:8090",
         "target/release/devgate",
         ".venv/bin/grpcurl",
+        ".venv/bin/python",
     ] {
         assert!(script.contains(literal), "the quick-start uses {literal}");
     }
@@ -64,9 +82,11 @@ async fn readme_quickstart_runs_as_written() {
         .replace("http://127.0.0.1:8080", &envoy.base)
         .replace("127.0.0.1:50051", &w.app.public.to_string())
         .replace("127.0.0.1:50052", &w.app.internal.to_string())
+        .replace("127.0.0.1:8090", &format!("127.0.0.1:{}", free_port()))
         .replace("target/release/devgate", env!("CARGO_BIN_EXE_devgate"))
         .replace("deploy/local/devgate.env", env_file.to_str().unwrap())
-        .replace(".venv/bin/grpcurl", grpcurl_binary().to_str().unwrap());
+        .replace(".venv/bin/grpcurl", grpcurl_binary().to_str().unwrap())
+        .replace(".venv/bin/python", python_binary().to_str().unwrap());
 
     let out = tokio::task::spawn_blocking(move || {
         Command::new("bash")
@@ -97,12 +117,78 @@ async fn readme_quickstart_runs_as_written() {
         "\"requests\": \"",
         "/devgate.v1.ApiKeyService/ListApiKeys",
         "\"monthly_requests\"",
+        "\"state\": \"WEBHOOK_ENDPOINT_STATE_ENABLED\"",
+        "\"trigger\": \"scheduled\"",
+        "\"trigger\": \"manual\"",
+        "endpoint deleted: 200",
     ] {
         assert!(
             stdout.contains(expected),
             "missing {expected:?} in:\n{stdout}"
         );
     }
+    assert!(
+        !stdout.contains("NOT verified"),
+        "the receiver refused a signature:\n{stdout}"
+    );
+
+    // The webhook block. PublishEvent twice with one idempotency id: one event.
+    let published: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter(|l| l.starts_with("{\"id\":") && l.contains("\"duplicate\":"))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(published.len(), 2, "two publish lines in:\n{stdout}");
+    assert_eq!(published[0]["duplicate"], false, "{published:?}");
+    assert_eq!(published[1]["duplicate"], true, "{published:?}");
+    assert_eq!(published[0]["id"], published[1]["id"]);
+    let event = published[0]["id"].as_str().unwrap();
+    // The receiver got it once, verified by the reference library, with the event id as
+    // webhook-id; the event log shows its delivery SUCCEEDED.
+    let received = format!("webhook {event}: credits.low, signature verified");
+    assert_eq!(
+        stdout.matches(&received).count(),
+        1,
+        "{received:?} once in:\n{stdout}"
+    );
+    let logged = stdout
+        .lines()
+        .find(|l| {
+            l.starts_with(&format!(
+                "{{\"id\":\"{event}\",\"event_type\":\"credits.low\""
+            ))
+        })
+        .unwrap_or_else(|| panic!("the event log line of {event} in:\n{stdout}"));
+    assert!(
+        logged.contains("\"status\":\"WEBHOOK_DELIVERY_STATUS_SUCCEEDED\",\"attempts\":1"),
+        "{logged}"
+    );
+    // The test event arrived verified, and its manual retry came with the same webhook-id.
+    let test_event = stdout
+        .lines()
+        .find_map(|l| l.strip_suffix(": webhook.test, signature verified"))
+        .and_then(|l| l.strip_prefix("webhook "))
+        .unwrap_or_else(|| panic!("the verified test event in:\n{stdout}"));
+    assert!(
+        stdout.contains(&format!(
+            "webhook {test_event}: already handled (a redelivery); answered 204"
+        )),
+        "the retry of {test_event} in:\n{stdout}"
+    );
+    // The endpoint's deliveries, newest first, both SUCCEEDED.
+    let listed: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("{\"event_type\":"))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            r#"{"event_type":"webhook.test","status":"WEBHOOK_DELIVERY_STATUS_SUCCEEDED","attempts":2,"last_status_code":204}"#,
+            r#"{"event_type":"credits.low","status":"WEBHOOK_DELIVERY_STATUS_SUCCEEDED","attempts":1,"last_status_code":204}"#,
+        ],
+        "{stdout}"
+    );
+
     // The documented 401 body is what Envoy really answers.
     let readme = std::fs::read_to_string(manifest_dir().join("README.md")).unwrap();
     let documented = readme

@@ -19,7 +19,7 @@ use lapin::{
     types::FieldTable,
 };
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
-use serde_json::json;
+
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use url::Url;
@@ -689,7 +689,7 @@ mod tests {
     #[test]
     fn the_body_keeps_type_timestamp_data_in_order() {
         let time = "2026-11-23T10:00:00Z".parse().unwrap();
-        let out = body("credits.low", time, &json!({"b": 1, "a": "x"})).unwrap();
+        let out = body("credits.low", time, &serde_json::json!({"b": 1, "a": "x"})).unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
             r#"{"type":"credits.low","timestamp":"2026-11-23T10:00:00.000000Z","data":{"a":"x","b":1}}"#

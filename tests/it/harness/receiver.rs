@@ -58,11 +58,17 @@ pub fn respond(status: u16) -> Value {
     json!({ "status": status })
 }
 
+/// The Python that has the `standardwebhooks` package: `DEVGATE_TEST_PYTHON`, or the
+/// project venv's (deploy/local/common.sh creates it).
+pub fn python_binary() -> std::path::PathBuf {
+    std::env::var_os("DEVGATE_TEST_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| manifest_dir().join(".venv/bin/python"))
+}
+
 impl Receiver {
     pub async fn start() -> Receiver {
-        let python = std::env::var_os("DEVGATE_TEST_PYTHON")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| manifest_dir().join(".venv/bin/python"));
+        let python = python_binary();
         let mut child = Command::new(&python)
             .arg(manifest_dir().join("tests/it/harness/receiver.py"))
             .stdin(Stdio::piped())
