@@ -118,8 +118,42 @@ diesel::table! {
 diesel::table! {
     outbox (id) {
         id -> Int8,
-        event_id -> Uuid,
+        event_id -> Nullable<Uuid>,
         create_time -> Timestamptz,
+        exchange -> Nullable<Text>,
+        routing_key -> Nullable<Text>,
+        body -> Nullable<Bytea>,
+        content_type -> Nullable<Text>,
+        message_type -> Nullable<Text>,
+        message_id -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    generations (id) {
+        id -> Uuid,
+        tenant_id -> Uuid,
+        kind -> Text,
+        prompt -> Text,
+        output_format -> Text,
+        style -> Jsonb,
+        count -> Int4,
+        project_id -> Text,
+        metadata -> Jsonb,
+        state -> Text,
+        progress -> Int4,
+        cost -> Int8,
+        refunded -> Bool,
+        asset_ids -> Array<Text>,
+        result_urls -> Array<Text>,
+        error_code -> Nullable<Text>,
+        error_message -> Nullable<Text>,
+        last_sequence -> Int8,
+        created_by -> Text,
+        create_time -> Timestamptz,
+        start_time -> Nullable<Timestamptz>,
+        end_time -> Nullable<Timestamptz>,
+        update_time -> Timestamptz,
     }
 }
 
@@ -220,6 +254,7 @@ diesel::joinable!(credit_balances -> tenants (tenant_id));
 diesel::joinable!(credit_ledger -> tenants (tenant_id));
 diesel::joinable!(events -> tenants (tenant_id));
 diesel::joinable!(outbox -> events (event_id));
+diesel::joinable!(generations -> tenants (tenant_id));
 diesel::joinable!(webhook_endpoints -> tenants (tenant_id));
 diesel::joinable!(quota_notices -> tenants (tenant_id));
 diesel::joinable!(api_key_expiring_notices -> api_keys (api_key_id));
@@ -234,6 +269,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     credit_ledger,
     events,
     event_types,
+    generations,
     metered_usage,
     outbox,
     quota_notices,

@@ -159,6 +159,40 @@ pub async fn append(
     Ok((first.into(), true))
 }
 
+/// A message for another exchange than the events one, published by the relay once the
+/// transaction that queued it commits (e.g. a generation job for the AI orchestrator).
+#[derive(Debug, Clone)]
+pub struct OutboxMessage<'a> {
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    pub body: &'a [u8],
+    pub content_type: &'a str,
+    /// The AMQP `type` property, e.g. the protobuf message's full name.
+    pub message_type: Option<&'a str>,
+    /// The AMQP `message_id`: consumers deduplicate by it.
+    pub message_id: &'a str,
+}
+
+/// Queues `message` on `conn` — call it inside the transaction of the change that causes it.
+pub async fn enqueue(
+    conn: &mut AsyncPgConnection,
+    message: &OutboxMessage<'_>,
+) -> Result<(), StoreError> {
+    use crate::db::schema::outbox::dsl as o;
+    diesel::insert_into(o::outbox)
+        .values((
+            o::exchange.eq(message.exchange),
+            o::routing_key.eq(message.routing_key),
+            o::body.eq(message.body),
+            o::content_type.eq(message.content_type),
+            o::message_type.eq(message.message_type),
+            o::message_id.eq(message.message_id),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// One event of the tenant (`NotFound` for another tenant's id).
 pub async fn get(
     conn: &mut AsyncPgConnection,

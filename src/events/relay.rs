@@ -1,5 +1,6 @@
-//! The outbox relay (worker role): publishes committed outbox rows to `<prefix>.events` and
-//! deletes them once RabbitMQ confirmed them.
+//! The outbox relay (worker role): publishes committed outbox rows — events to
+//! `<prefix>.events`, ready-made messages (e.g. generation jobs) to the exchange their row
+//! names — and deletes them once RabbitMQ confirmed and routed them.
 //!
 //! Each pass, in one Postgres transaction: claim up to `batch_size` rows
 //! `FOR UPDATE SKIP LOCKED` (so several relays never take the same row), publish each event
@@ -20,7 +21,7 @@ use std::{pin::pin, time::Duration};
 
 use diesel::{
     ExpressionMethods, QueryDsl, QueryableByName,
-    sql_types::{BigInt, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid},
+    sql_types::{BigInt, Bytea, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid},
 };
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use futures_util::{FutureExt, StreamExt};
@@ -85,47 +86,115 @@ pub struct Relay {
     config: RelayConfig,
 }
 
-/// A claimed outbox row with its event.
+/// A claimed outbox row: an event (joined from `events`) or a ready-made message.
 #[derive(QueryableByName)]
 struct Claimed {
     #[diesel(sql_type = BigInt)]
     outbox_id: i64,
-    #[diesel(sql_type = SqlUuid)]
-    id: Uuid,
-    #[diesel(sql_type = SqlUuid)]
-    tenant_id: Uuid,
-    #[diesel(sql_type = Text)]
-    event_type: String,
-    #[diesel(sql_type = Jsonb)]
-    payload: serde_json::Value,
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    id: Option<Uuid>,
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    tenant_id: Option<Uuid>,
+    #[diesel(sql_type = Nullable<Text>)]
+    event_type: Option<String>,
+    #[diesel(sql_type = Nullable<Jsonb>)]
+    payload: Option<serde_json::Value>,
     #[diesel(sql_type = Nullable<Text>)]
     idempotency_id: Option<String>,
-    #[diesel(sql_type = Text)]
-    source: String,
-    #[diesel(sql_type = Timestamptz)]
-    create_time: chrono::DateTime<chrono::Utc>,
+    #[diesel(sql_type = Nullable<Text>)]
+    source: Option<String>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    create_time: Option<chrono::DateTime<chrono::Utc>>,
     #[diesel(sql_type = Nullable<SqlUuid>)]
     endpoint_id: Option<Uuid>,
+    #[diesel(sql_type = Nullable<Text>)]
+    exchange: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    routing_key: Option<String>,
+    #[diesel(sql_type = Nullable<Bytea>)]
+    body: Option<Vec<u8>>,
+    #[diesel(sql_type = Nullable<Text>)]
+    content_type: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    message_type: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    message_id: Option<String>,
+    #[diesel(sql_type = Timestamptz)]
+    queued_time: chrono::DateTime<chrono::Utc>,
+}
+
+/// One publish of a batch.
+struct Outgoing {
+    exchange: String,
+    routing_key: String,
+    body: Vec<u8>,
+    properties: BasicProperties,
+    message_id: String,
 }
 
 impl Claimed {
-    fn event(self) -> Event {
-        Event {
-            id: self.id,
-            tenant: TenantId(self.tenant_id),
-            event_type: self.event_type,
-            payload: self.payload,
-            idempotency_id: self.idempotency_id,
-            source: self.source,
-            create_time: self.create_time,
-            endpoint_id: self.endpoint_id,
+    /// What to publish; `events_exchange` takes the events.
+    fn outgoing(self, events_exchange: &str) -> Result<Outgoing, RelayError> {
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_app_id("devgate".into());
+        match (self.id, self.body) {
+            (Some(id), _) => {
+                let event = Event {
+                    id,
+                    tenant: TenantId(self.tenant_id.unwrap_or_default()),
+                    event_type: self.event_type.unwrap_or_default(),
+                    payload: self.payload.unwrap_or_default(),
+                    idempotency_id: self.idempotency_id,
+                    source: self.source.unwrap_or_default(),
+                    create_time: self.create_time.unwrap_or(self.queued_time),
+                    endpoint_id: self.endpoint_id,
+                };
+                let body = serde_json::to_vec(&event.message())
+                    .map_err(|e| RelayError::Encode(event.id, e))?;
+                Ok(Outgoing {
+                    exchange: events_exchange.to_string(),
+                    routing_key: event.event_type.clone(),
+                    body,
+                    properties: properties
+                        .with_message_id(event.id.to_string().into())
+                        .with_content_type("application/json".into())
+                        .with_type(event.event_type.as_str().into())
+                        .with_timestamp(event.create_time.timestamp().max(0) as u64),
+                    message_id: event.id.to_string(),
+                })
+            }
+            (None, Some(body)) => {
+                let message_id = self.message_id.unwrap_or_default();
+                let mut properties = properties
+                    .with_message_id(message_id.as_str().into())
+                    .with_content_type(self.content_type.unwrap_or_default().as_str().into())
+                    .with_timestamp(self.queued_time.timestamp().max(0) as u64);
+                if let Some(t) = &self.message_type {
+                    properties = properties.with_type(t.as_str().into());
+                }
+                Ok(Outgoing {
+                    exchange: self.exchange.unwrap_or_default(),
+                    routing_key: self.routing_key.unwrap_or_default(),
+                    body,
+                    properties,
+                    message_id,
+                })
+            }
+            // The table's CHECK makes every row one or the other.
+            (None, None) => Err(RelayError::Store(StoreError::Unavailable(format!(
+                "outbox row {} holds neither an event nor a message",
+                self.outbox_id
+            )))),
         }
     }
 }
 
 const CLAIM: &str = "SELECT o.id AS outbox_id, e.id, e.tenant_id, e.event_type, e.payload, \
-                            e.idempotency_id, e.source, e.create_time, e.endpoint_id \
-                     FROM outbox o JOIN events e ON e.id = o.event_id \
+                            e.idempotency_id, e.source, e.create_time, e.endpoint_id, \
+                            o.exchange, o.routing_key, o.body, o.content_type, \
+                            o.message_type, o.message_id, o.create_time AS queued_time \
+                     FROM outbox o LEFT JOIN events e ON e.id = o.event_id \
                      ORDER BY o.id \
                      LIMIT $1 \
                      FOR UPDATE OF o SKIP LOCKED";
@@ -263,52 +332,81 @@ impl Relay {
                 }
             };
             let ids: Vec<i64> = claimed.iter().map(|c| c.outbox_id).collect();
-            let events: Vec<Event> = claimed.into_iter().map(Claimed::event).collect();
-            publish_confirmed(&channel, &mq.events_exchange(), &events, config).await?;
+            let events_exchange = mq.events_exchange();
+            let batch = claimed
+                .into_iter()
+                .map(|c| c.outgoing(&events_exchange))
+                .collect::<Result<Vec<_>, _>>()?;
+            declare_exchanges(&channel, &batch, &events_exchange).await?;
+            publish_confirmed(&channel, &batch, config).await?;
             diesel::delete(outbox::table.filter(outbox::id.eq_any(&ids)))
                 .execute(conn)
                 .await?;
-            Ok(events.len())
+            Ok(batch.len())
         })
         .await
     }
 }
 
-/// Publishes every event persistent on a confirm-mode channel and waits until RabbitMQ
-/// acked them all; any nack fails the whole batch (it is retried as a whole).
-pub async fn publish_confirmed(
+/// Declares (durable topic, idempotent) the exchanges of a batch's messages: their consumers
+/// (the orchestrator) may not have declared them yet. The events exchange is declared on
+/// connect.
+async fn declare_exchanges(
     channel: &Channel,
-    exchange: &str,
-    events: &[Event],
+    batch: &[Outgoing],
+    events_exchange: &str,
+) -> Result<(), MqError> {
+    let mut seen: Vec<&str> = Vec::new();
+    for out in batch {
+        let name = out.exchange.as_str();
+        if name == events_exchange || seen.contains(&name) {
+            continue;
+        }
+        seen.push(name);
+        channel
+            .exchange_declare(
+                name.into(),
+                lapin::ExchangeKind::Topic,
+                lapin::options::ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .map_err(|source| MqError::Declare {
+                what: format!("exchange {name}"),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+/// Publishes every message persistent and mandatory on a confirm-mode channel and waits
+/// until RabbitMQ acked and routed them all; any failure fails the whole batch (it is
+/// retried as a whole). An event or message no queue takes (the fan-out queue not declared
+/// yet on a new deployment, no orchestrator bound) comes back, and stays in the outbox.
+async fn publish_confirmed(
+    channel: &Channel,
+    batch: &[Outgoing],
     config: &RelayConfig,
 ) -> Result<(), RelayError> {
-    let mut confirms = Vec::with_capacity(events.len());
-    for event in events {
-        let body =
-            serde_json::to_vec(&event.message()).map_err(|e| RelayError::Encode(event.id, e))?;
-        let properties = BasicProperties::default()
-            .with_message_id(event.id.to_string().into())
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2)
-            .with_type(event.event_type.as_str().into())
-            .with_timestamp(event.create_time.timestamp().max(0) as u64)
-            .with_app_id("devgate".into());
+    let mut confirms = Vec::with_capacity(batch.len());
+    for out in batch {
         let confirm = channel
             .basic_publish(
-                exchange.into(),
-                event.event_type.as_str().into(),
-                // Mandatory: an event no queue takes (the fan-out queue not declared yet on a
-                // new deployment) comes back, and the batch stays in the outbox.
+                out.exchange.as_str().into(),
+                out.routing_key.as_str().into(),
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()
                 },
-                &body,
-                properties,
+                &out.body,
+                out.properties.clone(),
             )
             .await
             .map_err(MqError::Publish)?;
-        confirms.push((event.id, confirm));
+        confirms.push((out.message_id.as_str(), confirm));
     }
     let all = async {
         for (id, confirm) in confirms {

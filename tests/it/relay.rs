@@ -401,3 +401,102 @@ async fn rows_wait_in_the_outbox_while_rabbitmq_is_down() {
     assert!(stats.failed_passes > 0, "the outage was seen: {stats:?}");
     bus.delete().await;
 }
+
+/// A ready-made message (a generation job) waits in the outbox while no queue is bound to its
+/// exchange (mandatory publish, returned), then is published once with its properties.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_for_other_exchanges_wait_until_routable() {
+    use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+    let db = TestDb::create().await;
+    let bus = Bus::new().await;
+    let stop = CancellationToken::new();
+    let relay = spawn_relay(
+        &db,
+        bus.mq.clone(),
+        relay_config(100, Duration::from_millis(200)),
+        &stop,
+    );
+    let exchange = format!("{}.generation.jobs", bus.mq.config().prefix);
+    let mut conn = connect(&db).await;
+    outbox::enqueue(
+        &mut conn,
+        &outbox::OutboxMessage {
+            exchange: &exchange,
+            routing_key: "generation.requested",
+            body: b"\x0a\x03abc",
+            content_type: "application/x-protobuf",
+            message_type: Some("upstream.orchestrator.v1.GenerationJob"),
+            message_id: "job-1",
+        },
+    )
+    .await
+    .unwrap();
+    // Nobody bound yet: returned, kept.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        pending(&db).await,
+        1,
+        "an unroutable message stays in the outbox"
+    );
+
+    let channel = bus.mq.channel().await.unwrap();
+    let queue = format!("{}.orchestrator", bus.mq.config().prefix);
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            "generation.*".into(),
+            QueueBindOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "orchestrator".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+        .await
+        .expect("published once routable")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.data, b"\x0a\x03abc");
+    assert_eq!(got.routing_key.as_str(), "generation.requested");
+    let p = &got.properties;
+    assert_eq!(p.message_id().as_ref().unwrap().as_str(), "job-1");
+    assert_eq!(
+        p.content_type().as_ref().unwrap().as_str(),
+        "application/x-protobuf"
+    );
+    assert_eq!(
+        p.kind().as_ref().unwrap().as_str(),
+        "upstream.orchestrator.v1.GenerationJob"
+    );
+    assert_eq!(p.delivery_mode(), &Some(2));
+    wait_until(Duration::from_secs(5), || async { pending(&db).await == 0 }).await;
+    stop.cancel();
+    relay.await.unwrap();
+    let _ = channel
+        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+        .await;
+    bus.delete().await;
+}
