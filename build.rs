@@ -17,6 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/devgate/v1/api_keys.proto",
         "proto/devgate/v1/usage.proto",
         "proto/devgate/v1/webhooks.proto",
+        "proto/devgate/v1/generations.proto",
         // Served only on the internal listener.
         "proto/devgate/internal/v1/api_keys.proto",
         "proto/devgate/internal/v1/usage.proto",
