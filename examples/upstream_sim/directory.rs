@@ -42,6 +42,13 @@ pub struct Seed {
     pub assets: Vec<String>,
 }
 
+/// One page of a team's members.
+pub struct MembersPage {
+    pub team: Team,
+    pub members: Vec<TeamMember>,
+    pub next_page_token: String,
+}
+
 struct TeamEntry {
     team: Team,
     members: Vec<TeamMember>,
@@ -77,8 +84,11 @@ const USERS: &[(&str, &str)] = &[
     ("carol", "Carol Nguyen"),
 ];
 
-/// Team name, display name, members (user name, role) in joining order.
-const TEAMS: &[(&str, &str, &[(&str, &str)])] = &[
+/// Members of a seeded team: user name and role, in joining order.
+type Members = &'static [(&'static str, &'static str)];
+
+/// Team name, display name, members.
+const TEAMS: &[(&str, &str, Members)] = &[
     ("design", "Design", &[("alice", "owner"), ("bob", "member")]),
     (
         "research",
@@ -237,28 +247,28 @@ impl Directory {
         page(items, page_size, page_token)
     }
 
-    /// A team's members in joining order; `None` for an unknown team.
+    /// A team's members in joining order.
     pub fn list_members(
         &self,
         team_id: &str,
         page_size: i32,
         page_token: &str,
-    ) -> Option<Result<(Team, Vec<TeamMember>, String), Status>> {
-        let entry = self.teams.get(team_id)?;
+    ) -> Result<MembersPage, Status> {
+        let entry = self
+            .teams
+            .get(team_id)
+            .ok_or_else(|| Status::not_found(format!("team {team_id} not found")))?;
         let items = entry
             .members
             .iter()
-            .map(|m| {
-                (
-                    (nanos(m.join_time.as_ref()), m.user_id.clone()),
-                    m.clone(),
-                )
-            })
+            .map(|m| ((nanos(m.join_time.as_ref()), m.user_id.clone()), m.clone()))
             .collect();
-        Some(
-            page(items, page_size, page_token)
-                .map(|(members, next)| (entry.team.clone(), members, next)),
-        )
+        let (members, next_page_token) = page(items, page_size, page_token)?;
+        Ok(MembersPage {
+            team: entry.team.clone(),
+            members,
+            next_page_token,
+        })
     }
 
     /// Registers the outputs of a succeeded job as assets of its tenant and project. Ids

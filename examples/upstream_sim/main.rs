@@ -42,8 +42,8 @@ use clap::Parser;
 use devgate::{
     mq::{Mq, MqConfig, QueueType},
     proto::upstream::{
-        self, assets::v1::asset_service_server::AssetServiceServer,
-        orchestrator::v1::routing, users::v1::user_team_service_server::UserTeamServiceServer,
+        self, assets::v1::asset_service_server::AssetServiceServer, orchestrator::v1::routing,
+        users::v1::user_team_service_server::UserTeamServiceServer,
     },
 };
 use serde::Serialize;
@@ -206,7 +206,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         queue_type: cli.queue_type,
         prefix: prefix.clone(),
     });
-    let orchestrator = Orchestrator::new(mq.clone(), options.clone(), directory.clone(), stop.clone());
+    let orchestrator =
+        Orchestrator::new(mq.clone(), options.clone(), directory.clone(), stop.clone());
 
     let mut servers = tokio::task::JoinSet::new();
     servers.spawn(
@@ -294,8 +295,7 @@ async fn router(name: &'static str) -> Router {
 }
 
 async fn stop_on_signal(stop: CancellationToken) {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(term) => term,
         Err(e) => {
             tracing::error!(error = %e, "cannot listen for SIGTERM");

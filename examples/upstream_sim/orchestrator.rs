@@ -73,7 +73,9 @@ pub struct Options {
 /// What the simulator knows of one generation.
 enum Job {
     /// A cancel arrived before the job: the job is cancelled as soon as it comes.
-    CancelledFirst { reason: String },
+    CancelledFirst {
+        reason: String,
+    },
     Running {
         cancel: CancellationToken,
         reason: Option<String>,
@@ -81,14 +83,18 @@ enum Job {
         ackers: Vec<Acker>,
     },
     /// The outcome is decided and its update is being published; a cancel is too late.
-    Ending { ackers: Vec<Acker> },
+    Ending {
+        ackers: Vec<Acker>,
+    },
     Done,
 }
 
 enum Outcome {
     Succeeded,
     /// Failed after `worked` of compute.
-    Failed { worked: Duration },
+    Failed {
+        worked: Duration,
+    },
 }
 
 pub struct Orchestrator {

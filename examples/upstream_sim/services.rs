@@ -130,15 +130,14 @@ impl user_team_service_server::UserTeamService for Api {
         let r = req.get_ref();
         self.begin(&req, "ListTeamMembers", &r.tenant_id).await?;
         required(&r.team_id, "team_id")?;
-        let (team, members, next_page_token) = self
+        let page = self
             .directory
-            .list_members(&r.team_id, r.page_size, &r.page_token)
-            .ok_or_else(|| Status::not_found(format!("team {} not found", r.team_id)))??;
+            .list_members(&r.team_id, r.page_size, &r.page_token)?;
         Ok(Response::new(ListTeamMembersResponse {
-            tenant_id: team.tenant_id,
-            team_id: team.id,
-            members,
-            next_page_token,
+            tenant_id: page.team.tenant_id,
+            team_id: page.team.id,
+            members: page.members,
+            next_page_token: page.next_page_token,
         }))
     }
 }
