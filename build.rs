@@ -1,4 +1,4 @@
-//! Generates the gRPC server/client code and the FileDescriptorSet that reflection
+//! Generates the gRPC server/client code and the FileDescriptorSets that reflection
 //! (grpcurl) and Envoy's JSON transcoder read.
 
 use std::path::PathBuf;
@@ -36,6 +36,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out_dir.join("devgate_descriptor.bin"))
         .extern_path(".google.rpc", "::tonic_types")
         .compile_protos(&protos, &includes)?;
+
+    // The contracts devgate is a client of (proto/upstream/): client and server code (the
+    // server side is for the simulator, examples/upstream_sim.rs) and a descriptor set of
+    // their own, kept out of devgate's: Envoy and devgate's reflection never see them.
+    // Type names (`prost::Name`) give the AMQP `type` property of the orchestrator messages.
+    let upstream: Vec<PathBuf> = [
+        "proto/upstream/orchestrator/v1/orchestrator.proto",
+        "proto/upstream/assets/v1/assets.proto",
+        "proto/upstream/users/v1/users.proto",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .collect();
+    let mut config = tonic_prost_build::Config::new();
+    config.enable_type_names();
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("upstream_descriptor.bin"))
+        .compile_with_config(config, &upstream, &includes)?;
 
     println!("cargo:rerun-if-changed=proto");
     Ok(())

@@ -323,6 +323,21 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "Consecutive deliveries to one endpoint that exhausted their retries before it is disabled (and `webhook_endpoint.disabled` is emitted); 0 never disables.",
     ),
     (
+        "DEVGATE_ASSET_SERVICE_ADDR",
+        "",
+        "gRPC endpoint of the platform's Asset service (`upstream.assets.v1.AssetService`, proto/upstream/), e.g. `http://127.0.0.1:50061` (the local stack's simulator). Not read yet: the GetAsset/ListAssets proxy of issue 8 will call it.",
+    ),
+    (
+        "DEVGATE_USER_TEAM_SERVICE_ADDR",
+        "",
+        "gRPC endpoint of the platform's User/Team service (`upstream.users.v1.UserTeamService`, proto/upstream/), e.g. `http://127.0.0.1:50062` (the local stack's simulator). Not read yet: the GetUser/GetTeam/ListTeamMembers proxy of issue 8 will call it.",
+    ),
+    (
+        "DEVGATE_UPSTREAM_TIMEOUT",
+        "2s",
+        "Deadline of every call to the Asset and User/Team services. Not read yet (issue 8).",
+    ),
+    (
         "DEVGATE_SHUTDOWN_GRACE",
         "30s",
         "On SIGINT/SIGTERM, how long in-flight calls may take to finish.",

@@ -16,6 +16,65 @@ pub mod internal {
     }
 }
 
+/// The contracts of the platform services devgate is a client of (`proto/upstream/`), with
+/// server code too: the simulator (examples/upstream_sim.rs) serves them. Not part of
+/// [`FILE_DESCRIPTOR_SET`]: Envoy and devgate's reflection never expose them.
+pub mod upstream {
+    /// `upstream.orchestrator.v1`: the job, cancel and update messages exchanged with the AI
+    /// orchestrator over RabbitMQ; [`orchestrator::v1::routing`] holds the names they travel by.
+    pub mod orchestrator {
+        pub mod v1 {
+            #![allow(clippy::all, missing_docs)]
+            tonic::include_proto!("upstream.orchestrator.v1");
+
+            /// How the orchestrator messages travel (see the comment at the top of
+            /// proto/upstream/orchestrator/v1/orchestrator.proto).
+            pub mod routing {
+                /// The `content_type` property of every orchestrator message.
+                pub const CONTENT_TYPE: &str = "application/x-protobuf";
+                /// Routing key of a [`GenerationJob`](super::GenerationJob) on the jobs exchange.
+                pub const JOB_ROUTING_KEY: &str = "generation.requested";
+                /// Routing key of a [`GenerationCancel`](super::GenerationCancel) on the jobs
+                /// exchange.
+                pub const CANCEL_ROUTING_KEY: &str = "generation.cancel";
+
+                /// The default jobs exchange (topic) of a RabbitMQ prefix
+                /// (`DEVGATE_GENERATION_JOBS_EXCHANGE` when unset).
+                pub fn default_jobs_exchange(prefix: &str) -> String {
+                    format!("{prefix}.generation.jobs")
+                }
+
+                /// devgate's queue of [`GenerationUpdate`](super::GenerationUpdate)s under a
+                /// RabbitMQ prefix (what `Mq::queue_name("generation.updates")` names).
+                pub fn updates_queue(prefix: &str) -> String {
+                    format!("{prefix}.generation.updates")
+                }
+            }
+        }
+    }
+
+    /// `upstream.assets.v1`: the Asset service.
+    pub mod assets {
+        pub mod v1 {
+            #![allow(clippy::all, missing_docs)]
+            tonic::include_proto!("upstream.assets.v1");
+        }
+    }
+
+    /// `upstream.users.v1`: the User/Team service.
+    pub mod users {
+        pub mod v1 {
+            #![allow(clippy::all, missing_docs)]
+            tonic::include_proto!("upstream.users.v1");
+        }
+    }
+
+    /// The upstream files with their imports: the simulator's reflection serves it, so
+    /// grpcurl can call the simulator directly.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("upstream_descriptor");
+}
+
 /// Every file of the API with its imports (google/api, google/rpc error details, well-known
 /// types): `devgate descriptor` writes it for Envoy, reflection serves it to grpcurl.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("devgate_descriptor");

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # deploy/local/run.sh — run the whole local stack in the foreground:
 #   Postgres, Redis, RabbitMQ (installed/started by common.sh if needed),
-#   devgate (`all --migrate`: gRPC API + worker) and Envoy (the REST edge).
-# Ctrl-C stops devgate and Envoy (the services started by common.sh keep running).
+#   the upstream simulator (devgate-upstream-sim: the AI orchestrator on RabbitMQ and the
+#   Asset and User/Team gRPC services devgate calls), devgate (`all --migrate`: gRPC API +
+#   worker) and Envoy (the REST edge).
+# Ctrl-C stops the simulator, devgate and Envoy (the services started by common.sh keep
+# running).
 # Works from any directory.
 set -euo pipefail
 
@@ -11,14 +14,14 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh" # also cd's to the repository 
 
 env_file=deploy/local/devgate.env
 
-for port in 50051 50052 8080 9901; do
+for port in 50051 50052 50061 50062 8080 9901; do
     if tcp_open "$port"; then
-        die "127.0.0.1:$port is already in use (is another devgate or Envoy running?)"
+        die "127.0.0.1:$port is already in use (is another devgate, simulator or Envoy running?)"
     fi
 done
 
-log "building devgate (release)"
-cargo build --release --bin devgate
+log "building devgate and the upstream simulator (release)"
+cargo build --release --bin devgate --bin devgate-upstream-sim
 
 log "writing the protobuf descriptor for Envoy: target/devgate.pb"
 target/release/devgate --env-file "$env_file" descriptor --out target/devgate.pb
@@ -57,6 +60,17 @@ wait_port() {
     die "$name did not listen on 127.0.0.1:$port within ${secs}s"
 }
 
+# The simulator reads devgate's env file: it listens on DEVGATE_ASSET_SERVICE_ADDR and
+# DEVGATE_USER_TEAM_SERVICE_ADDR and uses devgate's RabbitMQ names. Its one stdout line (the
+# addresses and the local tenant's seeded ids) goes to target/upstream-sim.json.
+log "starting the upstream simulator"
+rm -f target/upstream-sim.json
+target/release/devgate-upstream-sim --env-file "$env_file" >target/upstream-sim.json &
+sim_pid=$!
+children+=("$sim_pid")
+wait_port devgate-upstream-sim "$sim_pid" 50061 30
+wait_port devgate-upstream-sim "$sim_pid" 50062 30
+
 log "starting devgate (all --migrate)"
 target/release/devgate --env-file "$env_file" all --migrate &
 devgate_pid=$!
@@ -76,6 +90,8 @@ devgate local stack is up (repository: $root)
   public gRPC      127.0.0.1:50051  (reflection: .venv/bin/grpcurl -plaintext 127.0.0.1:50051 list)
   internal gRPC    127.0.0.1:50052  (internal callers only; never behind Envoy)
   Envoy admin      http://127.0.0.1:9901
+  upstream sim     Asset 127.0.0.1:50061, User/Team 127.0.0.1:50062 (reflection), orchestrator
+                   on RabbitMQ; seeded ids of the local tenant: target/upstream-sim.json
 
 Quick start (from $root):
 ENDPOINTS
@@ -83,12 +99,13 @@ cat <<'QUICKSTART'
   TOKEN=$(target/release/devgate --env-file deploy/local/devgate.env dev-token --tenant 00000000-0000-0000-0000-000000000001 --user alice --roles admin)
   curl -s -X POST http://127.0.0.1:8080/v1/api-keys -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' -d '{"name":"my first key","scopes":["*"],"environment":"ENVIRONMENT_TEST"}'
   curl -s http://127.0.0.1:8080/v1/api-keys -H "authorization: Bearer $TOKEN"
+  .venv/bin/grpcurl -plaintext -d '{"tenant_id":"00000000-0000-0000-0000-000000000001","page_size":2}' 127.0.0.1:50061 upstream.assets.v1.AssetService/ListAssets
 
-Press Ctrl-C to stop devgate and Envoy.
+Press Ctrl-C to stop the simulator, devgate and Envoy.
 QUICKSTART
 
-# Block until Ctrl-C, or until devgate or Envoy exits: the EXIT trap then stops the other.
+# Block until Ctrl-C, or until one of them exits: the EXIT trap then stops the others.
 status=0
 wait -n "${children[@]}" || status=$?
-log "devgate or Envoy exited (status $status); stopping the stack"
+log "the simulator, devgate or Envoy exited (status $status); stopping the stack"
 exit "$status"

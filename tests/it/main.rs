@@ -29,6 +29,7 @@ mod reconcile;
 mod relay;
 mod rotation;
 mod transactions;
+mod upstream_sim;
 mod usage;
 mod usage_log;
 mod webhook_deliveries;

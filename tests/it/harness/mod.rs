@@ -8,6 +8,7 @@ pub mod proxy;
 pub mod receiver;
 pub mod redis_cluster;
 pub mod redis_server;
+pub mod upstream_sim;
 
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
