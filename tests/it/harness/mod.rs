@@ -130,6 +130,7 @@ pub struct TestApp {
     pub internal: SocketAddr,
     pub settings: Settings,
     verifier: Arc<KeyVerifier>,
+    idempotency: devgate::idempotency::Idempotency,
     mq: devgate::mq::Mq,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -150,6 +151,7 @@ impl TestApp {
         let public = app.public_addr().unwrap();
         let internal = app.internal_addr().unwrap();
         let verifier = app.key_verifier();
+        let idempotency = app.idempotency();
         let mq = app.mq();
         let shutdown = app.shutdown_token();
         let task = tokio::spawn(app.run());
@@ -158,6 +160,7 @@ impl TestApp {
             internal,
             settings,
             verifier,
+            idempotency,
             mq,
             shutdown,
             task: Some(task),
@@ -192,6 +195,11 @@ impl TestApp {
     /// The instance's key verifier (argon2 run counter, test pause points).
     pub fn verifier(&self) -> &Arc<KeyVerifier> {
         &self.verifier
+    }
+
+    /// The instance's idempotency keys (test pause point, the sweep).
+    pub fn idempotency(&self) -> &devgate::idempotency::Idempotency {
+        &self.idempotency
     }
 
     pub async fn public_client(&self) -> ApiKeyServiceClient<Channel> {
