@@ -18,6 +18,10 @@
 //! guard.finish(&result).await; // a failure releases the key so the client may retry
 //! ```
 //!
+//! A create whose response holds no secret stores it (`guard.complete(c, &response, id)`)
+//! and replays it: `replay.response::<v1::Generation>()?` decoded, sent by the grpc layer as
+//! `idempotency::replayed(message)` (which sets the `idempotent-replayed` header).
+//!
 //! The reservation is a statement of its own (so concurrent attempts meet on the row before
 //! any work starts); the completion is part of the caller's transaction, so the record
 //! exists exactly when the work committed. Not a feature: features import it, it imports

@@ -155,7 +155,13 @@ mod tests {
     fn keys_are_1_to_255_printable_ascii() {
         assert!(IdempotencyKey::parse(b"order-42 retry").is_ok());
         assert!(IdempotencyKey::parse(&[b'k'; 255]).is_ok());
-        for bad in [&b""[..], &[b'k'; 256], b"tab\there", b"caf\xc3\xa9", b"nl\n"] {
+        for bad in [
+            &b""[..],
+            &[b'k'; 256],
+            b"tab\there",
+            b"caf\xc3\xa9",
+            b"nl\n",
+        ] {
             let v = IdempotencyKey::parse(bad).unwrap_err();
             assert_eq!(v.iter().next().unwrap().field, FIELD, "{bad:?}");
         }

@@ -164,7 +164,9 @@ impl Webhooks {
                 return Err(replay.already_exists("webhook endpoint").into());
             }
         };
-        let created = self.insert_endpoint(principal, tenant, keys, new, &guard).await;
+        let created = self
+            .insert_endpoint(principal, tenant, keys, new, &guard)
+            .await;
         guard.finish(&created).await;
         let (endpoint, secret) = created?;
         tracing::info!(tenant = %tenant, webhook_endpoint_id = %endpoint.id, actor = %principal.actor(), "webhook endpoint created");

@@ -84,7 +84,11 @@ fn answer(r: Result<tonic::Response<v1::CreateWebhookEndpointResponse>, Status>)
 fn replayed_id(s: &Status) -> String {
     assert_eq!(s.code(), Code::AlreadyExists, "{s:?}");
     assert_eq!(s.metadata().get("idempotent-replayed").unwrap(), "true");
-    let info = s.get_error_details().error_info().cloned().expect("ErrorInfo");
+    let info = s
+        .get_error_details()
+        .error_info()
+        .cloned()
+        .expect("ErrorInfo");
     assert_eq!(info.reason, "IDEMPOTENT_REPLAY");
     let id = info.metadata["resource_id"].clone();
     assert!(s.message().contains(&id), "{s:?}");
@@ -302,7 +306,10 @@ async fn through_envoy_a_key_replays_refuses_another_body_and_is_409_in_flight()
     let (status, headers, created) = send(Some("order-1"), body_a.clone()).await;
     assert_eq!(status, StatusCode::OK, "{created}");
     assert!(headers.get("idempotent-replayed").is_none());
-    let id = created["webhook_endpoint"]["id"].as_str().unwrap().to_string();
+    let id = created["webhook_endpoint"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     // The same request again: 409 naming the endpoint, marked as a replay; no secret.
     let (status, headers, replay) = send(Some("order-1"), body_a.clone()).await;
@@ -311,7 +318,10 @@ async fn through_envoy_a_key_replays_refuses_another_body_and_is_409_in_flight()
     assert_eq!(replay["code"], 6, "ALREADY_EXISTS: {replay}");
     assert_eq!(error_info(&replay)["reason"], "IDEMPOTENT_REPLAY");
     assert_eq!(error_info(&replay)["metadata"]["resource_id"], id.as_str());
-    assert_eq!(error_info(&replay)["metadata"]["idempotency_key"], "order-1");
+    assert_eq!(
+        error_info(&replay)["metadata"]["idempotency_key"],
+        "order-1"
+    );
     assert!(!replay.to_string().contains("whsec_"));
 
     // Another request under the used key: 400 on idempotency_key, naming the key.
@@ -478,8 +488,7 @@ async fn tenants_keys_never_collide() {
     // Another tenant's request under a key is not "another request" here.
     let c = Uuid::new_v4();
     let token_c = admin_token(c);
-    let Answer::Created(id_c) = create_endpoint(&w.app, &token_c, "shared", "other").await
-    else {
+    let Answer::Created(id_c) = create_endpoint(&w.app, &token_c, "shared", "other").await else {
         panic!("created")
     };
     assert_eq!(endpoint_ids(&w.app, a).await, BTreeSet::from([id_a]));
