@@ -35,6 +35,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("devgate_descriptor.bin"))
         .extern_path(".google.rpc", "::tonic_types")
+        // Maps as BTreeMaps: prost encodes map entries in iteration order, and a request's
+        // encoding must be deterministic for its Idempotency-Key hash (a HashMap's order
+        // differs between two maps with the same entries).
+        .btree_map(".")
         .compile_protos(&protos, &includes)?;
 
     // The contracts devgate is a client of (proto/upstream/): client and server code (the

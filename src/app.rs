@@ -38,6 +38,7 @@ use crate::{
     },
     events::{emitter::Emitter, relay::Relay},
     health::ServiceHealth,
+    idempotency::Idempotency,
     kv::Redis,
     mq::Mq,
     proto::v1::usage_service_server::UsageServiceServer,
@@ -79,6 +80,8 @@ struct Services {
     credits: CreditsGrpc,
     request_log: RequestLog,
     webhooks: Arc<Webhooks>,
+    /// Idempotency-Key of every create RPC; the worker sweeps its expired keys.
+    idempotency: Idempotency,
 }
 
 /// Which parts run in this process: `serve` = api, `worker` = worker, `all` = both.
@@ -171,6 +174,7 @@ impl Application {
             events.clone(),
             config.api_keys.expiring_notice,
         ));
+        let idempotency = Idempotency::new(pool.clone());
         let keys = Arc::new(ApiKeys::new(
             pool.clone(),
             hasher,
@@ -184,6 +188,7 @@ impl Application {
                 request_log: request_log.clone(),
             },
             events.clone(),
+            idempotency.clone(),
         ));
         let jwt = JwtVerifier::from_config(&config.auth)?;
         let authenticator = Arc::new(Authenticator::new(verifier.clone(), jwt, tenants.clone()));
@@ -208,6 +213,7 @@ impl Application {
             ),
             events.clone(),
             tasks.clone(),
+            idempotency.clone(),
         ));
 
         let internal_tls = config
@@ -266,6 +272,7 @@ impl Application {
                 credits,
                 request_log,
                 webhooks,
+                idempotency,
             },
             authenticator,
             last_used_flusher,
@@ -298,6 +305,11 @@ impl Application {
 
     pub fn key_verifier(&self) -> Arc<KeyVerifier> {
         self.services.keys.verifier().clone()
+    }
+
+    /// Idempotency keys (tests hold a request in flight with its pause point).
+    pub fn idempotency(&self) -> Idempotency {
+        self.services.idempotency.clone()
     }
 
     /// The process's RabbitMQ handle (tests delete the queues it declared).
@@ -387,6 +399,14 @@ impl Application {
                 let (expiring, stop) = (expiring.clone(), stop.clone());
                 async move {
                     expiring.run(interval, stop).await;
+                    Ok::<(), Infallible>(())
+                }
+            });
+            let (idempotency, stop) = (self.services.idempotency.clone(), background.clone());
+            tasks.restartable("idempotency key sweep", backoff, move || {
+                let (idempotency, stop) = (idempotency.clone(), stop.clone());
+                async move {
+                    idempotency.run_sweeper(stop).await;
                     Ok::<(), Infallible>(())
                 }
             });

@@ -15,6 +15,7 @@ pub mod db;
 pub mod edge;
 pub mod events;
 pub mod health;
+pub mod idempotency;
 pub mod identity;
 pub mod kv;
 pub mod mq;

@@ -14,6 +14,7 @@ use crate::{
     credits::CreditError,
     db::StoreError,
     events::EventError,
+    idempotency::{self, IdempotencyError},
     mq::MqError,
     ratelimit::{RateLimitError, model::retry_after_secs},
     usage::service::UsageError,
@@ -87,6 +88,46 @@ impl From<StoreError> for Status {
                 )
             }
             e @ StoreError::Query(_) => internal(&e),
+        }
+    }
+}
+
+impl From<IdempotencyError> for Status {
+    fn from(e: IdempotencyError) -> Self {
+        let message = e.to_string();
+        match e {
+            IdempotencyError::Invalid(v) => bad_request(&v),
+            IdempotencyError::OtherRequest { .. } => Status::with_error_details(
+                Code::InvalidArgument,
+                message.clone(),
+                ErrorDetails::with_bad_request(vec![FieldViolation::new(
+                    idempotency::model::FIELD,
+                    message,
+                )]),
+            ),
+            IdempotencyError::InFlight(_) | IdempotencyError::LeaseLost(_) => retry_later(
+                Code::Aborted,
+                message,
+                "IDEMPOTENCY_KEY_IN_USE",
+                idempotency::RETRY_AFTER,
+            ),
+            IdempotencyError::Replayed {
+                key, resource_id, ..
+            } => {
+                let metadata = HashMap::from([
+                    ("idempotency_key".to_string(), key.to_string()),
+                    ("resource_id".to_string(), resource_id),
+                ]);
+                let mut status = Status::with_error_details(
+                    Code::AlreadyExists,
+                    message,
+                    ErrorDetails::with_error_info("IDEMPOTENT_REPLAY", DOMAIN, metadata),
+                );
+                idempotency::mark_replayed(status.metadata_mut());
+                status
+            }
+            IdempotencyError::Store(s) => s.into(),
+            e @ IdempotencyError::Decode { .. } => internal(&e),
         }
     }
 }
@@ -289,6 +330,7 @@ impl From<ApiKeyError> for Status {
             ApiKeyError::RateLimit(r) => r.into(),
             ApiKeyError::Store(s) => s.into(),
             ApiKeyError::Event(ev) => ev.into(),
+            ApiKeyError::Idempotency(i) => i.into(),
             e @ ApiKeyError::Hashing(_) => internal(&e),
         }
     }
@@ -360,6 +402,7 @@ impl From<WebhookError> for Status {
             WebhookError::Store(s) => s.into(),
             WebhookError::Event(ev) => ev.into(),
             WebhookError::Mq(m) => m.into(),
+            WebhookError::Idempotency(i) => i.into(),
             e @ (WebhookError::SecretBox(_) | WebhookError::Signing(_)) => internal(&e),
         }
     }

@@ -15,6 +15,7 @@ use super::{
 use crate::identity::{Environment, KeyId};
 use crate::{
     auth::{VerifyFailure, principal},
+    idempotency,
     identity::Scope,
     pagination,
     proto::{
@@ -41,6 +42,9 @@ impl ApiKeyGrpc {
     }
 }
 
+/// The RPC an idempotency key of CreateApiKey is bound to.
+const CREATE_API_KEY: &str = "devgate.v1.ApiKeyService/CreateApiKey";
+
 /// The most a consuming verification may cost.
 const MAX_COST: u32 = 1000;
 
@@ -57,7 +61,8 @@ impl ApiKeyService for ApiKeyGrpc {
         // no validation work is done for them.
         authorize(principal, Scope::ApiKeysWrite)?;
         let new = new_api_key(req.get_ref(), Utc::now()).map_err(ApiKeyError::from)?;
-        let (key, token) = self.keys.create(principal, new).await?;
+        let claim = idempotency::claim(&req, CREATE_API_KEY)?;
+        let (key, token) = self.keys.create(principal, new, claim).await?;
         Ok(Response::new(v1::CreateApiKeyResponse {
             api_key: Some(to_proto(&key)),
             secret: token.token,

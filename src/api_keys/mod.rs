@@ -14,8 +14,8 @@ pub mod token;
 pub mod verifier;
 
 use crate::{
-    auth::AuthError, db::StoreError, events::EventError, ratelimit::RateLimitError,
-    validation::Violations,
+    auth::AuthError, db::StoreError, events::EventError, idempotency::IdempotencyError,
+    ratelimit::RateLimitError, validation::Violations,
 };
 
 /// Everything that can go wrong in this module; mapped to a gRPC status in `crate::status`.
@@ -50,6 +50,8 @@ pub enum ApiKeyError {
     Hashing(#[from] hashing::HashError),
     #[error(transparent)]
     Event(#[from] EventError),
+    #[error(transparent)]
+    Idempotency(#[from] IdempotencyError),
 }
 
 impl From<Violations> for ApiKeyError {

@@ -22,6 +22,7 @@ use crate::{
     auth::{KeyPrincipal, Principal, VerifyFailure},
     db::{self, PgPool, StoreError},
     events::emitter::Emitter,
+    idempotency::{Claim, Guard, Idempotency, Outcome},
     identity::TenantId,
     identity::{Scope, Scopes},
     ratelimit::{Decision, LimitOverrides, PlanLimits, RateLimitError, RateLimiter},
@@ -49,6 +50,8 @@ pub struct ApiKeys {
     request_log: RequestLog,
     /// Checks and appends the `api_key.*` events (one compiled catalog per process).
     emitter: Arc<Emitter>,
+    /// Idempotency-Key of CreateApiKey.
+    idempotency: Idempotency,
 }
 
 /// How keys are metered: the plans' limits (a key may only lower them), and the limiter
@@ -72,6 +75,7 @@ impl ApiKeys {
         tenants: TenantDirectory,
         metering: Metering,
         emitter: Arc<Emitter>,
+        idempotency: Idempotency,
     ) -> Self {
         Self {
             pool,
@@ -84,6 +88,7 @@ impl ApiKeys {
             limiter: metering.limiter,
             request_log: metering.request_log,
             emitter,
+            idempotency,
         }
     }
 
@@ -96,15 +101,37 @@ impl ApiKeys {
     }
 
     /// Creates a key and returns it with its token (the only time the token exists in clear).
+    /// With an idempotency claim, a repeat of a created key's request answers
+    /// ALREADY_EXISTS naming the key (its token is never stored for a replay).
     pub async fn create(
         &self,
         principal: &Principal,
         new: NewApiKey,
+        claim: Option<Claim>,
     ) -> Result<(ApiKey, NewToken), ApiKeyError> {
         let tenant = principal.tenant_with(Scope::ApiKeysWrite)?;
         ensure_covers(principal, &new.scopes, "create a key with")?;
         self.check_limits(tenant, &new.rate_limits).await?;
         self.emitter.catalog().await?;
+        let guard = match self.idempotency.begin(tenant, claim).await? {
+            Outcome::Proceed(guard) => guard,
+            Outcome::Replay(replay) => return Err(replay.already_exists("api key").into()),
+        };
+        let created = self.insert_key(principal, tenant, &new, &guard).await;
+        guard.finish(&created).await;
+        let (key, token) = created?;
+        tracing::info!(tenant = %tenant, key_id = %key.id, actor = %principal.actor(), "api key created");
+        Ok((key, token))
+    }
+
+    /// The key row, its event and the idempotency record, in one transaction.
+    async fn insert_key(
+        &self,
+        principal: &Principal,
+        tenant: TenantId,
+        new: &NewApiKey,
+        guard: &Guard,
+    ) -> Result<(ApiKey, NewToken), ApiKeyError> {
         // A 71-bit random id practically never collides; retry once if it does.
         for attempt in 0..2 {
             let id = token::new_key_id();
@@ -113,7 +140,7 @@ impl ApiKeys {
             let insert = InsertKey {
                 id: &id,
                 tenant_id: tenant,
-                new: &new,
+                new,
                 secret_hash,
                 created_by: principal.actor(),
                 now: Utc::now(),
@@ -125,14 +152,12 @@ impl ApiKeys {
                     self.emitter
                         .emit(c, tenant, "api_key.created", events::created(&key))
                         .await?;
+                    guard.complete_withheld(c, key.id.as_str()).await?;
                     Ok(key)
                 })
                 .await;
             match created {
-                Ok(key) => {
-                    tracing::info!(tenant = %tenant, key_id = %key.id, actor = %principal.actor(), "api key created");
-                    return Ok((key, token));
-                }
+                Ok(key) => return Ok((key, token)),
                 Err(ApiKeyError::Store(StoreError::Conflict(_))) if attempt == 0 => continue,
                 Err(e) => return Err(e),
             }

@@ -248,6 +248,22 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    idempotency_keys (tenant_id, key) {
+        tenant_id -> Uuid,
+        key -> Text,
+        rpc -> Text,
+        request_hash -> Bytea,
+        state -> Text,
+        lease_id -> Uuid,
+        lease_until -> Nullable<Timestamptz>,
+        response -> Nullable<Bytea>,
+        resource_id -> Nullable<Text>,
+        create_time -> Timestamptz,
+        expire_time -> Timestamptz,
+    }
+}
+
 diesel::joinable!(api_keys -> tenants (tenant_id));
 diesel::joinable!(metered_usage -> tenants (tenant_id));
 diesel::joinable!(credit_balances -> tenants (tenant_id));
@@ -270,6 +286,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     events,
     event_types,
     generations,
+    idempotency_keys,
     metered_usage,
     outbox,
     quota_notices,

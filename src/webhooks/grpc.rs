@@ -1,7 +1,7 @@
 //! The tonic implementation of `devgate.v1.WebhookService`: authorize, validate and
 //! convert, call the service, convert back. No rules live here.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::sync::Arc;
 
 use prost::Message;
 use tonic::{Request, Response, Status};
@@ -20,6 +20,7 @@ use crate::{
         catalog::PAYLOAD_FIELD,
         outbox::{Event, EventFilter},
     },
+    idempotency,
     identity::{Scope, TenantId},
     pagination,
     proto::{
@@ -57,6 +58,8 @@ const MAX_RECOVER_WINDOW: chrono::TimeDelta = chrono::TimeDelta::days(14);
 /// Clock skew and request latency forgiven at both ends of `since`: "14 days ago" computed
 /// by the caller is a little older when it arrives.
 const SINCE_SLACK: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
+/// The RPC an idempotency key of CreateWebhookEndpoint is bound to.
+const CREATE_WEBHOOK_ENDPOINT: &str = "devgate.v1.WebhookService/CreateWebhookEndpoint";
 /// The description of a malformed endpoint id.
 const ENDPOINT_ID: &str = "not a webhook endpoint id (a UUID)";
 
@@ -74,7 +77,7 @@ impl WebhookService for WebhookGrpc {
         let mut v = Violations::new();
         let description = model::validate_description(&r.description, "description", &mut v);
         let event_types = model::validate_event_types_shape(&r.event_types, "event_types", &mut v);
-        let headers = model::validate_headers(&to_btree(&r.headers), "headers", &mut v);
+        let headers = model::validate_headers(&r.headers, "headers", &mut v);
         let rate_limit_per_second =
             model::validate_rate_limit(r.rate_limit_per_second, "rate_limit_per_second", &mut v);
         if !event_types.is_empty() {
@@ -89,6 +92,7 @@ impl WebhookService for WebhookGrpc {
             self.webhooks.check_url(&r.url, "url", &mut v).await
         };
         v.into_result(()).map_err(WebhookError::from)?;
+        let claim = idempotency::claim(&req, CREATE_WEBHOOK_ENDPOINT)?;
         let new = NewEndpoint {
             url,
             description,
@@ -96,7 +100,7 @@ impl WebhookService for WebhookGrpc {
             headers,
             rate_limit_per_second,
         };
-        let (endpoint, secret) = self.webhooks.create(principal, new).await?;
+        let (endpoint, secret) = self.webhooks.create(principal, new, claim).await?;
         Ok(Response::new(v1::CreateWebhookEndpointResponse {
             webhook_endpoint: Some(to_proto(&endpoint)),
             secret: secret.expose_whsec(),
@@ -616,11 +620,7 @@ impl WebhookGrpc {
                     c.event_types = Some(types);
                 }
                 "headers" => {
-                    c.headers = Some(model::validate_headers(
-                        &to_btree(&patch.headers),
-                        &field,
-                        &mut v,
-                    ))
+                    c.headers = Some(model::validate_headers(&patch.headers, &field, &mut v))
                 }
                 "rate_limit_per_second" => {
                     c.rate_limit_per_second = Some(model::validate_rate_limit(
@@ -724,10 +724,6 @@ fn time_range(
         );
     }
     (start_time, end_time)
-}
-
-fn to_btree(h: &std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
-    h.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
 pub fn to_proto(e: &WebhookEndpoint) -> v1::WebhookEndpoint {

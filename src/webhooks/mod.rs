@@ -15,7 +15,8 @@ pub mod store;
 pub use config::{RetrySchedule, WebhookDeliveryConfig, WebhookSecurityConfig};
 
 use crate::{
-    auth::AuthError, db::StoreError, events::EventError, mq::MqError, validation::Violations,
+    auth::AuthError, db::StoreError, events::EventError, idempotency::IdempotencyError,
+    mq::MqError, validation::Violations,
 };
 
 /// Everything that can go wrong managing endpoints; mapped to a gRPC status in
@@ -52,6 +53,8 @@ pub enum WebhookError {
     /// RabbitMQ did not take a delivery task (RetryWebhookDelivery, RecoverWebhookDeliveries).
     #[error(transparent)]
     Mq(#[from] MqError),
+    #[error(transparent)]
+    Idempotency(#[from] IdempotencyError),
     #[error("secret at rest: {0}")]
     SecretBox(#[from] secret_box::SecretBoxError),
     #[error("secret: {0}")]

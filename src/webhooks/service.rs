@@ -31,6 +31,7 @@ use crate::{
         emitter::Emitter,
         outbox::{self, Event, EventFilter, NewEvent, Position},
     },
+    idempotency::{Claim, Guard, Idempotency, Outcome},
     identity::{Scope, TenantId},
     validation::{Violations, quote},
 };
@@ -79,6 +80,8 @@ pub struct Webhooks {
     emitter: Arc<Emitter>,
     /// Queues manual delivery attempts (retry, recover) for the delivery workers.
     tasks: TaskQueue,
+    /// Idempotency-Key of CreateWebhookEndpoint.
+    idempotency: Idempotency,
 }
 
 impl Webhooks {
@@ -88,6 +91,7 @@ impl Webhooks {
         policy: Policy,
         emitter: Arc<Emitter>,
         tasks: TaskQueue,
+        idempotency: Idempotency,
     ) -> Self {
         Self {
             pool,
@@ -95,6 +99,7 @@ impl Webhooks {
             policy,
             emitter,
             tasks,
+            idempotency,
         }
     }
 
@@ -140,16 +145,43 @@ impl Webhooks {
     }
 
     /// Creates an endpoint with a fresh secret; returns both (the secret in clear only here
-    /// and from [`Webhooks::secret`]).
+    /// and from [`Webhooks::secret`]). With an idempotency claim, a repeat of a created
+    /// endpoint's request answers ALREADY_EXISTS naming it (the response holds the secret,
+    /// which is never stored for a replay).
     pub async fn create(
         &self,
         principal: &Principal,
         new: NewEndpoint,
+        claim: Option<Claim>,
     ) -> Result<(WebhookEndpoint, Secret), WebhookError> {
         let tenant = principal.tenant_with(Scope::WebhooksWrite)?;
         let keys = self.keys()?;
         // Load it before the transaction: no connection is held while compiling schemas.
         self.catalog().await?;
+        let guard = match self.idempotency.begin(tenant, claim).await? {
+            Outcome::Proceed(guard) => guard,
+            Outcome::Replay(replay) => {
+                return Err(replay.already_exists("webhook endpoint").into());
+            }
+        };
+        let created = self
+            .insert_endpoint(principal, tenant, keys, new, &guard)
+            .await;
+        guard.finish(&created).await;
+        let (endpoint, secret) = created?;
+        tracing::info!(tenant = %tenant, webhook_endpoint_id = %endpoint.id, actor = %principal.actor(), "webhook endpoint created");
+        Ok((endpoint, secret))
+    }
+
+    /// The endpoint row, its event and the idempotency record, in one transaction.
+    async fn insert_endpoint(
+        &self,
+        principal: &Principal,
+        tenant: TenantId,
+        keys: &KeyRing,
+        new: NewEndpoint,
+        guard: &Guard,
+    ) -> Result<(WebhookEndpoint, Secret), WebhookError> {
         let secret = Secret::generate()?;
         let id = Uuid::now_v7();
         let sealed = keys.seal(secret.expose_bytes(), &row_context(tenant.0, id))?;
@@ -185,10 +217,10 @@ impl Webhooks {
                         model::created_payload(&endpoint),
                     )
                     .await?;
+                guard.complete_withheld(c, &endpoint.id.to_string()).await?;
                 Ok(endpoint)
             })
             .await?;
-        tracing::info!(tenant = %tenant, webhook_endpoint_id = %endpoint.id, actor = %actor, "webhook endpoint created");
         Ok((endpoint, secret))
     }
 

@@ -18,6 +18,7 @@ mod faults;
 mod grpcurl;
 mod health;
 mod hot_path;
+mod idempotency;
 mod internal;
 mod jwt;
 mod layering;

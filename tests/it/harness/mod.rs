@@ -131,6 +131,7 @@ pub struct TestApp {
     pub internal: SocketAddr,
     pub settings: Settings,
     verifier: Arc<KeyVerifier>,
+    idempotency: devgate::idempotency::Idempotency,
     mq: devgate::mq::Mq,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -151,6 +152,7 @@ impl TestApp {
         let public = app.public_addr().unwrap();
         let internal = app.internal_addr().unwrap();
         let verifier = app.key_verifier();
+        let idempotency = app.idempotency();
         let mq = app.mq();
         let shutdown = app.shutdown_token();
         let task = tokio::spawn(app.run());
@@ -159,6 +161,7 @@ impl TestApp {
             internal,
             settings,
             verifier,
+            idempotency,
             mq,
             shutdown,
             task: Some(task),
@@ -193,6 +196,11 @@ impl TestApp {
     /// The instance's key verifier (argon2 run counter, test pause points).
     pub fn verifier(&self) -> &Arc<KeyVerifier> {
         &self.verifier
+    }
+
+    /// The instance's idempotency keys (test pause point, the sweep).
+    pub fn idempotency(&self) -> &devgate::idempotency::Idempotency {
+        &self.idempotency
     }
 
     pub async fn public_client(&self) -> ApiKeyServiceClient<Channel> {
