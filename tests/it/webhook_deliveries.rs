@@ -267,9 +267,8 @@ async fn deliveries_send_test_event_writes_the_event_and_its_pending_delivery() 
         .unwrap();
     assert_eq!(payload["message"], sample["message"]);
     assert_eq!(payload["webhook_endpoint_id"], id.as_str());
-    let sent: chrono::DateTime<chrono::Utc> =
-        payload["send_time"].as_str().unwrap().parse().unwrap();
-    assert!((chrono::Utc::now() - sent).num_seconds().abs() < 60);
+    let send_time: DateTime<Utc> = payload["send_time"].as_str().unwrap().parse().unwrap();
+    assert!((Utc::now() - send_time).num_seconds().abs() < 60);
     assert_eq!(source, "user:admin-user");
     assert_eq!(key, None);
     // The event is in the outbox (the fan-out queues its first attempt when it gets there).
