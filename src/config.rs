@@ -285,7 +285,7 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     (
         "DEVGATE_USAGE_BATCH_SIZE",
         "500",
-        "Rows per request-log INSERT (clamped to what fits in 65 535 bind parameters).",
+        "Rows per request-log INSERT (at most 10 000; one array per column, so no bind-parameter limit).",
     ),
     (
         "DEVGATE_USAGE_BUFFER",

@@ -19,7 +19,7 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use super::{model::RequestRecord, store};
 use crate::db::{
     PgPool, StoreError,
-    batch::{BatchLog, BatchRow, BatchWriter, MAX_BIND_PARAMS},
+    batch::{BatchLog, BatchRow, BatchWriter},
 };
 
 pub use crate::db::batch::{
@@ -31,9 +31,9 @@ pub type RequestLog = BatchLog<RequestRecord>;
 /// The receiving end: run it once, as a task of its own.
 pub type RequestLogWriter = BatchWriter<RequestRecord>;
 
-/// Rows per INSERT at most: Postgres accepts 65 535 bind parameters and a row binds
-/// [`store::COLUMNS`].
-pub const MAX_BATCH_SIZE: usize = MAX_BIND_PARAMS / store::COLUMNS;
+/// Rows per INSERT at most. The insert binds one array per column, so no bind-parameter
+/// limit applies; this bounds one statement's size (and the outage buffer, 10 batches).
+pub const MAX_BATCH_SIZE: usize = 10_000;
 
 impl BatchRow for RequestRecord {
     const NAME: &'static str = "request log";

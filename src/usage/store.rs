@@ -4,7 +4,10 @@
 use chrono::{DateTime, Duration as TimeDelta, Utc};
 use diesel::{
     prelude::*,
-    sql_types::{BigInt, Double, Nullable, Text, Timestamptz, Uuid as SqlUuid},
+    sql_types::{
+        Array, BigInt, Double, Inet, Integer, Nullable, SmallInt, Text, Timestamptz,
+        Uuid as SqlUuid,
+    },
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use ipnetwork::IpNetwork;
@@ -16,54 +19,61 @@ use crate::{
     identity::TenantId,
 };
 
-/// Bind parameters per inserted row (the columns of `api_request_logs`).
-pub(crate) const COLUMNS: usize = 18;
+/// The writer's INSERT: one array per column, unnested into rows, so a batch binds 18
+/// parameters whatever its size (diesel's multi-row VALUES binds 18 per row: 9 000 for 500
+/// rows, each serialized, sent and parsed on its own). A row already stored (a retry after
+/// a commit whose acknowledgement was lost) is skipped.
+const INSERT_SQL: &str = "INSERT INTO api_request_logs (id, time, tenant_id, api_key_id, \
+     user_id, rpc, http_method, http_path, grpc_code, http_status, error_code, latency_us, \
+     request_bytes, response_bytes, client_ip, user_agent, cost, service_caller) \
+     SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::uuid[], $4::text[], $5::text[], \
+     $6::text[], $7::text[], $8::text[], $9::int2[], $10::int2[], $11::text[], $12::int4[], \
+     $13::int4[], $14::int4[], $15::inet[], $16::text[], $17::int8[], $18::text[]) \
+     ON CONFLICT DO NOTHING";
 
-#[derive(Insertable)]
-#[diesel(table_name = api_request_logs, check_for_backend(diesel::pg::Pg))]
-struct NewRow<'a> {
-    id: Uuid,
-    time: DateTime<Utc>,
-    tenant_id: Uuid,
-    api_key_id: Option<&'a str>,
-    user_id: Option<&'a str>,
-    rpc: &'a str,
-    http_method: Option<&'a str>,
-    http_path: Option<&'a str>,
-    grpc_code: i16,
-    http_status: i16,
-    error_code: Option<&'a str>,
-    latency_us: i32,
-    request_bytes: i32,
-    response_bytes: i32,
-    client_ip: Option<IpNetwork>,
-    user_agent: Option<&'a str>,
-    cost: i64,
-    service_caller: Option<&'a str>,
+/// A batch of records as one array per column (borrowing their text).
+#[derive(Default)]
+struct Columns<'a> {
+    id: Vec<Uuid>,
+    time: Vec<DateTime<Utc>>,
+    tenant_id: Vec<Uuid>,
+    api_key_id: Vec<Option<&'a str>>,
+    user_id: Vec<Option<&'a str>>,
+    rpc: Vec<&'a str>,
+    http_method: Vec<Option<&'a str>>,
+    http_path: Vec<Option<&'a str>>,
+    grpc_code: Vec<i16>,
+    http_status: Vec<i16>,
+    error_code: Vec<Option<&'a str>>,
+    latency_us: Vec<i32>,
+    request_bytes: Vec<i32>,
+    response_bytes: Vec<i32>,
+    client_ip: Vec<Option<IpNetwork>>,
+    user_agent: Vec<Option<&'a str>>,
+    cost: Vec<i64>,
+    service_caller: Vec<Option<&'a str>>,
 }
 
-impl<'a> From<&'a RequestRecord> for NewRow<'a> {
-    fn from(r: &'a RequestRecord) -> Self {
-        NewRow {
-            id: r.id,
-            time: r.time,
-            tenant_id: r.tenant_id.0,
-            api_key_id: r.api_key_id.as_deref(),
-            user_id: r.user_id.as_deref(),
-            rpc: &r.rpc,
-            http_method: r.http_method.as_deref(),
-            http_path: r.http_path.as_deref(),
-            grpc_code: r.grpc_code,
-            http_status: r.http_status,
-            error_code: r.error_code.as_deref(),
-            latency_us: r.latency_us,
-            request_bytes: r.request_bytes,
-            response_bytes: r.response_bytes,
-            client_ip: r.client_ip.map(IpNetwork::from),
-            user_agent: r.user_agent.as_deref(),
-            cost: r.cost,
-            service_caller: r.service_caller.as_deref(),
-        }
+impl<'a> Columns<'a> {
+    fn push(&mut self, r: &'a RequestRecord) {
+        self.id.push(r.id);
+        self.time.push(r.time);
+        self.tenant_id.push(r.tenant_id.0);
+        self.api_key_id.push(r.api_key_id.as_deref());
+        self.user_id.push(r.user_id.as_deref());
+        self.rpc.push(&r.rpc);
+        self.http_method.push(r.http_method.as_deref());
+        self.http_path.push(r.http_path.as_deref());
+        self.grpc_code.push(r.grpc_code);
+        self.http_status.push(r.http_status);
+        self.error_code.push(r.error_code.as_deref());
+        self.latency_us.push(r.latency_us);
+        self.request_bytes.push(r.request_bytes);
+        self.response_bytes.push(r.response_bytes);
+        self.client_ip.push(r.client_ip.map(IpNetwork::from));
+        self.user_agent.push(r.user_agent.as_deref());
+        self.cost.push(r.cost);
+        self.service_caller.push(r.service_caller.as_deref());
     }
 }
 
@@ -115,21 +125,38 @@ impl From<RequestRow> for RequestRecord {
     }
 }
 
-/// One multi-row INSERT of `records` (at most `65_535 / COLUMNS` of them). A row already
-/// stored (a retry after a commit whose acknowledgement was lost) is skipped, so retries
+/// One INSERT of `records` ([`INSERT_SQL`]); rows already stored are skipped, so retries
 /// are idempotent. Returns the rows inserted.
 pub(crate) async fn insert_rows<'a>(
     conn: &mut AsyncPgConnection,
     records: impl Iterator<Item = &'a RequestRecord>,
 ) -> Result<usize, StoreError> {
-    let rows: Vec<NewRow<'a>> = records.map(NewRow::from).collect();
-    if rows.is_empty() {
+    let mut c = Columns::default();
+    for r in records {
+        c.push(r);
+    }
+    if c.id.is_empty() {
         return Ok(0);
     }
-    debug_assert!(rows.len() * COLUMNS <= 65_535);
-    let inserted = diesel::insert_into(api_request_logs::table)
-        .values(&rows)
-        .on_conflict_do_nothing()
+    let inserted = diesel::sql_query(INSERT_SQL)
+        .bind::<Array<SqlUuid>, _>(c.id)
+        .bind::<Array<Timestamptz>, _>(c.time)
+        .bind::<Array<SqlUuid>, _>(c.tenant_id)
+        .bind::<Array<Nullable<Text>>, _>(c.api_key_id)
+        .bind::<Array<Nullable<Text>>, _>(c.user_id)
+        .bind::<Array<Text>, _>(c.rpc)
+        .bind::<Array<Nullable<Text>>, _>(c.http_method)
+        .bind::<Array<Nullable<Text>>, _>(c.http_path)
+        .bind::<Array<SmallInt>, _>(c.grpc_code)
+        .bind::<Array<SmallInt>, _>(c.http_status)
+        .bind::<Array<Nullable<Text>>, _>(c.error_code)
+        .bind::<Array<Integer>, _>(c.latency_us)
+        .bind::<Array<Integer>, _>(c.request_bytes)
+        .bind::<Array<Integer>, _>(c.response_bytes)
+        .bind::<Array<Nullable<Inet>>, _>(c.client_ip)
+        .bind::<Array<Nullable<Text>>, _>(c.user_agent)
+        .bind::<Array<BigInt>, _>(c.cost)
+        .bind::<Array<Nullable<Text>>, _>(c.service_caller)
         .execute(conn)
         .await?;
     Ok(inserted)

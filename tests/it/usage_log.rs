@@ -317,6 +317,53 @@ async fn shutdown_drains_a_deep_queue_in_full_batches() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_insert_takes_more_rows_than_bind_parameters_allow_and_retries_store_once() {
+    // 5 000 rows × 18 columns would be 90 000 bind parameters as a multi-row VALUES
+    // (Postgres takes 65 535); as one array per column it is one statement of 18.
+    const N: usize = 5_000;
+    let db = TestDb::create().await;
+    let pool = pool(&db);
+    let tenant = new_tenant();
+    let (log, writer) = RequestLog::new();
+    let mut records = Vec::with_capacity(N);
+    for i in 0..N {
+        let mut r = RequestRecord::new(tenant, LIST, 0);
+        // NULL and non-NULL in one array.
+        r.api_key_id = (i % 2 == 0).then(|| KEY_1.to_string());
+        r.client_ip = (i % 3 == 0).then_some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)));
+        records.push(r.clone());
+        log.record(r);
+    }
+    let shutdown = CancellationToken::new();
+    shutdown.cancel();
+    let stats = writer
+        .run(pool.clone(), Duration::from_secs(1), N, shutdown)
+        .await;
+    assert_eq!(
+        stats,
+        WriterStats {
+            batches_written: 1,
+            rows_written: N as u64,
+            rows_dropped: 0,
+        }
+    );
+    assert_eq!(rows_of(&pool, tenant).await, N as i64);
+    assert_eq!(
+        count(
+            &pool,
+            &format!("tenant_id = '{tenant}' AND api_key_id IS NULL AND client_ip IS NOT NULL")
+        )
+        .await,
+        (0..N).filter(|i| i % 2 == 1 && i % 3 == 0).count() as i64
+    );
+
+    // A retry of rows already stored (a commit whose acknowledgement was lost) adds nothing.
+    let mut conn = pool.clone().get_owned().await.unwrap();
+    assert_eq!(store::insert(&mut conn, &records).await.unwrap(), 0);
+    assert_eq!(rows_of(&pool, tenant).await, N as i64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outage_keeps_the_newest_rows_and_writes_them_when_postgres_returns() {
     let db = TestDb::create().await;
     let direct = pool(&db);
