@@ -1,12 +1,18 @@
 //! Load generator for the API-key hot path (`ApiKeyService/VerifyApiKey` on the internal
-//! listener), run against a local stack (`deploy/local/run.sh`):
+//! listener) and the webhook pipeline, run against a local stack (`deploy/local/run.sh`):
 //!
 //! ```text
 //! cargo run --release --example loadgen -- verify --concurrency 64 --seconds 10
 //! cargo run --release --example loadgen -- verify-cold --keys 1500
 //! cargo run --release --example loadgen -- health      # the ceiling of `verify`
 //! cargo run --release --example loadgen -- argon2      # the ceiling of `verify-cold`
+//! cargo run --release --example loadgen -- webhooks --events 20000 --endpoints 10
+//! cargo run --release --example loadgen -- webhooks --rate 1000 --seconds 20
+//! cargo run --release --example loadgen -- rabbitmq    # the ceiling of `webhooks`
 //! ```
+//!
+//! `webhooks` and `rabbitmq` are described in their modules ([`webhooks`], [`rabbitmq`]);
+//! the rest of this page is about the API-key scenarios.
 //!
 //! Setup mints an admin JWT for a tenant (a fresh random one per run unless `--tenant`),
 //! signed with `DEVGATE_JWT_HS256_SECRET` (the environment, else `--env-file`), and creates
@@ -54,6 +60,10 @@
 //! * `p50_ms`, `p99_ms`: per-call latency percentiles (microsecond resolution, all tasks'
 //!   histograms merged, errors included), from sending the request to the full answer.
 //! * `concurrency`, `seconds`: the options the run was started with.
+
+mod rabbitmq;
+mod sink;
+mod webhooks;
 
 use std::{
     fmt,
@@ -115,7 +125,7 @@ const STACK_HINT: &str = "is the stack running? start deploy/local/run.sh";
 #[derive(Parser)]
 #[command(
     name = "loadgen",
-    about = "Load generator for devgate's API-key hot path (VerifyApiKey)"
+    about = "Load generator for devgate's API-key hot path (VerifyApiKey) and webhook pipeline"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -147,6 +157,42 @@ enum Scenario {
     /// default parameters, on as many blocking threads as the server uses (one per CPU):
     /// the ceiling for a cold verification. Needs no stack.
     Argon2,
+    /// Webhook deliveries end to end: events published with the internal PublishEvent
+    /// (`--concurrency` in flight), delivered by devgate to `--endpoints` endpoints of a
+    /// sink in this process that verifies every signature. Without `--rate`, `--events`
+    /// as fast as they go (throughput); with `--rate`, that many events per second for
+    /// `--seconds` (first-attempt latency at a steady load).
+    Webhooks {
+        /// Events to publish (ignored with --rate).
+        #[arg(long, default_value_t = 20_000)]
+        events: u64,
+        /// Webhook endpoints created for the run (each event is delivered to every one).
+        #[arg(long, default_value_t = 1)]
+        endpoints: usize,
+        /// Publish this many events per second for --seconds instead of --events at once.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Stop waiting for deliveries when none arrived for this long; what has not
+        /// arrived by then counts as lost. (A failed first attempt is retried after the
+        /// schedule's first step, 1m by default.)
+        #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
+        wait: Duration,
+    },
+    /// Baseline of `webhooks`: lapin, persistent publishes with batched publisher confirms
+    /// and a consumer acking each message, through one durable queue of its own (deleted
+    /// at the end). Needs only RabbitMQ.
+    Rabbitmq {
+        /// Messages sent through the queue.
+        #[arg(long, default_value_t = 100_000)]
+        messages: u64,
+        /// Body size in bytes (default: about an event message of the `webhooks` run).
+        #[arg(long, default_value_t = 400)]
+        size: usize,
+        /// Publishes per confirm batch, and the consumer's prefetch (the relay's default
+        /// batch size).
+        #[arg(long, default_value_t = 500)]
+        batch: u16,
+    },
 }
 
 impl Scenario {
@@ -157,6 +203,8 @@ impl Scenario {
             Scenario::Authorize => "authorize",
             Scenario::Health => "health",
             Scenario::Argon2 => "argon2",
+            Scenario::Webhooks { .. } => "webhooks",
+            Scenario::Rabbitmq { .. } => "rabbitmq",
         }
     }
 }
@@ -294,6 +342,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .channels
         .unwrap_or(DEFAULT_CHANNELS)
         .clamp(1, opts.concurrency);
+    // These two print their own line.
+    match cli.scenario {
+        Scenario::Rabbitmq {
+            messages,
+            size,
+            batch,
+        } => {
+            let params = rabbitmq::Params {
+                messages,
+                size,
+                batch,
+            };
+            return rabbitmq::run(params, &opts.env_file).await;
+        }
+        Scenario::Webhooks {
+            events,
+            endpoints,
+            rate,
+            wait,
+        } => {
+            let params = webhooks::Params {
+                events,
+                endpoints,
+                rate,
+                wait,
+                channels,
+            };
+            return webhooks::run(params, opts).await;
+        }
+        _ => {}
+    }
     eprintln!(
         "loadgen: {} concurrency={} channels={channels} seconds={}",
         cli.scenario.name(),
@@ -385,6 +464,7 @@ async fn run_scenario(
             create_keys(&admin, &bearer, keys).await?
         }
         Scenario::Health | Scenario::Argon2 => Vec::new(),
+        Scenario::Webhooks { .. } | Scenario::Rabbitmq { .. } => unreachable!("handled in run"),
     };
     let start = Instant::now();
     let run = Arc::new(Run {
@@ -421,7 +501,9 @@ async fn run_scenario(
             })
             .await?
         }
-        Scenario::Argon2 => unreachable!("handled above"),
+        Scenario::Argon2 | Scenario::Webhooks { .. } | Scenario::Rabbitmq { .. } => {
+            unreachable!("handled above")
+        }
     };
     Ok((tally, start.elapsed()))
 }
@@ -456,6 +538,17 @@ async fn admin(
     MetadataValue<tonic::metadata::Ascii>,
     Uuid,
 )> {
+    let (bearer, tenant) = admin_bearer(opts)?;
+    Ok((
+        ApiKeyServiceClient::new(connect(&opts.public, "public").await?),
+        bearer,
+        tenant,
+    ))
+}
+
+/// An admin user's `authorization` value for the run's tenant (`--tenant`, else a fresh
+/// one), and the tenant.
+fn admin_bearer(opts: &Opts) -> anyhow::Result<(MetadataValue<tonic::metadata::Ascii>, Uuid)> {
     let tenant = opts.tenant.unwrap_or_else(Uuid::new_v4);
     let secret = env_value(&opts.env_file, "DEVGATE_JWT_HS256_SECRET")?;
     let jwt = devgate::auth::jwt::mint_hs256(
@@ -470,11 +563,7 @@ async fn admin(
         .parse()
         .context("the JWT is not a valid metadata value")?;
     eprintln!("loadgen: tenant={tenant}");
-    Ok((
-        ApiKeyServiceClient::new(connect(&opts.public, "public").await?),
-        bearer,
-        tenant,
-    ))
+    Ok((bearer, tenant))
 }
 
 /// Runs `run.concurrency` closed-loop callers until the deadline or until their call source
@@ -652,10 +741,10 @@ async fn connect(url: &str, which: &str) -> anyhow::Result<Channel> {
 
 /// `name` from the environment, else from the env file (the local stack's dev values).
 fn env_value(env_file: &Path, name: &str) -> anyhow::Result<String> {
-    if let Ok(secret) = std::env::var(name)
-        && !secret.is_empty()
+    if let Ok(value) = std::env::var(name)
+        && !value.is_empty()
     {
-        return Ok(secret);
+        return Ok(value);
     }
     let lines = dotenvy::from_path_iter(env_file).map_err(|e| {
         anyhow!(
@@ -663,13 +752,37 @@ fn env_value(env_file: &Path, name: &str) -> anyhow::Result<String> {
             env_file.display()
         )
     })?;
+    env_file_value(lines, env_file, name)?
+        .ok_or_else(|| anyhow!("{name} is neither set nor in {}", env_file.display()))
+}
+
+/// Like [`env_value`] for settings with a default: `None` when neither the environment
+/// nor the env file (which may be missing) has it.
+fn env_optional(env_file: &Path, name: &str) -> anyhow::Result<Option<String>> {
+    if let Ok(value) = std::env::var(name)
+        && !value.is_empty()
+    {
+        return Ok(Some(value));
+    }
+    match dotenvy::from_path_iter(env_file) {
+        Ok(lines) => env_file_value(lines, env_file, name),
+        Err(_) if !env_file.exists() => Ok(None),
+        Err(e) => bail!("cannot read {}: {e}", env_file.display()),
+    }
+}
+
+fn env_file_value<R: std::io::Read>(
+    lines: dotenvy::Iter<R>,
+    env_file: &Path,
+    name: &str,
+) -> anyhow::Result<Option<String>> {
     for line in lines {
         let (key, value) = line.with_context(|| format!("cannot parse {}", env_file.display()))?;
         if key == name && !value.is_empty() {
-            return Ok(value);
+            return Ok(Some(value));
         }
     }
-    bail!("{name} is neither set nor in {}", env_file.display())
+    Ok(None)
 }
 
 /// A gRPC status on one line: code and message (binary error details are left out).
