@@ -199,7 +199,9 @@ pub async fn for_events(
 }
 
 /// (id, attempts) of the endpoint's failed deliveries created at or after `since`, oldest
-/// first, at most `limit` (RecoverWebhookDeliveries; `webhook_deliveries_failed_idx`).
+/// first, at most `limit` (RecoverWebhookDeliveries; walks `webhook_deliveries_endpoint_idx`:
+/// UUIDv7 ids are in creation order, and no index names `status`, so status changes stay
+/// HOT updates).
 pub async fn failed_since(
     conn: &mut AsyncPgConnection,
     tenant: TenantId,
@@ -213,7 +215,7 @@ pub async fn failed_since(
         .filter(d::tenant_id.eq(tenant.0))
         .filter(d::status.eq(DeliveryStatus::Failed.as_str()))
         .filter(d::create_time.ge(since))
-        .order(d::create_time.asc())
+        .order(d::id.asc())
         .limit(limit)
         .select((d::id, d::attempts))
         .load(conn)
