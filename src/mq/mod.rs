@@ -226,6 +226,72 @@ impl Mq {
         Ok(())
     }
 
+    /// Consumes `queue` on `channel` with up to `concurrency` messages in flight (also the
+    /// prefetch), calling `handle(slot, message)` for each; `slot` (0..concurrency) is unique
+    /// among the messages in flight, so a caller can keep state per slot (e.g. a publisher).
+    /// The handler acks. Returns Ok once `stop` fires (in-flight messages finish first), an
+    /// error when the channel or the consumer is lost.
+    pub async fn consume_concurrently<F, Fut>(
+        channel: &Channel,
+        queue: &str,
+        consumer_tag: &str,
+        concurrency: usize,
+        stop: &CancellationToken,
+        handle: F,
+    ) -> Result<(), MqError>
+    where
+        F: Fn(usize, lapin::message::Delivery) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        use futures_util::StreamExt;
+        let concurrency = concurrency.clamp(1, u16::MAX as usize);
+        channel
+            .basic_qos(
+                concurrency as u16,
+                lapin::options::BasicQosOptions::default(),
+            )
+            .await
+            .map_err(MqError::Channel)?;
+        let consumer = channel
+            .basic_consume(
+                queue.into(),
+                consumer_tag.into(),
+                lapin::options::BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(MqError::Channel)?;
+        let slots = std::sync::Mutex::new((0..concurrency).collect::<Vec<_>>());
+        let mut lost = None;
+        consumer
+            .take_until(stop.cancelled())
+            .take_while(|m| {
+                if let Err(e) = m {
+                    lost = Some(MqError::Channel(e.clone()));
+                }
+                std::future::ready(m.is_ok())
+            })
+            .for_each_concurrent(concurrency, |message| {
+                let (slots, handle) = (&slots, &handle);
+                async move {
+                    let Ok(message) = message else { return };
+                    let slot = slots
+                        .lock()
+                        .expect("slot lock")
+                        .pop()
+                        .expect("one slot per message in flight");
+                    handle(slot, message).await;
+                    slots.lock().expect("slot lock").push(slot);
+                }
+            })
+            .await;
+        match lost {
+            Some(e) => Err(e),
+            None if stop.is_cancelled() => Ok(()),
+            None => Err(MqError::ConsumerEnded),
+        }
+    }
+
     /// Drops the current connection (after an error that may have broken it), so the next
     /// call connects anew. Channels opened on it stop working.
     pub async fn reset(&self) {

@@ -15,8 +15,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use futures_util::StreamExt;
 use lapin::{
     message::Delivery as AmqpMessage,
-    options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions},
-    types::FieldTable,
+    options::{BasicAckOptions, BasicNackOptions},
 };
 use moka::future::Cache;
 use secrecy::{ExposeSecret, SecretString};
@@ -31,7 +30,7 @@ use crate::{
     db::{self, PgPool, StoreError, schema::webhook_endpoints},
     events::{matches, outbox::EventMessage},
     identity::TenantId,
-    mq::MqError,
+    mq::{Mq, MqError},
 };
 
 /// The Postgres channel the endpoint trigger notifies (see the webhook_deliveries migration).
@@ -110,54 +109,25 @@ impl FanOut {
         let mq = self.tasks.mq();
         let queues = self.tasks.queues();
         queues.declare(mq, channel).await?;
-        channel
-            .basic_qos(CONCURRENCY as u16, BasicQosOptions::default())
-            .await
-            .map_err(MqError::Channel)?;
-        let consumer = channel
-            .basic_consume(
-                queues.fanout.as_str().into(),
-                "devgate-fanout".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(MqError::Channel)?;
-        // Each concurrent slot publishes on its own confirm channel (opened on first use):
-        // one shared channel would serialize every confirm wait.
+        // Each slot publishes on its own confirm channel (opened on first use): one shared
+        // channel would serialize every confirm wait.
         let publishers: Vec<tokio::sync::Mutex<Option<Publisher>>> =
             (0..CONCURRENCY).map(|_| Default::default()).collect();
-        let slots = tokio::sync::Mutex::new((0..CONCURRENCY).collect::<Vec<_>>());
-        let mut lost = None;
-        consumer
-            .take_until(stop.cancelled())
-            .take_while(|m| {
-                if let Err(e) = m {
-                    lost = Some(MqError::Channel(e.clone()));
-                }
-                std::future::ready(m.is_ok())
-            })
-            .for_each_concurrent(CONCURRENCY, |message| {
-                let (publishers, slots) = (&publishers, &slots);
+        Mq::consume_concurrently(
+            channel,
+            &queues.fanout,
+            "devgate-fanout",
+            CONCURRENCY,
+            stop,
+            |slot, message| {
+                let publishers = &publishers;
                 async move {
-                    let Ok(message) = message else { return };
-                    let slot = slots
-                        .lock()
-                        .await
-                        .pop()
-                        .expect("one slot per concurrent event");
                     let mut publisher = publishers[slot].lock().await;
                     self.handle(message, &mut publisher).await;
-                    drop(publisher);
-                    slots.lock().await.push(slot);
                 }
-            })
-            .await;
-        match lost {
-            Some(e) => Err(e),
-            None if stop.is_cancelled() => Ok(()),
-            None => Err(MqError::ConsumerEnded),
-        }
+            },
+        )
+        .await
     }
 
     async fn handle(&self, message: AmqpMessage, publisher: &mut Option<Publisher>) {

@@ -12,11 +12,9 @@ use std::{sync::Arc, time::Duration};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use diesel_async::AsyncConnection;
-use futures_util::StreamExt;
 use lapin::{
     message::Delivery as AmqpMessage,
-    options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions},
-    types::FieldTable,
+    options::{BasicAckOptions, BasicNackOptions},
 };
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
@@ -34,7 +32,7 @@ use crate::{
     events::{EventError, emitter::Emitter},
     identity::TenantId,
     kv::Redis,
-    mq::MqError,
+    mq::{Mq, MqError},
     webhooks::{
         config::{MAX_RETRY_DELAY, WebhookDeliveryConfig},
         model::disabled_payload,
@@ -149,41 +147,15 @@ impl DeliveryWorker {
         stop: &CancellationToken,
     ) -> Result<(), MqError> {
         queues.declare(self.tasks.mq(), channel).await?;
-        let prefetch = self.config.concurrency.min(u16::MAX as usize) as u16;
-        channel
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await
-            .map_err(MqError::Channel)?;
-        let consumer = channel
-            .basic_consume(
-                queues.deliveries.as_str().into(),
-                "devgate-delivery".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(MqError::Channel)?;
-        let mut lost = None;
-        consumer
-            .take_until(stop.cancelled())
-            .take_while(|m| {
-                let ok = m.is_ok();
-                if let Err(e) = m {
-                    lost = Some(MqError::Channel(e.clone()));
-                }
-                std::future::ready(ok)
-            })
-            .for_each_concurrent(self.config.concurrency, |message| async move {
-                if let Ok(message) = message {
-                    self.handle(message).await;
-                }
-            })
-            .await;
-        match lost {
-            Some(e) => Err(e),
-            None if stop.is_cancelled() => Ok(()),
-            None => Err(MqError::ConsumerEnded),
-        }
+        Mq::consume_concurrently(
+            channel,
+            &queues.deliveries,
+            "devgate-delivery",
+            self.config.concurrency,
+            stop,
+            |_, message| self.handle(message),
+        )
+        .await
     }
 
     /// One task, acked when done (or dropped as unreadable), requeued after a failed step.
