@@ -416,7 +416,12 @@ impl From<UpstreamError> for Status {
     fn from(e: UpstreamError) -> Self {
         let message = e.to_string();
         match e {
-            UpstreamError::NotFound { .. } => error_info(Code::NotFound, message, "NOT_FOUND"),
+            // ASSET_NOT_FOUND, USER_NOT_FOUND, TEAM_NOT_FOUND (and PROJECT_NOT_FOUND).
+            UpstreamError::NotFound { kind, .. } => error_info(
+                Code::NotFound,
+                message,
+                &format!("{}_NOT_FOUND", kind.to_ascii_uppercase()),
+            ),
             UpstreamError::InvalidArgument(v) => bad_request(&v),
             // The cause (transport errors) is logged, not sent.
             UpstreamError::Unavailable { service, .. } => {

@@ -88,7 +88,10 @@ async fn reads_work_and_another_tenants_objects_are_not_found() {
         .get_asset(ta, CALLER, "req-3", &Uuid::new_v4().to_string())
         .await
         .unwrap_err();
-    assert_eq!(Status::from(foreign).code(), Code::NotFound);
+    let status = Status::from(foreign);
+    assert_eq!(status.code(), Code::NotFound);
+    let info = status.get_error_details().error_info().cloned().unwrap();
+    assert_eq!(info.reason, "ASSET_NOT_FOUND");
     assert_eq!(Status::from(unknown).code(), Code::NotFound);
 
     let page = reads
