@@ -469,8 +469,16 @@ impl UpstreamReads {
             .instrument(span)
             .await;
         match &result {
-            Err(e) if e.is_failure() => permit.failure(Instant::now()),
-            _ => permit.success(),
+            Err(e) if e.is_failure() => {
+                if permit.failure(Instant::now()) {
+                    tracing::warn!(service = %up.service, cooldown = ?up.breaker.cooldown, error = %e, "circuit breaker opened: calls fail fast");
+                }
+            }
+            _ => {
+                if permit.success() {
+                    tracing::info!(service = %up.service, "circuit breaker closed: the probe call succeeded");
+                }
+            }
         }
         result
     }
@@ -754,29 +762,38 @@ impl Breaker {
 }
 
 impl Permit<'_> {
-    /// The upstream answered (whatever the answer): it is healthy.
-    pub fn success(mut self) {
+    /// The upstream answered (whatever the answer): it is healthy. True when this closed
+    /// the breaker (a probe succeeded).
+    pub fn success(mut self) -> bool {
         self.reported = true;
-        *self.breaker.state() = State::Closed { failures: 0 };
+        let mut state = self.breaker.state();
+        let was_closed = matches!(*state, State::Closed { .. });
+        *state = State::Closed { failures: 0 };
+        !was_closed
     }
 
-    /// The upstream failed (unavailable or too slow).
-    pub fn failure(mut self, now: Instant) {
+    /// The upstream failed (unavailable or too slow). True when this opened the breaker.
+    pub fn failure(mut self, now: Instant) -> bool {
         self.reported = true;
         let breaker = self.breaker;
         let mut state = breaker.state();
         let open = State::Open {
             until: now + breaker.cooldown,
         };
-        *state = match *state {
-            _ if self.probe => open,
-            State::Closed { failures } if failures + 1 >= breaker.failures => open,
-            State::Closed { failures } => State::Closed {
-                failures: failures + 1,
-            },
+        let (next, opened) = match *state {
+            _ if self.probe => (open, true),
+            State::Closed { failures } if failures + 1 >= breaker.failures => (open, true),
+            State::Closed { failures } => (
+                State::Closed {
+                    failures: failures + 1,
+                },
+                false,
+            ),
             // Opened meanwhile by another call's failure: keep its cooldown.
-            other => other,
+            other => (other, false),
         };
+        *state = next;
+        opened
     }
 }
 
@@ -801,14 +818,17 @@ mod tests {
     fn opens_after_consecutive_failures_only() {
         let b = Breaker::new(3, COOLDOWN);
         let t0 = Instant::now();
-        b.acquire(t0).unwrap().failure(t0);
-        b.acquire(t0).unwrap().failure(t0);
+        assert!(!b.acquire(t0).unwrap().failure(t0));
+        assert!(!b.acquire(t0).unwrap().failure(t0));
         // A success in between resets the count.
-        b.acquire(t0).unwrap().success();
+        assert!(!b.acquire(t0).unwrap().success(), "it was closed already");
         b.acquire(t0).unwrap().failure(t0);
         b.acquire(t0).unwrap().failure(t0);
         assert!(!b.is_open(t0));
-        b.acquire(t0).unwrap().failure(t0);
+        assert!(
+            b.acquire(t0).unwrap().failure(t0),
+            "the third failure opens it"
+        );
         assert!(b.is_open(t0));
         let wait = b.acquire(t0 + Duration::from_secs(4)).unwrap_err();
         assert_eq!(wait, Duration::from_secs(6), "the remaining cooldown");
@@ -822,7 +842,7 @@ mod tests {
         let later = t0 + COOLDOWN;
         let probe = b.acquire(later).unwrap();
         assert!(b.acquire(later).is_err(), "one probe at a time");
-        probe.success();
+        assert!(probe.success(), "the probe closes it");
         assert!(b.acquire(later).is_ok());
         assert!(b.acquire(later).is_ok());
     }
