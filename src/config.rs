@@ -14,6 +14,7 @@ use crate::{
     db::DatabaseConfig,
     edge::EdgeConfig,
     events::relay::RelayConfig,
+    generation::upstream::{UpstreamConfig, parse_endpoint},
     kv::RedisConfig,
     mq::{MqConfig, QueueType},
     ratelimit::{Limits, PlanLimits, PlanQuotas, QuotaLimits, RateLimitConfig},
@@ -325,17 +326,17 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     (
         "DEVGATE_ASSET_SERVICE_ADDR",
         "",
-        "gRPC endpoint of the platform's Asset service (`upstream.assets.v1.AssetService`, proto/upstream/), e.g. `http://127.0.0.1:50061` (the local stack's simulator). Not read yet: the GetAsset/ListAssets proxy of issue 8 will call it.",
+        "gRPC endpoint of the platform's Asset service (`upstream.assets.v1.AssetService`, proto/upstream/), `http://host:port` or `host:port` (cleartext h2c), e.g. `http://127.0.0.1:50061` (the local stack's simulator). Unset: GetAsset/ListAssets answer UNAVAILABLE.",
     ),
     (
         "DEVGATE_USER_TEAM_SERVICE_ADDR",
         "",
-        "gRPC endpoint of the platform's User/Team service (`upstream.users.v1.UserTeamService`, proto/upstream/), e.g. `http://127.0.0.1:50062` (the local stack's simulator). Not read yet: the GetUser/GetTeam/ListTeamMembers proxy of issue 8 will call it.",
+        "gRPC endpoint of the platform's User/Team service (`upstream.users.v1.UserTeamService`, proto/upstream/), `http://host:port` or `host:port` (cleartext h2c), e.g. `http://127.0.0.1:50062` (the local stack's simulator). Unset: GetUser/GetTeam/ListTeamMembers answer UNAVAILABLE.",
     ),
     (
         "DEVGATE_UPSTREAM_TIMEOUT",
         "2s",
-        "Deadline of every call to the Asset and User/Team services. Not read yet (issue 8).",
+        "Deadline of every call to the Asset and User/Team services, retries on UNAVAILABLE included: a stopped or black-holed service answers UNAVAILABLE within it.",
     ),
     (
         "DEVGATE_SHUTDOWN_GRACE",
@@ -382,6 +383,7 @@ pub struct Config {
     pub usage: UsageConfig,
     pub webhook_security: WebhookSecurityConfig,
     pub webhook_delivery: WebhookDeliveryConfig,
+    pub upstream: UpstreamConfig,
     pub log: LogConfig,
     pub shutdown_grace: Duration,
 }
@@ -587,6 +589,19 @@ impl Config {
         if webhook_delivery.timeout.is_zero() {
             return Err(env.invalid("DEVGATE_WEBHOOK_TIMEOUT", "0", "must be positive"));
         }
+        let endpoint = |name: &'static str| {
+            env.optional(name)
+                .map(|v| parse_endpoint(&v).map_err(|e| env.invalid(name, &v, &e)))
+                .transpose()
+        };
+        let upstream = UpstreamConfig::new(
+            endpoint("DEVGATE_ASSET_SERVICE_ADDR")?,
+            endpoint("DEVGATE_USER_TEAM_SERVICE_ADDR")?,
+            env.duration("DEVGATE_UPSTREAM_TIMEOUT")?,
+        );
+        if upstream.timeout.is_zero() {
+            return Err(env.invalid("DEVGATE_UPSTREAM_TIMEOUT", "0", "must be positive"));
+        }
         Ok(Config {
             environment,
             public_addr: env.parse("DEVGATE_PUBLIC_ADDR")?,
@@ -654,6 +669,7 @@ impl Config {
             },
             webhook_security,
             webhook_delivery,
+            upstream,
             log: LogConfig {
                 filter: env.string("DEVGATE_LOG"),
                 format: log_format,
@@ -760,6 +776,8 @@ mod tests {
         assert_eq!(c.api_keys.expiring_notice, Duration::from_secs(7 * 86_400));
         assert!(c.webhook_security.encryption_keys.is_none());
         assert_eq!(c.webhook_security.allowed_cidrs, Default::default());
+        assert_eq!(c.upstream.timeout, Duration::from_secs(2));
+        assert!(c.upstream.asset_service.is_none());
     }
 
     #[test]
@@ -792,6 +810,15 @@ mod tests {
         assert_eq!(err.variable, "DEVGATE_API_KEY_EXPIRING_NOTICE");
         let err = config(&[("DEVGATE_WEBHOOK_ALLOWED_CIDRS", "127.0.0.1/40")]).unwrap_err();
         assert_eq!(err.variable, "DEVGATE_WEBHOOK_ALLOWED_CIDRS");
+        let err = config(&[("DEVGATE_ASSET_SERVICE_ADDR", "https://assets:443")]).unwrap_err();
+        assert_eq!(err.variable, "DEVGATE_ASSET_SERVICE_ADDR");
+        let err = config(&[("DEVGATE_UPSTREAM_TIMEOUT", "0s")]).unwrap_err();
+        assert_eq!(err.variable, "DEVGATE_UPSTREAM_TIMEOUT");
+        let c = config(&[("DEVGATE_USER_TEAM_SERVICE_ADDR", "127.0.0.1:50062")]).unwrap();
+        assert_eq!(
+            c.upstream.user_team_service.unwrap().to_string(),
+            "http://127.0.0.1:50062/"
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod credits;
 pub mod db;
 pub mod edge;
 pub mod events;
+pub mod generation;
 pub mod health;
 pub mod idempotency;
 pub mod identity;

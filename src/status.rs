@@ -14,6 +14,7 @@ use crate::{
     credits::CreditError,
     db::StoreError,
     events::EventError,
+    generation::upstream::UpstreamError,
     idempotency::{self, IdempotencyError},
     mq::MqError,
     ratelimit::{RateLimitError, model::retry_after_secs},
@@ -408,6 +409,56 @@ impl From<WebhookError> for Status {
     }
 }
 
+/// The Asset and User/Team services' failures: never a hang, never an opaque INTERNAL for
+/// what the caller can act on. A deadline is answered as UNAVAILABLE (devgate's own budget
+/// ran out, the client may retry), an open breaker with the rest of its cooldown.
+impl From<UpstreamError> for Status {
+    fn from(e: UpstreamError) -> Self {
+        let message = e.to_string();
+        match e {
+            // ASSET_NOT_FOUND, USER_NOT_FOUND, TEAM_NOT_FOUND (and PROJECT_NOT_FOUND).
+            UpstreamError::NotFound { kind, .. } => error_info(
+                Code::NotFound,
+                message,
+                &format!("{}_NOT_FOUND", kind.to_ascii_uppercase()),
+            ),
+            UpstreamError::InvalidArgument(v) => bad_request(&v),
+            // The cause (transport errors) is logged, not sent.
+            UpstreamError::Unavailable { service, .. } => {
+                tracing::warn!(error = %message, "upstream unavailable");
+                retry_later(
+                    Code::Unavailable,
+                    format!("the {service} is temporarily unavailable"),
+                    "UPSTREAM_UNAVAILABLE",
+                    Duration::from_secs(1),
+                )
+            }
+            UpstreamError::DeadlineExceeded { .. } => {
+                tracing::warn!(error = %message, "upstream deadline exceeded");
+                retry_later(
+                    Code::Unavailable,
+                    message,
+                    "UPSTREAM_DEADLINE_EXCEEDED",
+                    Duration::from_secs(1),
+                )
+            }
+            UpstreamError::CircuitOpen { retry_after, .. } => retry_later(
+                Code::Unavailable,
+                message,
+                "UPSTREAM_CIRCUIT_OPEN",
+                retry_after,
+            ),
+            UpstreamError::NotConfigured(_) => {
+                tracing::warn!(error = %message, "upstream not configured");
+                error_info(Code::Unavailable, message, "UPSTREAM_NOT_CONFIGURED")
+            }
+            e @ (UpstreamError::Unexpected { .. } | UpstreamError::BadAnswer { .. }) => {
+                internal(&e)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -441,5 +492,34 @@ mod tests {
         let status: Status = StoreError::Query(diesel::result::Error::RollbackTransaction).into();
         assert_eq!(status.code(), Code::Internal);
         assert_eq!(status.message(), "internal error");
+    }
+
+    #[test]
+    fn upstream_failures_are_retryable_unavailable() {
+        use crate::generation::upstream::Service;
+        let status: Status = UpstreamError::CircuitOpen {
+            service: Service::Assets,
+            retry_after: Duration::from_secs(7),
+        }
+        .into();
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(status.metadata().get("retry-after").unwrap(), "7");
+        let retry = status.get_error_details().retry_info().cloned().unwrap();
+        assert_eq!(retry.retry_delay, Some(Duration::from_secs(7)));
+        let status: Status = UpstreamError::DeadlineExceeded {
+            service: Service::UserTeam,
+            timeout: Duration::from_secs(2),
+        }
+        .into();
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(status.get_error_details().retry_info().is_some());
+        let status: Status = UpstreamError::Unexpected {
+            service: Service::Assets,
+            rpc: "GetAsset",
+            status: Status::permission_denied("secret detail"),
+        }
+        .into();
+        assert_eq!(status.code(), Code::Internal);
+        assert!(!status.message().contains("secret detail"));
     }
 }

@@ -30,6 +30,7 @@ mod reconcile;
 mod relay;
 mod rotation;
 mod transactions;
+mod upstream_clients;
 mod upstream_sim;
 mod usage;
 mod usage_log;

@@ -69,13 +69,25 @@ impl UpstreamSim {
     /// Starts the simulator under RabbitMQ `prefix`, seeding `tenants`, with `args` added
     /// (e.g. `--job-duration 200ms`), and waits for its ready line.
     pub async fn start(prefix: &str, tenants: &[Uuid], args: &[&str]) -> UpstreamSim {
+        Self::start_at(prefix, tenants, "127.0.0.1:0", "127.0.0.1:0", args).await
+    }
+
+    /// [`start`](Self::start) on given addresses, e.g. those of a simulator that was stopped
+    /// (a restarted upstream).
+    pub async fn start_at(
+        prefix: &str,
+        tenants: &[Uuid],
+        asset_addr: &str,
+        user_team_addr: &str,
+        args: &[&str],
+    ) -> UpstreamSim {
         let mut command = Command::new(binary());
         command
             .args([
                 "--asset-addr",
-                "127.0.0.1:0",
+                asset_addr,
                 "--user-team-addr",
-                "127.0.0.1:0",
+                user_team_addr,
             ])
             .args(["--rabbitmq-prefix", prefix]);
         for tenant in tenants {
