@@ -37,6 +37,7 @@ use crate::{
         usage::UsageLayer,
     },
     events::{emitter::Emitter, relay::Relay},
+    generation::{grpc::GenerationGrpc, service::Generations, watch::Changes},
     health::ServiceHealth,
     idempotency::Idempotency,
     kv::Redis,
@@ -51,6 +52,7 @@ use crate::{
         },
         v1::{
             api_key_service_server::ApiKeyServiceServer,
+            generation_proxy_server::GenerationProxyServer,
             webhook_service_server::WebhookServiceServer,
         },
     },
@@ -80,6 +82,7 @@ struct Services {
     credits: CreditsGrpc,
     request_log: RequestLog,
     webhooks: Arc<Webhooks>,
+    generations: Arc<Generations>,
     /// Idempotency-Key of every create RPC; the worker sweeps its expired keys.
     idempotency: Idempotency,
 }
@@ -201,6 +204,15 @@ impl Application {
             (config.rate_limits.plans, config.rate_limits.quotas),
             plan_changed(verifier, invalidations.clone()),
         ));
+        let generations = Arc::new(Generations::new(
+            pool.clone(),
+            config.generation.clone(),
+            events.clone(),
+            idempotency.clone(),
+            limiter.clone(),
+            (tenants.clone(), config.rate_limits.quotas),
+            Changes::new(redis.clone()),
+        ));
         let credits = CreditsGrpc::new(credits, tenants);
         // One shared task publisher: the RPCs (retry, recover) and the worker's retries.
         let tasks = TaskQueue::new(mq.clone());
@@ -272,6 +284,7 @@ impl Application {
                 credits,
                 request_log,
                 webhooks,
+                generations,
                 idempotency,
             },
             authenticator,
@@ -600,6 +613,7 @@ async fn serve(
             "devgate.v1.ApiKeyService",
             "devgate.v1.UsageService",
             "devgate.v1.WebhookService",
+            "devgate.v1.GenerationProxy",
         ]
     } else {
         &[
@@ -670,6 +684,9 @@ async fn serve(
             .add_service(ApiKeyServiceServer::new(grpc))
             .add_service(UsageServiceServer::new(usage))
             .add_service(WebhookServiceServer::new(webhooks))
+            .add_service(GenerationProxyServer::new(GenerationGrpc::new(
+                services.generations,
+            )))
     } else {
         router
             .add_service(InternalApiKeyServiceServer::new(grpc))

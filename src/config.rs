@@ -15,8 +15,13 @@ use crate::{
     edge::EdgeConfig,
     events::relay::RelayConfig,
     generation::upstream::{UpstreamConfig, parse_endpoint},
+    generation::{
+        GenerationConfig,
+        config::{Formats, KindCatalog, Prices},
+    },
     kv::RedisConfig,
     mq::{MqConfig, QueueType},
+    proto::upstream::orchestrator::v1::routing,
     ratelimit::{Limits, PlanLimits, PlanQuotas, QuotaLimits, RateLimitConfig},
     telemetry::{LogConfig, LogFormat},
     usage::UsageConfig,
@@ -324,6 +329,26 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "Consecutive deliveries to one endpoint that exhausted their retries before it is disabled (and `webhook_endpoint.disabled` is emitted); 0 never disables.",
     ),
     (
+        "DEVGATE_GENERATION_PRICES",
+        "image=10,image_hd=25,video=100,audio=20,text=2",
+        "The generation kinds and their price in credits per output (`kind=credits,…`); CreateGeneration charges price × count. Every kind needs formats in DEVGATE_GENERATION_FORMATS.",
+    ),
+    (
+        "DEVGATE_GENERATION_FORMATS",
+        "image=png|jpeg|webp,image_hd=png|jpeg|webp,video=mp4|webm,audio=mp3|wav,text=txt|md",
+        "The output formats each generation kind makes (`kind=fmt|fmt,…`), the same kinds as DEVGATE_GENERATION_PRICES.",
+    ),
+    (
+        "DEVGATE_GENERATION_JOBS_EXCHANGE",
+        "",
+        "The AI orchestrator's jobs exchange (topic): generation jobs (`generation.requested`) and cancels (`generation.cancel`) go there. Empty: `<DEVGATE_RABBITMQ_PREFIX>.generation.jobs`.",
+    ),
+    (
+        "DEVGATE_GENERATION_TIMEOUT",
+        "15m",
+        "A generation with no terminal update from the orchestrator within this long is failed and refunded (by the worker's sweep, not implemented yet).",
+    ),
+    (
         "DEVGATE_ASSET_SERVICE_ADDR",
         "",
         "gRPC endpoint of the platform's Asset service (`upstream.assets.v1.AssetService`, proto/upstream/), `http://host:port` or `host:port` (cleartext h2c), e.g. `http://127.0.0.1:50061` (the local stack's simulator). Unset: GetAsset/ListAssets answer UNAVAILABLE.",
@@ -384,6 +409,7 @@ pub struct Config {
     pub webhook_security: WebhookSecurityConfig,
     pub webhook_delivery: WebhookDeliveryConfig,
     pub upstream: UpstreamConfig,
+    pub generation: GenerationConfig,
     pub log: LogConfig,
     pub shutdown_grace: Duration,
 }
@@ -602,6 +628,28 @@ impl Config {
         if upstream.timeout.is_zero() {
             return Err(env.invalid("DEVGATE_UPSTREAM_TIMEOUT", "0", "must be positive"));
         }
+        let kinds = KindCatalog::new(
+            env.parse::<Prices>("DEVGATE_GENERATION_PRICES")?,
+            env.parse::<Formats>("DEVGATE_GENERATION_FORMATS")?,
+        )
+        .map_err(|e| {
+            env.invalid(
+                "DEVGATE_GENERATION_FORMATS",
+                &env.string("DEVGATE_GENERATION_FORMATS"),
+                &e,
+            )
+        })?;
+        let generation = GenerationConfig {
+            kinds,
+            jobs_exchange: env
+                .optional("DEVGATE_GENERATION_JOBS_EXCHANGE")
+                .map(|e| e.trim().to_string())
+                .unwrap_or_else(|| routing::default_jobs_exchange(&rabbitmq_prefix)),
+            timeout: env.duration("DEVGATE_GENERATION_TIMEOUT")?,
+        };
+        if generation.timeout.is_zero() {
+            return Err(env.invalid("DEVGATE_GENERATION_TIMEOUT", "0", "must be positive"));
+        }
         Ok(Config {
             environment,
             public_addr: env.parse("DEVGATE_PUBLIC_ADDR")?,
@@ -670,6 +718,7 @@ impl Config {
             webhook_security,
             webhook_delivery,
             upstream,
+            generation,
             log: LogConfig {
                 filter: env.string("DEVGATE_LOG"),
                 format: log_format,
@@ -778,6 +827,9 @@ mod tests {
         assert_eq!(c.webhook_security.allowed_cidrs, Default::default());
         assert_eq!(c.upstream.timeout, Duration::from_secs(2));
         assert!(c.upstream.asset_service.is_none());
+        assert_eq!(c.generation.kinds.get("image_hd").unwrap().price, 25);
+        assert_eq!(c.generation.jobs_exchange, "devgate.generation.jobs");
+        assert_eq!(c.generation.timeout, Duration::from_secs(900));
     }
 
     #[test]
@@ -808,6 +860,10 @@ mod tests {
         );
         let err = config(&[("DEVGATE_API_KEY_EXPIRING_NOTICE", "31d")]).unwrap_err();
         assert_eq!(err.variable, "DEVGATE_API_KEY_EXPIRING_NOTICE");
+        let err = config(&[("DEVGATE_GENERATION_PRICES", "image=free")]).unwrap_err();
+        assert_eq!(err.variable, "DEVGATE_GENERATION_PRICES");
+        let err = config(&[("DEVGATE_GENERATION_PRICES", "image=1,sculpture=5")]).unwrap_err();
+        assert_eq!(err.variable, "DEVGATE_GENERATION_FORMATS");
         let err = config(&[("DEVGATE_WEBHOOK_ALLOWED_CIDRS", "127.0.0.1/40")]).unwrap_err();
         assert_eq!(err.variable, "DEVGATE_WEBHOOK_ALLOWED_CIDRS");
         let err = config(&[("DEVGATE_ASSET_SERVICE_ADDR", "https://assets:443")]).unwrap_err();

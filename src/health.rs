@@ -20,13 +20,15 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{
     api_keys::grpc::ApiKeyGrpc,
     db::PgPool,
+    generation::grpc::GenerationGrpc,
     proto::internal::v1::{
         api_key_service_server::ApiKeyServiceServer as InternalApiKeyServiceServer,
         usage_service_server::UsageServiceServer as InternalUsageServiceServer,
         webhook_service_server::WebhookServiceServer as InternalWebhookServiceServer,
     },
     proto::v1::{
-        api_key_service_server::ApiKeyServiceServer, usage_service_server::UsageServiceServer,
+        api_key_service_server::ApiKeyServiceServer,
+        generation_proxy_server::GenerationProxyServer, usage_service_server::UsageServiceServer,
         webhook_service_server::WebhookServiceServer,
     },
     usage::grpc::UsageGrpc,
@@ -34,11 +36,12 @@ use crate::{
 };
 
 /// The names whose status follows readiness (draining, Postgres).
-pub const READINESS: [&str; 7] = [
+pub const READINESS: [&str; 8] = [
     "",
     <ApiKeyServiceServer<ApiKeyGrpc> as NamedService>::NAME,
     <UsageServiceServer<UsageGrpc> as NamedService>::NAME,
     <WebhookServiceServer<WebhookGrpc> as NamedService>::NAME,
+    <GenerationProxyServer<GenerationGrpc> as NamedService>::NAME,
     <InternalApiKeyServiceServer<ApiKeyGrpc> as NamedService>::NAME,
     <InternalUsageServiceServer<UsageGrpc> as NamedService>::NAME,
     <InternalWebhookServiceServer<WebhookGrpc> as NamedService>::NAME,

@@ -14,6 +14,7 @@ use crate::{
     credits::CreditError,
     db::StoreError,
     events::EventError,
+    generation::GenerationError,
     generation::upstream::UpstreamError,
     idempotency::{self, IdempotencyError},
     mq::MqError,
@@ -455,6 +456,36 @@ impl From<UpstreamError> for Status {
             e @ (UpstreamError::Unexpected { .. } | UpstreamError::BadAnswer { .. }) => {
                 internal(&e)
             }
+        }
+    }
+}
+
+impl From<GenerationError> for Status {
+    fn from(e: GenerationError) -> Self {
+        match e {
+            GenerationError::Invalid(v) => bad_request(&v),
+            GenerationError::NotFound(_) => {
+                error_info(Code::NotFound, e.to_string(), "GENERATION_NOT_FOUND")
+            }
+            GenerationError::Ended { .. } => {
+                error_info(Code::FailedPrecondition, e.to_string(), "GENERATION_ENDED")
+            }
+            GenerationError::InsufficientCredits { balance, cost } => {
+                let metadata = HashMap::from([
+                    ("balance".to_string(), balance.to_string()),
+                    ("cost".to_string(), cost.to_string()),
+                ]);
+                Status::with_error_details(
+                    Code::FailedPrecondition,
+                    e.to_string(),
+                    ErrorDetails::with_error_info("INSUFFICIENT_CREDITS", DOMAIN, metadata),
+                )
+            }
+            GenerationError::Quota(q) => q.into(),
+            GenerationError::Auth(a) => a.into(),
+            GenerationError::Store(s) => s.into(),
+            GenerationError::Event(ev) => ev.into(),
+            GenerationError::Idempotency(i) => i.into(),
         }
     }
 }

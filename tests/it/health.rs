@@ -10,11 +10,12 @@ use uuid::Uuid;
 
 use crate::harness::{proxy::Proxy, *};
 
-const SERVICES: [&str; 4] = [
+const SERVICES: [&str; 5] = [
     "",
     "devgate.v1.ApiKeyService",
     "devgate.v1.UsageService",
     "devgate.v1.WebhookService",
+    "devgate.v1.GenerationProxy",
 ];
 
 async fn status(addr: SocketAddr, service: &str) -> ServingStatus {

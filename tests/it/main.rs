@@ -15,6 +15,7 @@ mod credits;
 mod edge;
 mod events;
 mod faults;
+mod generations;
 mod grpcurl;
 mod health;
 mod hot_path;
