@@ -126,6 +126,7 @@ diesel::table! {
         content_type -> Nullable<Text>,
         message_type -> Nullable<Text>,
         message_id -> Nullable<Text>,
+        not_before -> Nullable<Timestamptz>,
     }
 }
 

@@ -51,6 +51,16 @@ pub struct RelayConfig {
 /// The Postgres channel the outbox trigger notifies (see the events_outbox migration).
 pub const NOTIFY_CHANNEL: &str = "devgate_outbox";
 
+/// How long a message no queue took is set aside before the relay tries it again.
+pub const UNROUTABLE_RETRY: Duration = Duration::from_secs(2);
+
+/// What one pass did.
+#[derive(Debug, Clone, Copy, Default)]
+struct Pass {
+    published: usize,
+    unroutable: usize,
+}
+
 /// First and longest pause after a failed pass.
 const BACKOFF_INITIAL: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -195,6 +205,7 @@ const CLAIM: &str = "SELECT o.id AS outbox_id, e.id, e.tenant_id, e.event_type, 
                             o.exchange, o.routing_key, o.body, o.content_type, \
                             o.message_type, o.message_id, o.create_time AS queued_time \
                      FROM outbox o LEFT JOIN events e ON e.id = o.event_id \
+                     WHERE o.not_before IS NULL OR o.not_before <= now() \
                      ORDER BY o.id \
                      LIMIT $1 \
                      FOR UPDATE OF o SKIP LOCKED";
@@ -303,25 +314,33 @@ impl Relay {
         stop: &CancellationToken,
     ) -> Result<(), RelayError> {
         loop {
-            let published = self.pass(publisher).await?;
-            stats.published += published as u64;
-            if published < self.config.batch_size || stop.is_cancelled() {
+            let pass = self.pass(publisher).await?;
+            stats.published += pass.published as u64;
+            if pass.unroutable > 0 {
+                tracing::warn!(
+                    rows = pass.unroutable,
+                    retry_in_s = UNROUTABLE_RETRY.as_secs(),
+                    "outbox messages no queue takes yet (is their consumer bound?); set aside"
+                );
+            }
+            if pass.published + pass.unroutable < self.config.batch_size || stop.is_cancelled() {
                 return Ok(());
             }
         }
     }
 
-    /// One transaction: claim, publish, await confirms, delete. Returns the rows published.
-    async fn pass(&self, publisher: &mut Option<Channel>) -> Result<usize, RelayError> {
+    /// One transaction: claim, publish, await confirms, delete what was routed and set aside
+    /// what no queue took.
+    async fn pass(&self, publisher: &mut Option<Channel>) -> Result<Pass, RelayError> {
         let mut conn = db::connect(&self.pool).await?;
         let (mq, config) = (&self.mq, &self.config);
-        conn.transaction::<usize, RelayError, _>(async move |conn| {
+        conn.transaction::<Pass, RelayError, _>(async move |conn| {
             let claimed: Vec<Claimed> = diesel::sql_query(CLAIM)
                 .bind::<BigInt, _>(config.batch_size as i64)
                 .load(conn)
                 .await?;
             if claimed.is_empty() {
-                return Ok(0);
+                return Ok(Pass::default());
             }
             let channel = match publisher.as_ref() {
                 Some(channel) if channel.status().connected() => channel.clone(),
@@ -338,11 +357,30 @@ impl Relay {
                 .map(|c| c.outgoing(&events_exchange))
                 .collect::<Result<Vec<_>, _>>()?;
             declare_exchanges(&channel, &batch, &events_exchange).await?;
-            publish_confirmed(&channel, &batch, config).await?;
-            diesel::delete(outbox::table.filter(outbox::id.eq_any(&ids)))
+            let routed = publish_confirmed(&channel, &batch, config).await?;
+            let (mut done, mut aside) = (Vec::new(), Vec::new());
+            for (id, routed) in ids.into_iter().zip(routed) {
+                if routed {
+                    done.push(id)
+                } else {
+                    aside.push(id)
+                }
+            }
+            diesel::delete(outbox::table.filter(outbox::id.eq_any(&done)))
                 .execute(conn)
                 .await?;
-            Ok(batch.len())
+            if !aside.is_empty() {
+                let until = chrono::Utc::now()
+                    + chrono::Duration::from_std(UNROUTABLE_RETRY).expect("a small duration");
+                diesel::update(outbox::table.filter(outbox::id.eq_any(&aside)))
+                    .set(outbox::not_before.eq(Some(until)))
+                    .execute(conn)
+                    .await?;
+            }
+            Ok(Pass {
+                published: done.len(),
+                unroutable: aside.len(),
+            })
         })
         .await
     }
@@ -383,14 +421,15 @@ async fn declare_exchanges(
 }
 
 /// Publishes every message persistent and mandatory on a confirm-mode channel and waits
-/// until RabbitMQ acked and routed them all; any failure fails the whole batch (it is
-/// retried as a whole). An event or message no queue takes (the fan-out queue not declared
-/// yet on a new deployment, no orchestrator bound) comes back, and stays in the outbox.
+/// for RabbitMQ's confirms; returns, per message, whether a queue took it. A nack, a lost
+/// channel or a timeout fails the whole batch (it is retried as a whole). A message no queue
+/// takes (the fan-out queue not declared yet on a new deployment, no orchestrator bound)
+/// comes back: it stays in the outbox, set aside for [`UNROUTABLE_RETRY`].
 async fn publish_confirmed(
     channel: &Channel,
     batch: &[Outgoing],
     config: &RelayConfig,
-) -> Result<(), RelayError> {
+) -> Result<Vec<bool>, RelayError> {
     let mut confirms = Vec::with_capacity(batch.len());
     for out in batch {
         let confirm = channel
@@ -409,13 +448,17 @@ async fn publish_confirmed(
         confirms.push((out.message_id.as_str(), confirm));
     }
     let all = async {
+        let mut routed = Vec::with_capacity(confirms.len());
         for (id, confirm) in confirms {
-            Mq::confirmed(confirm, id).await?;
+            match Mq::confirmed(confirm, id).await {
+                Ok(()) => routed.push(true),
+                Err(MqError::Unroutable { .. }) => routed.push(false),
+                Err(e) => return Err(e),
+            }
         }
-        Ok::<(), MqError>(())
+        Ok::<Vec<bool>, MqError>(routed)
     };
-    tokio::time::timeout(config.confirm_timeout, all)
+    Ok(tokio::time::timeout(config.confirm_timeout, all)
         .await
-        .map_err(|_| MqError::ConfirmTimeout(config.confirm_timeout))??;
-    Ok(())
+        .map_err(|_| MqError::ConfirmTimeout(config.confirm_timeout))??)
 }

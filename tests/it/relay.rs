@@ -408,7 +408,7 @@ async fn rows_wait_in_the_outbox_while_rabbitmq_is_down() {
 async fn messages_for_other_exchanges_wait_until_routable() {
     use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
     let db = TestDb::create().await;
-    let bus = Bus::new().await;
+    let mut bus = Bus::new().await;
     let stop = CancellationToken::new();
     let relay = spawn_relay(
         &db,
@@ -431,8 +431,13 @@ async fn messages_for_other_exchanges_wait_until_routable() {
     )
     .await
     .unwrap();
-    // Nobody bound yet: returned, kept.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Nobody bound yet: returned, kept — and set aside, so an event queued behind it goes out.
+    let tenant = TenantId(Uuid::new_v4());
+    let behind = append_committed(&db, tenant, "api_key.created", 1).await;
+    let got = bus
+        .receive(1, Duration::from_secs(10), Duration::from_millis(300))
+        .await;
+    assert_eq!(got[0].message_id, behind[0].id.to_string());
     assert_eq!(
         pending(&db).await,
         1,
