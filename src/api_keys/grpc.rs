@@ -192,6 +192,10 @@ impl ApiKeyService for ApiKeyGrpc {
 
 /// `devgate.internal.v1.ApiKeyService`: verification for the platform's services. The auth
 /// layer has already checked the caller's service token and that it may call this RPC.
+/// Header slots of a VerifyApiKey response: up to 6 rate-limit headers, and room for
+/// those tonic and the layers add.
+const RESPONSE_HEADERS: usize = 12;
+
 #[tonic::async_trait]
 impl InternalApiKeyService for ApiKeyGrpc {
     async fn verify_api_key(
@@ -260,22 +264,28 @@ impl InternalApiKeyService for ApiKeyGrpc {
                 retry_after_seconds: decision.retry_after.map(retry_after_secs).unwrap_or(0),
             }
         });
-        let mut response = Response::new(internal::VerifyApiKeyResponse {
-            valid: checked.refusal.is_none(),
-            failure_reason: reason as i32,
-            tenant_id: key.tenant_id.to_string(),
-            key_id: key.key_id.to_string(),
-            scopes: key.scopes.to_strings(),
-            plan: plan_to_proto(key.plan) as i32,
-            environment: environment_to_proto(key.environment) as i32,
-            rate_limit,
-        });
+        // Sized for the rate-limit headers and what tonic and the layers add (content-type,
+        // x-request-id): growing a header map rehashes it, on every consuming call.
+        let mut headers = http::HeaderMap::with_capacity(RESPONSE_HEADERS);
         for (name, value) in checked.decision.map(|d| d.headers()).unwrap_or_default() {
-            if let Ok(value) = value.parse() {
-                response.metadata_mut().insert(name, value);
+            if let Ok(value) = http::HeaderValue::try_from(value) {
+                headers.insert(name, value);
             }
         }
-        Ok(response)
+        Ok(Response::from_parts(
+            tonic::metadata::MetadataMap::from_headers(headers),
+            internal::VerifyApiKeyResponse {
+                valid: checked.refusal.is_none(),
+                failure_reason: reason as i32,
+                tenant_id: key.tenant_id.to_string(),
+                key_id: key.key_id.to_string(),
+                scopes: key.scopes.to_strings(),
+                plan: plan_to_proto(key.plan) as i32,
+                environment: environment_to_proto(key.environment) as i32,
+                rate_limit,
+            },
+            tonic::Extensions::default(),
+        ))
     }
 }
 

@@ -702,7 +702,8 @@ impl FailureLimiter {
     fn key(&self, id: &KeyId, client_ip: Option<IpAddr>) -> String {
         // Hash-tagged by key id, so it lands on one slot in Redis Cluster.
         let network = client_network(client_ip);
-        self.redis.key(&format!("authfail:{{{id}}}:{network}"))
+        self.redis
+            .key_fmt(format_args!("authfail:{{{id}}}:{network}"))
     }
 
     /// Takes one attempt, or says how long the (key id, network) pair stays locked.

@@ -145,6 +145,17 @@ impl Redis {
         format!("{}{}", self.prefix, name)
     }
 
+    /// [`Redis::key`] of `format_args!(…)`, written in one allocation: for keys built on
+    /// every call (the limiter's), where `key(&format!(…))` would allocate twice.
+    pub fn key_fmt(&self, name: std::fmt::Arguments<'_>) -> String {
+        use std::fmt::Write;
+        let mut key = String::with_capacity(self.prefix.len() + 64);
+        key.push_str(&self.prefix);
+        key.write_fmt(name)
+            .expect("writing to a String cannot fail");
+        key
+    }
+
     /// A dedicated connection for SUBSCRIBE (pub/sub cannot share the multiplexed one). On a
     /// cluster each call tries the next seed node, so a resubscription after a node failure
     /// lands on another node.

@@ -112,19 +112,35 @@ impl RateLimiter {
         // (the script then leaves it alone): Redis Cluster refuses a script whose keys map to
         // different slots (CROSSSLOT), and both keys are hash-tagged by tenant.
         let metric = quota.map_or(Metric::Requests, |(metric, _)| metric);
-        let mut invocation = self.script.key(bucket_key(&self.redis, tenant, key_id));
-        invocation.key(self.quotas.key(tenant, metric, month));
         let (units, limit) = quota.map_or((0, 0), |(_, limit)| (1, limit));
-        invocation
+        // The EVALSHA command built directly, its keys and arguments written once into the
+        // command's buffer (`Script::key`/`arg` keep each in a Vec of its own first, and
+        // copy them again): this runs on every API-key call.
+        let mut cmd = redis::Cmd::with_capacity(16, 256);
+        cmd.arg("EVALSHA")
+            .arg(self.script.get_hash())
+            .arg(2)
+            .arg(bucket_key(&self.redis, tenant, key_id))
+            .arg(self.quotas.key(tenant, metric, month))
             .arg(cost)
             .arg(units)
             .arg(limit)
             .arg(expiry(reset));
         for w in &windows {
-            invocation.arg(w.capacity).arg(rate_per_ms(w));
+            cmd.arg(w.capacity).arg(rate_per_ms(w));
         }
         let mut conn = self.redis.conn();
-        let reply: redis::RedisResult<Vec<i64>> = invocation.invoke_async(&mut conn).await;
+        let reply = match cmd.query_async::<Vec<i64>>(&mut conn).await {
+            // Not loaded (a new or flushed Redis): load it and send the call again, as
+            // `ScriptInvocation::invoke_async` does.
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                match self.script.load_async(&mut conn).await {
+                    Ok(_) => cmd.query_async(&mut conn).await,
+                    Err(e) => Err(e),
+                }
+            }
+            other => other,
+        };
         match self.outage.observe(reply) {
             Some(reply) => {
                 let decision = decision_from_reply(&windows, &reply)?;
@@ -190,7 +206,7 @@ impl RateLimiter {
 
 /// The key's bucket hash, hash-tagged by tenant like the quota counters.
 fn bucket_key(redis: &Redis, tenant: TenantId, key_id: &str) -> String {
-    redis.key(&format!("rl:{{{tenant}}}:{key_id}"))
+    redis.key_fmt(format_args!("rl:{{{tenant}}}:{key_id}"))
 }
 
 fn rate_per_ms(w: &Window) -> f64 {

@@ -288,10 +288,12 @@ impl Quotas {
     /// The counter of `metric` for `tenant` in the month starting at `month`.
     pub(crate) fn key(&self, tenant: TenantId, metric: Metric, month: DateTime<Utc>) -> String {
         // Hash-tagged by tenant; a new key per month, so nothing needs resetting.
-        self.redis.key(&format!(
-            "quota:{{{tenant}}}:{}:{}",
+        // `YYYY-MM` by hand: chrono's `format("%Y-%m")` parses its pattern on every call.
+        self.redis.key_fmt(format_args!(
+            "quota:{{{tenant}}}:{}:{:04}-{:02}",
             metric.as_str(),
-            month.format("%Y-%m")
+            month.year(),
+            month.month()
         ))
     }
 
