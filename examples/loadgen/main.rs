@@ -65,6 +65,11 @@ mod rabbitmq;
 mod sink;
 mod webhooks;
 
+/// The load generator shares the machine's cores with the server it measures: mimalloc (as
+/// in `devgate` itself) keeps its own allocation cost out of the way.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::{
     fmt,
     path::{Path, PathBuf},

@@ -3,6 +3,7 @@
 //! the append-only logs.
 
 pub mod batch;
+pub mod group;
 pub mod schema;
 
 use std::time::Duration;

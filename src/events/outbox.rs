@@ -159,6 +159,118 @@ pub async fn append(
     Ok((first.into(), true))
 }
 
+/// [`append`] for many events at once, for [`crate::db::group::GroupCommit`]: PublishEvent
+/// calls that arrive together share one statement and one commit (and the outbox trigger's
+/// one `NOTIFY`), each caller still getting its own event and duplicate flag.
+pub struct Append(pub NewEvent);
+
+/// The events of one batch, one array per column, unnested into rows (so a batch binds
+/// seven parameters whatever its size). Tenants are created on first use like [`append`]
+/// does (`tenants::store::ensure`); a data-modifying CTE's rows are visible to the foreign
+/// keys of its siblings.
+const APPEND_MANY: &str = "WITH input AS ( \
+         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::text[], \
+                              $6::text[], $7::uuid[]) \
+             AS u(id, tenant_id, event_type, payload, idempotency_id, source, endpoint_id) \
+     ), new_tenants AS ( \
+         INSERT INTO tenants (id) SELECT DISTINCT tenant_id FROM input ON CONFLICT DO NOTHING \
+     ), ins AS ( \
+         INSERT INTO events (id, tenant_id, event_type, payload, idempotency_id, source, \
+                             endpoint_id) \
+         SELECT * FROM input \
+         ON CONFLICT (tenant_id, idempotency_id) DO NOTHING \
+         RETURNING * \
+     ), queued AS ( \
+         INSERT INTO outbox (event_id) SELECT id FROM ins ORDER BY id \
+     ) \
+     SELECT * FROM ins";
+
+impl crate::db::group::GroupWrite for Append {
+    type Output = (Event, bool);
+    const NAME: &'static str = "the event appender";
+    /// Enough to carry thousands of events per second on a few hundred commits.
+    const MAX_BATCH: usize = 500;
+
+    async fn write(
+        conn: &mut AsyncPgConnection,
+        writes: &[Self],
+    ) -> Result<Vec<(Event, bool)>, StoreError> {
+        use diesel::sql_types::Array;
+        // Keyed rows in key order, so two batches meeting on the same keys wait on each
+        // other in one order instead of deadlocking.
+        let mut order: Vec<usize> = (0..writes.len()).collect();
+        order.sort_by(|&a, &b| {
+            let (a, b) = (&writes[a].0, &writes[b].0);
+            (a.tenant.0, &a.idempotency_id).cmp(&(b.tenant.0, &b.idempotency_id))
+        });
+        let ids: Vec<Uuid> = writes.iter().map(|_| Uuid::now_v7()).collect();
+        let column = |f: &dyn Fn(usize) -> Uuid| order.iter().map(|&i| f(i)).collect::<Vec<_>>();
+        let rows: Vec<EventRow> = diesel::sql_query(APPEND_MANY)
+            .bind::<Array<SqlUuid>, _>(column(&|i| ids[i]))
+            .bind::<Array<SqlUuid>, _>(column(&|i| writes[i].0.tenant.0))
+            .bind::<Array<Text>, _>(
+                order
+                    .iter()
+                    .map(|&i| writes[i].0.event_type.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind::<Array<Jsonb>, _>(
+                order
+                    .iter()
+                    .map(|&i| &writes[i].0.payload)
+                    .collect::<Vec<_>>(),
+            )
+            .bind::<Array<Nullable<Text>>, _>(
+                order
+                    .iter()
+                    .map(|&i| writes[i].0.idempotency_id.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind::<Array<Text>, _>(
+                order
+                    .iter()
+                    .map(|&i| writes[i].0.source.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind::<Array<Nullable<SqlUuid>>, _>(
+                order
+                    .iter()
+                    .map(|&i| writes[i].0.endpoint_id)
+                    .collect::<Vec<_>>(),
+            )
+            .load(conn)
+            .await?;
+        let mut inserted: std::collections::HashMap<Uuid, Event> = rows
+            .into_iter()
+            .map(|row| (row.id, Event::from(row)))
+            .collect();
+        let mut out = Vec::with_capacity(writes.len());
+        for (write, id) in writes.iter().zip(&ids) {
+            let answer = match inserted.remove(id) {
+                Some(event) => (event, false),
+                // Only a key conflicts: the first event with it (committed before this
+                // statement ended, or inserted by this very batch).
+                None => {
+                    let key = write
+                        .0
+                        .idempotency_id
+                        .as_deref()
+                        .ok_or_else(|| StoreError::Conflict("events_pkey".into()))?;
+                    let first = events::table
+                        .filter(events::tenant_id.eq(write.0.tenant.0))
+                        .filter(events::idempotency_id.eq(key))
+                        .select(EventRow::as_select())
+                        .first(conn)
+                        .await?;
+                    (first.into(), true)
+                }
+            };
+            out.push(answer);
+        }
+        Ok(out)
+    }
+}
+
 /// A message for another exchange than the events one, published by the relay once the
 /// transaction that queued it commits (e.g. a generation job for the AI orchestrator).
 #[derive(Debug, Clone)]

@@ -25,11 +25,11 @@ use super::{
 };
 use crate::{
     auth::Principal,
-    db::{self, PgPool, StoreError},
+    db::{self, PgPool, StoreError, group::GroupCommit},
     events::{
         Catalog, EventError, EventType, catalog,
         emitter::Emitter,
-        outbox::{self, Event, EventFilter, NewEvent, Position},
+        outbox::{self, Append, Event, EventFilter, NewEvent, Position},
     },
     idempotency::{Claim, Guard, Idempotency, Outcome},
     identity::{Scope, TenantId},
@@ -82,7 +82,12 @@ pub struct Webhooks {
     tasks: TaskQueue,
     /// Idempotency-Key of CreateWebhookEndpoint.
     idempotency: Idempotency,
+    /// PublishEvent's writes, committed in groups.
+    appender: GroupCommit<Append>,
 }
+
+/// Connections PublishEvent's group commit uses at most (one batch each).
+const APPEND_WRITERS: usize = 4;
 
 impl Webhooks {
     pub fn new(
@@ -94,6 +99,7 @@ impl Webhooks {
         idempotency: Idempotency,
     ) -> Self {
         Self {
+            appender: GroupCommit::spawn(pool.clone(), APPEND_WRITERS),
             pool,
             keys,
             policy,
@@ -482,7 +488,6 @@ impl Webhooks {
             return Err(WebhookError::Invalid(v));
         };
         v.into_result(())?;
-        let mut conn = db::connect(&self.pool).await?;
         let new = NewEvent {
             tenant,
             event_type,
@@ -491,7 +496,7 @@ impl Webhooks {
             source: principal.actor(),
             endpoint_id: None,
         };
-        let (first, duplicate) = outbox::append(&mut conn, new.clone()).await?;
+        let (first, duplicate) = self.appender.submit(Append(new.clone())).await?;
         if duplicate
             && (first.event_type != new.event_type || !same_json(&first.payload, &new.payload))
         {

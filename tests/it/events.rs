@@ -376,6 +376,77 @@ async fn events_publish_auth_validation_idempotency_and_rabbitmq() {
     assert_eq!(body.data, low_balance(180));
 }
 
+/// Concurrent PublishEvent calls are committed in groups (several events per statement and
+/// commit): 300 calls, each of 100 (tenant, key) pairs three times at once, give exactly 100
+/// events, each answered to its three callers with one id (one of them not a duplicate), and
+/// each published once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishes_are_grouped_and_each_key_is_one_event() {
+    let prefix = format!("devgate-test-{}", Uuid::new_v4().simple());
+    let w = World::with(|s| {
+        s.set("DEVGATE_SERVICE_TOKENS", &callers())
+            .set("DEVGATE_RABBITMQ_PREFIX", &prefix)
+    })
+    .await;
+    let app = &w.app;
+    let (_mq_channel, mut consumer) = bind_queue(&prefix).await;
+    let pipeline = publisher(app, PIPELINE_TOKEN).await;
+    let tenants = [Uuid::new_v4(), Uuid::new_v4()];
+    let calls: Vec<(Uuid, String)> = (0..3)
+        .flat_map(|_| {
+            tenants
+                .iter()
+                .flat_map(|t| (0..50).map(move |k| (*t, format!("key-{k}"))))
+        })
+        .collect();
+    let answers: Vec<(Uuid, String, internal::PublishEventResponse)> =
+        futures_util::stream::iter(calls)
+            .map(|(tenant, key)| {
+                let mut client = pipeline.clone();
+                async move {
+                    let answer = client
+                        .publish_event(publish_req(tenant, "credits.low", low_balance(1), &key))
+                        .await
+                        .unwrap_or_else(|s| panic!("{tenant}/{key}: {s:?}"))
+                        .into_inner();
+                    (tenant, key, answer)
+                }
+            })
+            .buffer_unordered(64)
+            .collect()
+            .await;
+    let mut by_key: std::collections::HashMap<(Uuid, String), Vec<(String, bool)>> =
+        std::collections::HashMap::new();
+    for (tenant, key, answer) in answers {
+        let event = answer.event.expect("the event");
+        assert_eq!(event.tenant_id, tenant.to_string());
+        assert_eq!(event.idempotency_id, key);
+        by_key
+            .entry((tenant, key))
+            .or_default()
+            .push((event.id, answer.duplicate));
+    }
+    assert_eq!(by_key.len(), 100);
+    for (key, answers) in &by_key {
+        assert_eq!(answers.len(), 3, "{key:?}");
+        assert!(
+            answers.iter().all(|(id, _)| *id == answers[0].0),
+            "{key:?}: {answers:?}"
+        );
+        let firsts = answers.iter().filter(|(_, duplicate)| !duplicate).count();
+        assert_eq!(firsts, 1, "{key:?}: {answers:?}");
+    }
+    let published = drain(&mut consumer, Duration::from_secs(2)).await;
+    let mut ids: Vec<&str> = published.iter().map(|(id, _, _)| id.as_str()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 100, "each event published, none twice");
+    assert_eq!(published.len(), 100);
+    let mut expected: Vec<&str> = by_key.values().map(|a| a[0].0.as_str()).collect();
+    expected.sort();
+    assert_eq!(ids, expected);
+}
+
 async fn rest(e: &Edge, path: &str, token: &str) -> (StatusCode, Value) {
     let resp = e
         .http

@@ -27,7 +27,7 @@ use super::{
     store,
 };
 use crate::{
-    db::{self, PgPool, StoreError, schema::webhook_endpoints},
+    db::{self, PgPool, StoreError, group::GroupCommit, schema::webhook_endpoints},
     events::{matches, outbox::EventMessage},
     identity::TenantId,
     mq::{Mq, MqError},
@@ -40,6 +40,8 @@ pub const CACHE_TTL: Duration = Duration::from_secs(30);
 /// Events processed at once by one fan-out consumer (also its prefetch).
 const CONCURRENCY: usize = 32;
 const STEP_RETRY: Duration = Duration::from_secs(1);
+/// Connections the fan-out's writes use at most (one batch each).
+const GROUP_WRITERS: usize = 2;
 const RECONNECT_MAX: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +62,8 @@ struct Subscription {
 #[derive(Clone)]
 pub struct FanOut {
     pool: PgPool,
+    /// The deliveries of events that arrive together, inserted in one statement.
+    deliveries: GroupCommit<store::FanOut>,
     database_url: SecretString,
     tasks: TaskQueue,
     cache: Cache<Uuid, Arc<Vec<Subscription>>>,
@@ -69,6 +73,7 @@ impl FanOut {
     /// `database_url` is for the dedicated LISTEN connection.
     pub fn new(pool: PgPool, database_url: SecretString, tasks: TaskQueue) -> Self {
         Self {
+            deliveries: GroupCommit::spawn(pool.clone(), GROUP_WRITERS),
             pool,
             database_url,
             tasks,
@@ -178,10 +183,15 @@ impl FanOut {
                 .map(|s| s.id)
                 .collect(),
         };
-        let waiting = {
-            let mut conn = db::connect(&self.pool).await?;
-            store::fan_out(&mut conn, tenant, event.id, &event.event_type, &endpoints).await?
-        };
+        let waiting = self
+            .deliveries
+            .submit(store::FanOut {
+                tenant,
+                event_id: event.id,
+                event_type: event.event_type.clone(),
+                endpoints,
+            })
+            .await?;
         if waiting.is_empty() {
             return Ok(());
         }

@@ -313,50 +313,91 @@ pub async fn attempts(
 // --- the pipeline: fan-out and worker ---
 
 use diesel::sql_types::{
-    Array, Bool, Integer, Interval, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid,
+    Array, Bool, Integer, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid,
 };
 
-/// Inserts a pending delivery of the event for each endpoint that still exists (an existing
-/// (event, endpoint) row is left alone), then returns the ids of the event's deliveries that
-/// wait for their first attempt: the new ones, and those a crash left without their task.
-pub async fn fan_out(
-    conn: &mut AsyncPgConnection,
-    tenant: TenantId,
-    event_id: Uuid,
-    event_type: &str,
-    endpoints: &[Uuid],
-) -> Result<Vec<Uuid>, StoreError> {
-    #[derive(QueryableByName)]
-    struct Id {
-        #[diesel(sql_type = SqlUuid)]
-        id: Uuid,
+/// One event's fan-out: inserts a pending delivery of the event for each endpoint that still
+/// exists (an existing (event, endpoint) row is left alone), and answers the ids of the
+/// event's deliveries that wait for their first attempt: the new ones, and those a crash left
+/// without their task. Events that arrive together share one statement and one commit
+/// ([`crate::db::group::GroupCommit`]).
+#[derive(Debug, Clone)]
+pub struct FanOut {
+    pub tenant: TenantId,
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub endpoints: Vec<Uuid>,
+}
+
+impl crate::db::group::GroupWrite for FanOut {
+    type Output = Vec<Uuid>;
+    const NAME: &'static str = "the webhook fan-out writer";
+    /// Events per statement (each with up to a few dozen endpoints).
+    const MAX_BATCH: usize = 200;
+
+    async fn write(
+        conn: &mut AsyncPgConnection,
+        writes: &[Self],
+    ) -> Result<Vec<Vec<Uuid>>, StoreError> {
+        #[derive(QueryableByName)]
+        struct Waiting {
+            #[diesel(sql_type = SqlUuid)]
+            id: Uuid,
+            #[diesel(sql_type = SqlUuid)]
+            event_id: Uuid,
+        }
+        // One row per (event, endpoint), in (event, endpoint) order so that two batches
+        // meeting on the same rows (a redelivered event) insert them in one order.
+        let mut rows: Vec<(Uuid, Uuid, Uuid, &str)> = writes
+            .iter()
+            .flat_map(|w| {
+                w.endpoints
+                    .iter()
+                    .map(move |e| (w.event_id, *e, w.tenant.0, w.event_type.as_str()))
+            })
+            .collect();
+        rows.sort_by_key(|r| (r.0, r.1));
+        rows.dedup_by_key(|r| (r.0, r.1));
+        let ids: Vec<Uuid> = rows.iter().map(|_| Uuid::now_v7()).collect();
+        let event_ids: Vec<Uuid> = writes.iter().map(|w| w.event_id).collect();
+        // The new rows (RETURNING) and the older ones still waiting (the SELECT sees the table
+        // as it was before the INSERT, so the two parts never overlap).
+        let waiting: Vec<Waiting> = diesel::sql_query(
+            "WITH ins AS ( \
+                 INSERT INTO webhook_deliveries (id, tenant_id, endpoint_id, event_id, event_type) \
+                 SELECT u.id, u.tenant_id, u.endpoint_id, u.event_id, u.event_type \
+                 FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::text[]) \
+                     AS u(id, event_id, endpoint_id, tenant_id, event_type) \
+                 JOIN webhook_endpoints e ON e.id = u.endpoint_id AND e.tenant_id = u.tenant_id \
+                 WHERE EXISTS (SELECT 1 FROM events WHERE id = u.event_id) \
+                 ON CONFLICT (event_id, endpoint_id) DO NOTHING \
+                 RETURNING id, event_id \
+             ) \
+             SELECT id, event_id FROM ins \
+             UNION ALL \
+             SELECT id, event_id FROM webhook_deliveries \
+             WHERE event_id = ANY($6) AND status = 'pending' AND attempts = 0",
+        )
+        .bind::<Array<SqlUuid>, _>(&ids)
+        .bind::<Array<SqlUuid>, _>(rows.iter().map(|r| r.0).collect::<Vec<_>>())
+        .bind::<Array<SqlUuid>, _>(rows.iter().map(|r| r.1).collect::<Vec<_>>())
+        .bind::<Array<SqlUuid>, _>(rows.iter().map(|r| r.2).collect::<Vec<_>>())
+        .bind::<Array<Text>, _>(rows.iter().map(|r| r.3).collect::<Vec<_>>())
+        .bind::<Array<SqlUuid>, _>(&event_ids)
+        .load(conn)
+        .await?;
+        let mut by_event: std::collections::HashMap<Uuid, Vec<Uuid>> =
+            std::collections::HashMap::new();
+        for w in waiting {
+            by_event.entry(w.event_id).or_default().push(w.id);
+        }
+        // An event twice in one batch (a redelivery) gets its tasks once: the second copy
+        // answers none, which is right, since the first one queues them.
+        Ok(writes
+            .iter()
+            .map(|w| by_event.remove(&w.event_id).unwrap_or_default())
+            .collect())
     }
-    // One statement: the new rows (RETURNING) and the older ones still waiting (the SELECT
-    // sees the table as it was before the INSERT, so the two parts never overlap).
-    let ids: Vec<Uuid> = endpoints.iter().map(|_| Uuid::now_v7()).collect();
-    let waiting: Vec<Id> = diesel::sql_query(
-        "WITH ins AS ( \
-             INSERT INTO webhook_deliveries (id, tenant_id, endpoint_id, event_id, event_type) \
-             SELECT u.id, $3, u.endpoint_id, $4, $5 \
-             FROM unnest($1::uuid[], $2::uuid[]) AS u(id, endpoint_id) \
-             JOIN webhook_endpoints e ON e.id = u.endpoint_id AND e.tenant_id = $3 \
-             WHERE EXISTS (SELECT 1 FROM events WHERE id = $4) \
-             ON CONFLICT (event_id, endpoint_id) DO NOTHING \
-             RETURNING id \
-         ) \
-         SELECT id FROM ins \
-         UNION ALL \
-         SELECT id FROM webhook_deliveries \
-         WHERE event_id = $4 AND status = 'pending' AND attempts = 0",
-    )
-    .bind::<Array<SqlUuid>, _>(&ids)
-    .bind::<Array<SqlUuid>, _>(endpoints)
-    .bind::<SqlUuid, _>(tenant.0)
-    .bind::<SqlUuid, _>(event_id)
-    .bind::<Text, _>(event_type)
-    .load(conn)
-    .await?;
-    Ok(waiting.into_iter().map(|r| r.id).collect())
 }
 
 /// A delivery a worker holds (its lease), with what the attempt needs.
@@ -399,42 +440,67 @@ pub struct Claimed {
     pub target_endpoint_id: Option<Uuid>,
 }
 
-/// Takes the delivery for attempt `attempt` for `lease` (or `None`: see [`Blocked`]).
+/// A task's claim: takes the delivery for attempt `attempt` for `lease` (or `None`: see
+/// [`Blocked`]), for many tasks in one statement ([`crate::db::group::GroupCommit`]).
 ///
 /// The lease is committed without waiting for the WAL flush (`synchronous_commit = off` for
 /// this statement's transaction only): a lease lost in a Postgres crash costs at most a
 /// duplicate POST — with the same `webhook-id`, which receivers deduplicate — and saves one
 /// of the delivery's two flushes.
 /// Manual tasks may re-open a finished delivery; scheduled ones only run while it is pending.
-pub async fn claim(
-    conn: &mut AsyncPgConnection,
-    id: Uuid,
-    attempt: i32,
-    manual: bool,
-    lease: std::time::Duration,
-) -> Result<Option<Claimed>, StoreError> {
-    let lease = diesel::pg::data_types::PgInterval::from_microseconds(lease.as_micros() as i64);
-    Ok(diesel::sql_query(
-        "UPDATE webhook_deliveries d SET lease_until = now() + $4 \
-         FROM webhook_endpoints e, events ev \
-         WHERE d.id = $1 AND e.id = d.endpoint_id AND ev.id = d.event_id \
-           AND (d.status = 'pending' OR $3) AND d.attempts < $2 \
-           AND (d.lease_until IS NULL OR d.lease_until < now()) \
-           AND set_config('synchronous_commit', 'off', true) IS NOT NULL \
-         RETURNING d.id, d.tenant_id, d.endpoint_id, d.event_id, d.status, d.attempts, e.url, \
-                   e.headers, e.rate_limit_per_second, e.secret_ciphertext, \
-                   e.previous_secret_ciphertext, e.previous_secret_expire_time, \
-                   e.disabled_time IS NOT NULL AS endpoint_disabled, ev.event_type, \
-                   ev.payload, ev.create_time AS event_time, \
-                   ev.endpoint_id AS target_endpoint_id",
-    )
-    .bind::<SqlUuid, _>(id)
-    .bind::<Integer, _>(attempt)
-    .bind::<Bool, _>(manual)
-    .bind::<Interval, _>(lease)
-    .get_result(conn)
-    .await
-    .optional()?)
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub id: Uuid,
+    pub attempt: i32,
+    pub manual: bool,
+    pub lease: std::time::Duration,
+}
+
+impl crate::db::group::GroupWrite for Claim {
+    type Output = Option<Claimed>;
+    const NAME: &'static str = "the delivery claimer";
+    const MAX_BATCH: usize = 500;
+
+    async fn write(
+        conn: &mut AsyncPgConnection,
+        writes: &[Self],
+    ) -> Result<Vec<Option<Claimed>>, StoreError> {
+        // In id order, so concurrent batches lock rows in one order.
+        let mut rows: Vec<&Claim> = writes.iter().collect();
+        rows.sort_by_key(|c| c.id);
+        let claimed: Vec<Claimed> = diesel::sql_query(
+            "UPDATE webhook_deliveries d \
+             SET lease_until = now() + u.lease_us * interval '1 microsecond' \
+             FROM unnest($1::uuid[], $2::int4[], $3::bool[], $4::int8[]) \
+                      AS u(id, attempt, manual, lease_us), \
+                  webhook_endpoints e, events ev \
+             WHERE d.id = u.id AND e.id = d.endpoint_id AND ev.id = d.event_id \
+               AND (d.status = 'pending' OR u.manual) AND d.attempts < u.attempt \
+               AND (d.lease_until IS NULL OR d.lease_until < now()) \
+               AND set_config('synchronous_commit', 'off', true) IS NOT NULL \
+             RETURNING d.id, d.tenant_id, d.endpoint_id, d.event_id, d.status, d.attempts, \
+                       e.url, e.headers, e.rate_limit_per_second, e.secret_ciphertext, \
+                       e.previous_secret_ciphertext, e.previous_secret_expire_time, \
+                       e.disabled_time IS NOT NULL AS endpoint_disabled, ev.event_type, \
+                       ev.payload, ev.create_time AS event_time, \
+                       ev.endpoint_id AS target_endpoint_id",
+        )
+        .bind::<Array<SqlUuid>, _>(rows.iter().map(|c| c.id).collect::<Vec<_>>())
+        .bind::<Array<Integer>, _>(rows.iter().map(|c| c.attempt).collect::<Vec<_>>())
+        .bind::<Array<Bool>, _>(rows.iter().map(|c| c.manual).collect::<Vec<_>>())
+        .bind::<Array<diesel::sql_types::BigInt>, _>(
+            rows.iter()
+                .map(|c| i64::try_from(c.lease.as_micros()).unwrap_or(i64::MAX))
+                .collect::<Vec<_>>(),
+        )
+        .load(conn)
+        .await?;
+        // A delivery is claimed once per statement even when two tasks of it meet in one
+        // batch: the first write asking for it gets it, the other finds it leased.
+        let mut by_id: std::collections::HashMap<Uuid, Claimed> =
+            claimed.into_iter().map(|c| (c.id, c)).collect();
+        Ok(writes.iter().map(|c| by_id.remove(&c.id)).collect())
+    }
 }
 
 /// Why a task could not claim its delivery.
@@ -532,31 +598,51 @@ pub async fn record(
     Ok(())
 }
 
-/// [`record`] of a success, and the end of the endpoint's run of failures, in one statement
-/// (the hot path: no transaction, no write to the endpoint unless it had failures).
-pub async fn record_success(
-    conn: &mut AsyncPgConnection,
-    id: Uuid,
-    r: &Recorded<'_>,
-) -> Result<(), StoreError> {
-    diesel::sql_query(
-        "WITH d AS ( \
-             UPDATE webhook_deliveries SET status = 'succeeded', \
-                    attempts = GREATEST(attempts, $2), lease_until = NULL, \
-                    next_attempt_time = NULL, last_attempt_time = $3, last_status_code = $4, \
-                    last_error = NULL, update_time = now() \
-             WHERE id = $1 RETURNING endpoint_id \
-         ) \
-         UPDATE webhook_endpoints SET consecutive_failures = 0 \
-         WHERE id = (SELECT endpoint_id FROM d) AND consecutive_failures <> 0",
-    )
-    .bind::<SqlUuid, _>(id)
-    .bind::<Integer, _>(r.attempts)
-    .bind::<Nullable<Timestamptz>, _>(r.last_attempt_time)
-    .bind::<Nullable<Integer>, _>(r.last_status_code)
-    .execute(conn)
-    .await?;
-    Ok(())
+/// A success: [`record`] of a `succeeded` delivery and the end of its endpoint's run of
+/// failures (no write to the endpoint unless it had failures), in one statement for many
+/// deliveries at once ([`crate::db::group::GroupCommit`]): the delivery workers' successes
+/// share one statement and one WAL flush.
+#[derive(Debug, Clone)]
+pub struct Success {
+    pub id: Uuid,
+    /// Attempts made, this one included.
+    pub attempts: i32,
+    pub attempt_time: DateTime<Utc>,
+    pub status_code: Option<i32>,
+}
+
+impl crate::db::group::GroupWrite for Success {
+    type Output = ();
+    const NAME: &'static str = "the delivery success writer";
+    const MAX_BATCH: usize = 1_000;
+
+    async fn write(conn: &mut AsyncPgConnection, writes: &[Self]) -> Result<Vec<()>, StoreError> {
+        use diesel::sql_types::Array;
+        // In id order, so two batches (or a batch and a manual retry) lock rows in one order.
+        let mut rows: Vec<&Success> = writes.iter().collect();
+        rows.sort_by_key(|s| s.id);
+        diesel::sql_query(
+            "WITH u AS ( \
+                 SELECT * FROM unnest($1::uuid[], $2::int4[], $3::timestamptz[], $4::int4[]) \
+                     AS u(id, attempts, attempt_time, status_code) \
+             ), d AS ( \
+                 UPDATE webhook_deliveries d SET status = 'succeeded', \
+                        attempts = GREATEST(d.attempts, u.attempts), lease_until = NULL, \
+                        next_attempt_time = NULL, last_attempt_time = u.attempt_time, \
+                        last_status_code = u.status_code, last_error = NULL, update_time = now() \
+                 FROM u WHERE d.id = u.id RETURNING d.endpoint_id \
+             ) \
+             UPDATE webhook_endpoints SET consecutive_failures = 0 \
+             WHERE id IN (SELECT endpoint_id FROM d) AND consecutive_failures <> 0",
+        )
+        .bind::<Array<SqlUuid>, _>(rows.iter().map(|s| s.id).collect::<Vec<_>>())
+        .bind::<Array<Integer>, _>(rows.iter().map(|s| s.attempts).collect::<Vec<_>>())
+        .bind::<Array<Timestamptz>, _>(rows.iter().map(|s| s.attempt_time).collect::<Vec<_>>())
+        .bind::<Array<Nullable<Integer>>, _>(rows.iter().map(|s| s.status_code).collect::<Vec<_>>())
+        .execute(conn)
+        .await?;
+        Ok(vec![(); writes.len()])
+    }
 }
 
 /// A delivery exhausted its retries: counts it and returns the endpoint's run of failures,

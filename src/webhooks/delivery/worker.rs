@@ -25,10 +25,10 @@ use url::Url;
 use super::{
     Attempt, ErrorKind, MAX_RESPONSE_BYTES,
     queue::{Queues, Task, TaskQueue, jitter, round_delay},
-    store::{self, Blocked, Claimed, Recorded},
+    store::{self, Blocked, Claim, Claimed, Recorded, Success},
 };
 use crate::{
-    db::{self, PgPool, StoreError, batch::BatchLog},
+    db::{self, PgPool, StoreError, batch::BatchLog, group::GroupCommit},
     events::{EventError, emitter::Emitter},
     identity::TenantId,
     kv::Redis,
@@ -89,7 +89,14 @@ pub struct DeliveryWorker {
     emitter: Arc<Emitter>,
     attempt_log: BatchLog<Attempt>,
     redis: Redis,
+    /// Claims, made in groups.
+    claims: GroupCommit<Claim>,
+    /// Successes, committed in groups before their tasks are acked.
+    successes: GroupCommit<Success>,
 }
+
+/// Connections the claimer and the success writer each use at most (one batch each).
+const GROUP_WRITERS: usize = 3;
 
 impl DeliveryWorker {
     #[allow(clippy::too_many_arguments)]
@@ -104,6 +111,8 @@ impl DeliveryWorker {
         redis: Redis,
     ) -> Self {
         Self {
+            claims: GroupCommit::spawn(pool.clone(), GROUP_WRITERS),
+            successes: GroupCommit::spawn(pool.clone(), GROUP_WRITERS),
             pool,
             tasks,
             client,
@@ -191,18 +200,16 @@ impl DeliveryWorker {
     pub async fn process(&self, task: Task) -> Result<(), DeliveryError> {
         let lease = self.config.timeout + LEASE_MARGIN;
         let claimed = {
-            let mut conn = db::connect(&self.pool).await?;
-            match store::claim(
-                &mut conn,
-                task.delivery_id,
-                task.attempt,
-                task.manual,
+            let claim = Claim {
+                id: task.delivery_id,
+                attempt: task.attempt,
+                manual: task.manual,
                 lease,
-            )
-            .await?
-            {
+            };
+            match self.claims.submit(claim).await? {
                 Some(c) => c,
                 None => {
+                    let mut conn = db::connect(&self.pool).await?;
                     return match store::blocked(
                         &mut conn,
                         task.delivery_id,
@@ -266,9 +273,14 @@ impl DeliveryWorker {
         };
         match verdict {
             Verdict::Delivered => {
-                recorded.status = "succeeded";
-                let mut conn = db::connect(&self.pool).await?;
-                store::record_success(&mut conn, claimed.id, &recorded).await?;
+                self.successes
+                    .submit(Success {
+                        id: claimed.id,
+                        attempts: number,
+                        attempt_time,
+                        status_code,
+                    })
+                    .await?;
             }
             Verdict::Gone => {
                 let mut conn = db::connect(&self.pool).await?;
