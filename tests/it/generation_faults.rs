@@ -105,6 +105,13 @@ async fn generation_faults_worker_killed_with_sigkill_ends_every_generation_once
     let mut conn = w.app.db().await;
     wait_terminal(&mut conn, tenant, 100, Duration::from_secs(120)).await;
     worker.kill9();
+    let ended = states(&mut conn, tenant)
+        .await
+        .iter()
+        .filter(|(_, s)| terminal(s))
+        .count();
+    assert!(ended < GENERATIONS, "the worker died with work in flight");
+    eprintln!("worker killed with {ended} of {GENERATIONS} generations ended");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let _worker = WorkerProcess::spawn(&w.app.settings);
     let created = creating.await.unwrap();
