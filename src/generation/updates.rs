@@ -673,6 +673,31 @@ mod tests {
     }
 
     #[test]
+    fn only_what_a_retry_cannot_fix_is_dropped() {
+        use diesel::result::{DatabaseErrorKind as K, Error};
+        let db = |kind| {
+            GenerationError::Store(StoreError::Query(Error::DatabaseError(
+                kind,
+                Box::new("refused".to_string()),
+            )))
+        };
+        assert!(permanent(&db(K::CheckViolation)));
+        assert!(permanent(&GenerationError::Event(
+            EventError::OwnEventInvalid {
+                event_type: "generation.completed".into(),
+                reason: "assets".into(),
+            }
+        )));
+        assert!(!permanent(&db(K::SerializationFailure)));
+        assert!(!permanent(&GenerationError::Store(
+            StoreError::Unavailable("pool timed out".into())
+        )));
+        assert!(!permanent(&GenerationError::Event(EventError::Store(
+            StoreError::Unavailable("closed".into())
+        ))));
+    }
+
+    #[test]
     fn retry_delays_grow_and_stop_growing() {
         assert!(retry_delay(0) < Duration::from_millis(250));
         assert!(retry_delay(3) > Duration::from_millis(1400));

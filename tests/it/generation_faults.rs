@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::{
     generations::{balance, events, grant, image, ledger},
-    harness::{upstream_sim::UpstreamSim, *},
+    harness::{proxy::Proxy, upstream_sim::UpstreamSim, *},
 };
 
 const GENERATIONS: usize = 500;
@@ -179,4 +179,89 @@ async fn generation_faults_worker_killed_with_sigkill_ends_every_generation_once
         .await
         .unwrap();
     assert_eq!(outputs, succeeded as i64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation_faults_postgres_cut_under_the_consumer_requeues_and_loses_no_update() {
+    let w = World::with_roles(Roles::API, |s| s).await;
+    let tenant = Uuid::new_v4();
+    let prefix = w.app.settings.vars["DEVGATE_RABBITMQ_PREFIX"].clone();
+    // The worker reaches Postgres through a proxy the test cuts.
+    let proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let mut settings = w.app.settings.clone();
+    let proxied =
+        settings.vars["DEVGATE_DATABASE_URL"].replace("127.0.0.1:5432", &proxy.addr.to_string());
+    settings = settings.set("DEVGATE_DATABASE_URL", &proxied);
+    let _worker = WorkerProcess::spawn(&settings);
+    // RUNNING at 0 s, 1 s and 2 s, SUCCEEDED at 3 s.
+    let _sim = UpstreamSim::start(
+        &prefix,
+        &[tenant],
+        &["--job-duration", "3s", "--progress-steps", "3"],
+    )
+    .await;
+    grant(&w.app, tenant, 100).await;
+    let token = admin_token(tenant);
+    let id = v1::generation_proxy_client::GenerationProxyClient::new(channel(w.app.public).await)
+        .create_generation(bearer(image(1), &token))
+        .await
+        .expect("create")
+        .into_inner()
+        .id;
+    let id = Uuid::parse_str(&id).unwrap();
+    let mut conn = w.app.db().await;
+    use devgate::db::schema::generations::dsl as g;
+    let row = async |conn: &mut AsyncPgConnection| -> (String, i64) {
+        g::generations
+            .filter(g::id.eq(id))
+            .select((g::state, g::last_sequence))
+            .first(conn)
+            .await
+            .unwrap()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while row(&mut conn).await.0 != "running" {
+        assert!(tokio::time::Instant::now() < deadline, "never running");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The rest of the updates arrive while the consumer cannot reach Postgres.
+    proxy.cut();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        row(&mut conn).await.0,
+        "running",
+        "nothing applied while cut"
+    );
+    proxy.restore();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (state, last_sequence) = row(&mut conn).await;
+        if state == "succeeded" {
+            assert_eq!(
+                last_sequence, 4,
+                "the SUCCEEDED update was requeued, not lost"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{state} after the restore"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ends: Vec<String> = events(&mut conn, tenant)
+        .await
+        .into_iter()
+        .map(|(t, _)| t)
+        .filter(|t| t.starts_with("generation."))
+        .collect();
+    assert_eq!(
+        ends,
+        [
+            "generation.queued",
+            "generation.started",
+            "generation.completed"
+        ]
+    );
+    assert_eq!(balance(&mut conn, tenant).await, 90);
 }
