@@ -60,7 +60,7 @@ pub struct Generations {
     pub(super) config: GenerationConfig,
     pub(super) emitter: Arc<Emitter>,
     idempotency: Idempotency,
-    pub(super) limiter: Arc<RateLimiter>,
+    limiter: Arc<RateLimiter>,
     /// Portal users' quota: the tenant's overrides over its plan's.
     tenants: TenantDirectory,
     plan_quotas: PlanQuotas,

@@ -659,8 +659,13 @@ async fn generation_updates_duplicates_late_backward_foreign_and_malformed_chang
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generation_updates_the_timeout_sweep_fails_refunds_once_and_cancels_the_job() {
-    // No orchestrator answers: only the test's queue on the jobs exchange sees the job.
-    let w = World::with(|s| s.set("DEVGATE_GENERATION_TIMEOUT", "2s")).await;
+    // No orchestrator answers: only the test's queue on the jobs exchange sees the job. A
+    // quota of 3 generations a month: the timed-out one must give its 3 back.
+    let w = World::with(|s| {
+        s.set("DEVGATE_GENERATION_TIMEOUT", "2s")
+            .set("DEVGATE_QUOTA_FREE", "100000000/3")
+    })
+    .await;
     let mut jobs = Jobs::bind(&w.app).await;
     let tenant = Uuid::new_v4();
     grant(&w.app, tenant, 100).await;
@@ -714,6 +719,15 @@ async fn generation_updates_the_timeout_sweep_fails_refunds_once_and_cancels_the
     assert_eq!(types(&evs), ["generation.queued", "generation.failed"]);
     assert_eq!(evs[1].1["error"]["code"], "timeout");
     assert_eq!(evs[1].1["credits_refunded"], json!(30));
+    // The month's quota was given back: 3 more fit, and then no more.
+    c.create_generation(bearer(image(3), &token))
+        .await
+        .expect("the timed-out generation's quota was given back");
+    let status = c
+        .create_generation(bearer(image(1), &token))
+        .await
+        .unwrap_err();
+    assert_refused(&status, tonic::Code::ResourceExhausted, "QUOTA_EXHAUSTED");
     jobs.delete().await;
 }
 
