@@ -37,7 +37,9 @@ use crate::{
         usage::UsageLayer,
     },
     events::{emitter::Emitter, relay::Relay},
-    generation::{grpc::GenerationGrpc, service::Generations, watch::Changes},
+    generation::{
+        grpc::GenerationGrpc, service::Generations, updates::UpdateConsumer, watch::Changes,
+    },
     health::ServiceHealth,
     idempotency::Idempotency,
     kv::Redis,
@@ -429,6 +431,25 @@ impl Application {
                 self.mq.clone(),
                 self.config.relay.clone(),
             );
+            let (updates, stop) = (
+                UpdateConsumer::new(self.services.generations.clone(), self.mq.clone()),
+                background.clone(),
+            );
+            tasks.restartable("generation updates", backoff, move || {
+                let (updates, stop) = (updates.clone(), stop.clone());
+                async move {
+                    updates.run(stop).await;
+                    Ok::<(), Infallible>(())
+                }
+            });
+            let (generations, stop) = (self.services.generations.clone(), background.clone());
+            tasks.restartable("generation timeout sweep", backoff, move || {
+                let (generations, stop) = (generations.clone(), stop.clone());
+                async move {
+                    generations.run_timeout_sweep(stop).await;
+                    Ok::<(), Infallible>(())
+                }
+            });
             let (fan_out, stop) = (self.fan_out.clone(), background.clone());
             tasks.restartable("webhook fan-out", backoff, move || {
                 let (fan_out, stop) = (fan_out.clone(), stop.clone());

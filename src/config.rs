@@ -346,7 +346,7 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     (
         "DEVGATE_GENERATION_TIMEOUT",
         "15m",
-        "A generation with no terminal update from the orchestrator within this long is failed and refunded (by the worker's sweep, not implemented yet).",
+        "A generation with no terminal update from the orchestrator within this long after it was created is failed (`TIMEOUT`) and refunded by the worker's sweep, which runs every quarter of it (200 ms to 1 min).",
     ),
     (
         "DEVGATE_ASSET_SERVICE_ADDR",

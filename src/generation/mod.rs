@@ -1,13 +1,16 @@
 //! The generation proxy (issue 8): creative-AI generations charged in credits when created
 //! and handed to the platform's AI orchestrator over RabbitMQ through the outbox
 //! ([`service`], [`grpc`] for `devgate.v1.GenerationProxy`), and reads of the platform's
-//! Asset and User/Team services ([`upstream`]).
+//! Asset and User/Team services ([`upstream`]). The worker applies the orchestrator's
+//! progress and results ([`updates`]) and fails what never ends ([`sweep`]).
 
 pub mod config;
 pub mod grpc;
 pub mod model;
 pub mod service;
 pub mod store;
+pub mod sweep;
+pub mod updates;
 pub mod upstream;
 pub mod watch;
 

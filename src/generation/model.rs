@@ -237,16 +237,116 @@ pub fn queued_payload(g: &Generation) -> serde_json::Value {
     serde_json::Value::Object(m)
 }
 
-pub fn cancelled_payload(g: &Generation, cancelled_by: &str, refunded: i64) -> serde_json::Value {
+/// The catalog caps a cancel reason at this many characters.
+const REASON_CHARS: usize = 500;
+/// The catalog caps an error message at this many characters.
+const ERROR_MESSAGE_CHARS: usize = 1000;
+
+pub fn cancelled_payload(
+    g: &Generation,
+    cancelled_by: &str,
+    reason: &str,
+    refunded: i64,
+) -> serde_json::Value {
     let mut m = common(g);
     m.insert("cancelled_by".into(), json!(cancelled_by));
-    m.insert("reason".into(), json!("cancelled by the developer"));
+    let reason: String = reason.chars().take(REASON_CHARS).collect();
+    m.insert("reason".into(), json!(reason));
     m.insert("credits_refunded".into(), json!(refunded));
     m.insert(
         "cancel_time".into(),
         json!(rfc3339(g.end_time.unwrap_or(g.update_time))),
     );
     serde_json::Value::Object(m)
+}
+
+pub fn started_payload(g: &Generation) -> serde_json::Value {
+    let mut m = common(g);
+    m.insert(
+        "start_time".into(),
+        json!(rfc3339(g.start_time.unwrap_or(g.update_time))),
+    );
+    serde_json::Value::Object(m)
+}
+
+/// `generation.completed`: one asset per id, in the order of `asset_ids` (the orchestrator
+/// sends the URLs in the same order). The update carries no sizes, so none are claimed.
+pub fn completed_payload(g: &Generation) -> serde_json::Value {
+    let mut m = common(g);
+    let kind = modality(&g.kind);
+    let mime_type = mime_type(&g.output_format, kind);
+    let assets: Vec<_> = g
+        .asset_ids
+        .iter()
+        .zip(&g.result_urls)
+        .map(|(id, url)| json!({"asset_id": id, "kind": kind, "mime_type": mime_type, "url": url}))
+        .collect();
+    m.insert("assets".into(), json!(assets));
+    m.insert("credits_charged".into(), json!(g.cost));
+    let end = g.end_time.unwrap_or(g.update_time);
+    if let Some(start) = g.start_time {
+        let ms = (end - start).num_milliseconds().max(0);
+        m.insert("duration_ms".into(), json!(ms));
+    }
+    m.insert("complete_time".into(), json!(rfc3339(end)));
+    serde_json::Value::Object(m)
+}
+
+pub fn failed_payload(g: &Generation, refunded: i64) -> serde_json::Value {
+    let mut m = common(g);
+    let code = g.error_code.as_deref().unwrap_or("");
+    let (public, retryable) = public_error(code);
+    let message: String = g
+        .error_message
+        .as_deref()
+        .unwrap_or("")
+        .chars()
+        .take(ERROR_MESSAGE_CHARS)
+        .collect();
+    m.insert(
+        "error".into(),
+        json!({"code": public, "message": message, "retryable": retryable}),
+    );
+    m.insert("credits_refunded".into(), json!(refunded));
+    m.insert(
+        "fail_time".into(),
+        json!(rfc3339(g.end_time.unwrap_or(g.update_time))),
+    );
+    serde_json::Value::Object(m)
+}
+
+/// The catalog's public error code of an orchestrator's (or devgate's) `UPPER_SNAKE` code,
+/// and whether trying again may work. Unknown codes are `internal`: the catalog's enum is a
+/// contract with developers, the orchestrator's codes are not.
+pub fn public_error(code: &str) -> (&'static str, bool) {
+    match code {
+        "CONTENT_POLICY" => ("content_policy", false),
+        "INVALID_INPUT" | "INVALID_ARGUMENT" => ("invalid_input", false),
+        "MODEL_UNAVAILABLE" | "UNAVAILABLE" => ("model_unavailable", true),
+        "TIMEOUT" | "DEADLINE_EXCEEDED" => ("timeout", true),
+        _ => ("internal", true),
+    }
+}
+
+/// The MIME type of a generation's outputs: the orchestrator makes the requested format.
+fn mime_type(format: &str, modality: &str) -> &'static str {
+    match format {
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "webp" => "image/webp",
+        "gif" => "image/gif",
+        "mp4" => "video/mp4",
+        "webm" => "video/webm",
+        "mov" => "video/quicktime",
+        "mp3" => "audio/mpeg",
+        "wav" => "audio/wav",
+        "ogg" => "audio/ogg",
+        "txt" => "text/plain",
+        "md" => "text/markdown",
+        "json" => "application/json",
+        _ if modality == "text" => "text/plain",
+        _ => "application/octet-stream",
+    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use chrono::Utc;
-use diesel_async::AsyncConnection;
+use diesel_async::{AsyncConnection, AsyncPgConnection};
 use prost::Message;
 use uuid::Uuid;
 
@@ -56,16 +56,16 @@ pub struct Page {
 }
 
 pub struct Generations {
-    pool: PgPool,
-    config: GenerationConfig,
-    emitter: Arc<Emitter>,
+    pub(super) pool: PgPool,
+    pub(super) config: GenerationConfig,
+    pub(super) emitter: Arc<Emitter>,
     idempotency: Idempotency,
     limiter: Arc<RateLimiter>,
     /// Portal users' quota: the tenant's overrides over its plan's.
     tenants: TenantDirectory,
     plan_quotas: PlanQuotas,
     /// Tells WatchGeneration streams on every replica that a generation changed.
-    changes: Changes,
+    pub(super) changes: Changes,
 }
 
 impl Generations {
@@ -250,7 +250,7 @@ impl Generations {
         }
     }
 
-    async fn refund_quota(&self, tenant: TenantId, counted: u64) {
+    pub(super) async fn refund_quota(&self, tenant: TenantId, counted: u64) {
         if counted > 0 {
             self.limiter
                 .quotas()
@@ -314,48 +314,15 @@ impl Generations {
                         state: current.state.as_str(),
                     });
                 }
-                let reference = id.to_string();
-                let refund_id = format!("generation-refund:{id}");
-                if current.cost > 0 && !current.refunded {
-                    credits::credit(
-                        c,
-                        &NewEntry {
-                            tenant,
-                            amount: current.cost,
-                            reason: REFUND_REASON,
-                            reference: &reference,
-                            idempotency_id: Some(&refund_id),
-                            created_by: DEVGATE,
-                        },
-                    )
-                    .await?;
-                }
-                let refunded = if current.refunded { 0 } else { current.cost };
+                let refunded = refund_credits(c, &current).await?;
                 let generation = store::cancel(c, tenant, id, Utc::now()).await?;
-                let message = orchestrator::GenerationCancel {
-                    generation_id: reference.clone(),
-                    tenant_id: tenant.to_string(),
-                    reason: CANCEL_REASON.into(),
-                };
-                let message_id = format!("cancel:{id}");
-                outbox::enqueue(
-                    c,
-                    &OutboxMessage {
-                        exchange: &self.config.jobs_exchange,
-                        routing_key: routing::CANCEL_ROUTING_KEY,
-                        body: &message.encode_to_vec(),
-                        content_type: routing::CONTENT_TYPE,
-                        message_type: Some(CANCEL_TYPE),
-                        message_id: &message_id,
-                    },
-                )
-                .await?;
+                enqueue_cancel(c, &self.config.jobs_exchange, &generation, CANCEL_REASON).await?;
                 self.emitter
                     .emit(
                         c,
                         tenant,
                         "generation.cancelled",
-                        model::cancelled_payload(&generation, &actor, refunded),
+                        model::cancelled_payload(&generation, &actor, CANCEL_REASON, refunded),
                     )
                     .await?;
                 Ok(generation)
@@ -424,6 +391,69 @@ impl Generations {
             .await
             .map_err(|e| not_found(e, id))
     }
+}
+
+/// Gives a generation's credits back, once: the row's `refunded` flag is set in the same
+/// transaction, and the ledger entry's idempotency id (`generation-refund:<id>`) makes a
+/// second refund of one generation a no-op whatever path (cancel, a FAILED or CANCELLED
+/// update, the timeout sweep) tries it. Returns the credits this call gave back.
+pub(super) async fn refund_credits(
+    c: &mut AsyncPgConnection,
+    g: &Generation,
+) -> Result<i64, GenerationError> {
+    if g.refunded || g.cost <= 0 {
+        return Ok(0);
+    }
+    let reference = g.id.to_string();
+    let refund_id = format!("generation-refund:{}", g.id);
+    let applied = credits::credit(
+        c,
+        &NewEntry {
+            tenant: g.tenant_id,
+            amount: g.cost,
+            reason: REFUND_REASON,
+            reference: &reference,
+            idempotency_id: Some(&refund_id),
+            created_by: DEVGATE,
+        },
+    )
+    .await?;
+    match applied {
+        Applied::Inserted(_) => Ok(g.cost),
+        // The ledger has it although the flag said no: nothing more to give back.
+        Applied::Existing(_) | Applied::Insufficient { .. } => {
+            tracing::warn!(generation_id = %g.id, "refund already in the ledger; not refunded twice");
+            Ok(0)
+        }
+    }
+}
+
+/// Queues a GenerationCancel for the orchestrator in the caller's transaction (a cancelled
+/// or timed-out generation: the orchestrator stops work that nobody will pay for).
+pub(super) async fn enqueue_cancel(
+    c: &mut AsyncPgConnection,
+    jobs_exchange: &str,
+    g: &Generation,
+    reason: &str,
+) -> Result<(), StoreError> {
+    let message = orchestrator::GenerationCancel {
+        generation_id: g.id.to_string(),
+        tenant_id: g.tenant_id.to_string(),
+        reason: reason.into(),
+    };
+    let message_id = format!("cancel:{}", g.id);
+    outbox::enqueue(
+        c,
+        &OutboxMessage {
+            exchange: jobs_exchange,
+            routing_key: routing::CANCEL_ROUTING_KEY,
+            body: &message.encode_to_vec(),
+            content_type: routing::CONTENT_TYPE,
+            message_type: Some(CANCEL_TYPE),
+            message_id: &message_id,
+        },
+    )
+    .await
 }
 
 /// The orchestrator's job for a generation.

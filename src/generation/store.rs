@@ -210,3 +210,91 @@ pub async fn cancel(
         .await?
         .try_into()
 }
+
+/// The generation `id` of any tenant, with the sequence of its last applied update, row-locked
+/// until the transaction ends; `None` for an unknown id. For the orchestrator's updates,
+/// which name the tenant themselves: the caller compares it.
+pub async fn lock(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+) -> Result<Option<(Generation, i64)>, StoreError> {
+    let row: Option<(GenerationRow, i64)> = generations::table
+        .filter(generations::id.eq(id))
+        .select((GenerationRow::as_select(), generations::last_sequence))
+        .for_update()
+        .first(conn)
+        .await
+        .optional()?;
+    row.map(|(row, sequence)| Generation::try_from(row).map(|g| (g, sequence)))
+        .transpose()
+}
+
+/// Up to `limit` generations still queued or running that were created before `cutoff`,
+/// oldest first, row-locked; rows another transaction holds are skipped (another worker's
+/// sweep, or an update being applied), so sweepers never wait on each other.
+pub async fn lock_timed_out(
+    conn: &mut AsyncPgConnection,
+    cutoff: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<(Generation, i64)>, StoreError> {
+    // The predicate spelled as in generations_open_idx (constants, not binds), so the
+    // planner can use that partial index.
+    generations::table
+        .filter(diesel::dsl::sql::<diesel::sql_types::Bool>(
+            "state IN ('queued', 'running')",
+        ))
+        .filter(generations::create_time.lt(cutoff))
+        .order(generations::create_time.asc())
+        .limit(limit)
+        .select((GenerationRow::as_select(), generations::last_sequence))
+        .for_update()
+        .skip_locked()
+        .load::<(GenerationRow, i64)>(conn)
+        .await?
+        .into_iter()
+        .map(|(row, sequence)| Generation::try_from(row).map(|g| (g, sequence)))
+        .collect()
+}
+
+/// Every column a state change writes; the caller computes them from the locked row.
+pub struct Change<'a> {
+    pub state: State,
+    pub progress: i32,
+    pub last_sequence: i64,
+    pub refunded: bool,
+    pub asset_ids: &'a [String],
+    pub result_urls: &'a [String],
+    pub error_code: Option<&'a str>,
+    pub error_message: Option<&'a str>,
+    pub start_time: Option<DateTime<Utc>>,
+    pub end_time: Option<DateTime<Utc>>,
+    pub now: DateTime<Utc>,
+}
+
+/// Writes `change` to generation `id` (call it on the locked row).
+pub async fn apply(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    change: &Change<'_>,
+) -> Result<Generation, StoreError> {
+    use generations::dsl as t;
+    diesel::update(generations::table)
+        .filter(t::id.eq(id))
+        .set((
+            t::state.eq(change.state.as_str()),
+            t::progress.eq(change.progress),
+            t::last_sequence.eq(change.last_sequence),
+            t::refunded.eq(change.refunded),
+            t::asset_ids.eq(change.asset_ids),
+            t::result_urls.eq(change.result_urls),
+            t::error_code.eq(change.error_code),
+            t::error_message.eq(change.error_message),
+            t::start_time.eq(change.start_time),
+            t::end_time.eq(change.end_time),
+            t::update_time.eq(change.now),
+        ))
+        .returning(GenerationRow::as_returning())
+        .get_result(conn)
+        .await?
+        .try_into()
+}

@@ -34,11 +34,11 @@ use devgate::app::Roles;
 
 use crate::harness::{envoy::Edge, *};
 
-async fn client(app: &TestApp) -> GenerationProxyClient<Channel> {
+pub(crate) async fn client(app: &TestApp) -> GenerationProxyClient<Channel> {
     GenerationProxyClient::new(channel(app.public).await)
 }
 
-fn image(count: i32) -> v1::CreateGenerationRequest {
+pub(crate) fn image(count: i32) -> v1::CreateGenerationRequest {
     v1::CreateGenerationRequest {
         kind: "image".into(),
         prompt: "a lighthouse at dusk".into(),
@@ -56,7 +56,7 @@ fn with_key<T>(mut req: tonic::Request<T>, key: &str) -> tonic::Request<T> {
     req
 }
 
-async fn grant(app: &TestApp, tenant: Uuid, amount: i64) {
+pub(crate) async fn grant(app: &TestApp, tenant: Uuid, amount: i64) {
     app.internal_usage()
         .await
         .grant_credits(internal::GrantCreditsRequest {
@@ -70,7 +70,7 @@ async fn grant(app: &TestApp, tenant: Uuid, amount: i64) {
         .expect("grant credits");
 }
 
-async fn balance(conn: &mut AsyncPgConnection, tenant: Uuid) -> i64 {
+pub(crate) async fn balance(conn: &mut AsyncPgConnection, tenant: Uuid) -> i64 {
     use devgate::db::schema::credit_balances::dsl as b;
     b::credit_balances
         .filter(b::tenant_id.eq(tenant))
@@ -81,7 +81,10 @@ async fn balance(conn: &mut AsyncPgConnection, tenant: Uuid) -> i64 {
 }
 
 /// (amount, reason, idempotency_id) of the tenant's ledger, oldest first.
-async fn ledger(conn: &mut AsyncPgConnection, tenant: Uuid) -> Vec<(i64, String, Option<String>)> {
+pub(crate) async fn ledger(
+    conn: &mut AsyncPgConnection,
+    tenant: Uuid,
+) -> Vec<(i64, String, Option<String>)> {
     use devgate::db::schema::credit_ledger::dsl as l;
     l::credit_ledger
         .filter(l::tenant_id.eq(tenant))
@@ -103,7 +106,7 @@ async fn generation_count(conn: &mut AsyncPgConnection, tenant: Uuid) -> i64 {
 }
 
 /// (type, payload) of the tenant's events, oldest first.
-async fn events(conn: &mut AsyncPgConnection, tenant: Uuid) -> Vec<(String, Value)> {
+pub(crate) async fn events(conn: &mut AsyncPgConnection, tenant: Uuid) -> Vec<(String, Value)> {
     use devgate::db::schema::events::dsl as e;
     e::events
         .filter(e::tenant_id.eq(tenant))
@@ -127,14 +130,14 @@ fn field_violations(status: &tonic::Status) -> Vec<String> {
 
 /// A queue bound to the test's jobs exchange (declared as the relay declares it), and its
 /// consumer; deleted with the returned guard's exchange at the end of the test.
-struct Jobs {
+pub(crate) struct Jobs {
     channel: lapin::Channel,
     consumer: lapin::Consumer,
     exchange: String,
 }
 
 impl Jobs {
-    async fn bind(app: &TestApp) -> Jobs {
+    pub(crate) async fn bind(app: &TestApp) -> Jobs {
         let mq = app.mq();
         let exchange = routing::default_jobs_exchange(&mq.config().prefix);
         let channel = mq.channel().await.expect("RabbitMQ at 127.0.0.1:5672");
@@ -192,7 +195,7 @@ impl Jobs {
     }
 
     /// The next message: (routing key, type, message id, body).
-    async fn next(&mut self) -> (String, String, String, Vec<u8>) {
+    pub(crate) async fn next(&mut self) -> (String, String, String, Vec<u8>) {
         let delivery = tokio::time::timeout(Duration::from_secs(30), self.consumer.next())
             .await
             .expect("a message within 30 s")
@@ -214,7 +217,7 @@ impl Jobs {
         )
     }
 
-    async fn delete(self) {
+    pub(crate) async fn delete(self) {
         let _ = self
             .channel
             .exchange_delete(

@@ -15,6 +15,8 @@ mod credits;
 mod edge;
 mod events;
 mod faults;
+mod generation_faults;
+mod generation_updates;
 mod generations;
 mod grpcurl;
 mod health;
