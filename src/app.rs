@@ -37,7 +37,10 @@ use crate::{
         usage::UsageLayer,
     },
     events::{emitter::Emitter, relay::Relay},
-    generation::{grpc::GenerationGrpc, service::Generations, watch::Changes},
+    generation::{
+        directory::Directory, grpc::GenerationGrpc, service::Generations, upstream::UpstreamReads,
+        watch::Changes,
+    },
     health::ServiceHealth,
     idempotency::Idempotency,
     kv::Redis,
@@ -83,6 +86,9 @@ struct Services {
     request_log: RequestLog,
     webhooks: Arc<Webhooks>,
     generations: Arc<Generations>,
+    /// Asset, user and team reads through the upstream clients (one breaker per upstream
+    /// for the whole process).
+    directory: Arc<Directory>,
     /// Idempotency-Key of every create RPC; the worker sweeps its expired keys.
     idempotency: Idempotency,
 }
@@ -213,6 +219,7 @@ impl Application {
             (tenants.clone(), config.rate_limits.quotas),
             Changes::new(redis.clone()),
         ));
+        let directory = Arc::new(Directory::new(UpstreamReads::new(&config.upstream)));
         let credits = CreditsGrpc::new(credits, tenants);
         // One shared task publisher: the RPCs (retry, recover) and the worker's retries.
         let tasks = TaskQueue::new(mq.clone());
@@ -285,6 +292,7 @@ impl Application {
                 request_log,
                 webhooks,
                 generations,
+                directory,
                 idempotency,
             },
             authenticator,
@@ -686,6 +694,7 @@ async fn serve(
             .add_service(WebhookServiceServer::new(webhooks))
             .add_service(GenerationProxyServer::new(GenerationGrpc::new(
                 services.generations,
+                services.directory,
             )))
     } else {
         router
