@@ -45,6 +45,8 @@ tenant=$(python3 -c 'import uuid; print(uuid.uuid4())')
 psql "$url" -qc "INSERT INTO tenants (id) VALUES ('$tenant');
                  INSERT INTO credit_balances (tenant_id, balance) VALUES ('$tenant', 1000000000)"
 
+# pgbench reads `:name` as a variable even inside string literals, so values with a colon
+# (the actor) are variables (-D) too.
 # A UUIDv7 made by the server (devgate makes its ids v7 client-side: ids in time order).
 v7="encode(set_bit(set_bit(overlay(uuid_send(gen_random_uuid())
         placing substring(int8send((extract(epoch FROM clock_timestamp()) * 1000)::bigint) FROM 3)
@@ -79,7 +81,7 @@ RETURNING balance AS balance_after
 INSERT INTO credit_ledger (tenant_id, amount, reason, reference, idempotency_id, balance_after,
                            created_by, create_time)
 VALUES (:tenant, -10, 'generation', :gid, 'generation:' || :gid, :balance_after,
-        'api_key:LoadgenKey01', clock_timestamp())
+        :actor, clock_timestamp())
 ON CONFLICT (tenant_id, idempotency_id) DO NOTHING
 RETURNING id, tenant_id, amount, reason, reference, idempotency_id, balance_after, create_time, created_by;
 RELEASE SAVEPOINT diesel_savepoint_1;
@@ -87,7 +89,7 @@ RELEASE SAVEPOINT diesel_savepoint_1;
 INSERT INTO generations (id, tenant_id, kind, prompt, output_format, style, count, project_id,
                          metadata, state, cost, created_by, create_time, update_time)
 VALUES (:gid::uuid, :tenant, 'image', 'a lighthouse at dusk, loadgen', 'png', '{}', 1, '', '{}',
-        'queued', 10, 'api_key:LoadgenKey01', now(), now())
+        'queued', 10, :actor, now(), now())
 RETURNING *;
 -- events::outbox::enqueue: the orchestrator's job.
 INSERT INTO outbox (exchange, routing_key, body, content_type, message_type, message_id)
@@ -99,7 +101,7 @@ INSERT INTO tenants (id) VALUES (:tenant) ON CONFLICT DO NOTHING;
 WITH ins AS (
     INSERT INTO events (id, tenant_id, event_type, payload, idempotency_id, source, endpoint_id)
     VALUES ($v7, :tenant, 'generation.queued',
-            jsonb_build_object('generation_id', :gid, 'model', 'image', 'modality', 'image',
+            jsonb_build_object('generation_id', :gid::text, 'model', 'image', 'modality', 'image',
                                'api_key_id', 'LoadgenKey01', 'metadata', '{}'::jsonb,
                                'prompt_excerpt', 'a lighthouse at dusk, loadgen',
                                'credits_charged', 10, 'queue_time', now()),
@@ -120,6 +122,7 @@ SQL
 # Two pgbench threads (the machine's cores); every client its own connection, like a pool
 # of `--concurrency` (devgate's default pool is 16 per process: the baseline is the limit).
 out=$(pgbench -n -M prepared -c "$concurrency" -j 2 -T "$seconds" -D tenant="$tenant" \
+    -D actor=api_key:LoadgenKey01 \
     -f "$dir/create.sql" "$url" 2>"$dir/stderr") || { cat "$dir/stderr" >&2; echo "$out" >&2; exit 1; }
 failed=$(echo "$out" | sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p')
 if [ -n "$failed" ] && [ "$failed" != 0 ]; then
@@ -130,5 +133,14 @@ fi
 tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p')
 latency=$(echo "$out" | sed -n 's/^latency average = \([0-9.]*\) ms/\1/p')
 [ -n "$tps" ] || { echo "$out" >&2; echo "no tps in pgbench's output" >&2; exit 1; }
-created=$(psql "$url" -Atc "SELECT count(*) FROM generations")
+# Every committed create wrote all of it: one ledger entry, one event, two outbox rows and a
+# completed key per generation.
+read -r created entries events queued keys < <(psql "$url" -AtF ' ' -c "
+    SELECT (SELECT count(*) FROM generations), (SELECT count(*) FROM credit_ledger),
+           (SELECT count(*) FROM events), (SELECT count(*) FROM outbox),
+           (SELECT count(*) FROM idempotency_keys WHERE state = 'completed')")
+if [ "$entries" != "$created" ] || [ "$events" != "$created" ] || [ "$queued" != $((2 * created)) ] || [ "$keys" != "$created" ]; then
+    echo "inconsistent: $created generations, $entries ledger entries, $events events, $queued outbox rows, $keys keys" >&2
+    exit 1
+fi
 echo "{\"tps\":$tps,\"latency_avg_ms\":${latency:-null},\"generations\":$created,\"concurrency\":$concurrency,\"seconds\":$seconds}"
