@@ -2,8 +2,9 @@
 //! GetUser, GetTeam, ListTeamMembers) against the upstream simulator as a real process, over
 //! gRPC and as REST through Envoy: devgate's own messages, paging, tenant isolation (another
 //! tenant's ids answer 404 like unknown ones), scopes (403), validation (400 naming the
-//! fields, before any upstream call), and a stopped upstream: 503 within the deadline, the
-//! breaker failing fast, recovery once the simulator is back.
+//! fields, before any upstream call), a slow upstream (503 at the deadline) and a stopped
+//! one: 503 within the deadline, the breaker failing fast, recovery once the simulator is
+//! back.
 
 use std::{
     collections::BTreeSet,
@@ -631,4 +632,44 @@ async fn directory_upstream_stopped_is_503_in_time_breaker_fails_fast_then_recov
         .unwrap()
         .into_inner();
     assert_eq!(user.id, seed.users["alice"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directory_slow_upstream_is_unavailable_at_the_deadline_over_grpc_and_rest() {
+    let tenant = Uuid::new_v4();
+    // Every answer of the simulator waits 10 s: far past devgate's deadline.
+    let sim = UpstreamSim::start(&sim_prefix(), &[tenant], &["--rpc-delay", "10s"]).await;
+    let seed = sim.tenant(tenant).clone();
+    let timeout = Duration::from_millis(500);
+    let e = Edge::on(
+        World::with_roles(Roles::API, |s| {
+            upstream(s, &sim).set("DEVGATE_UPSTREAM_TIMEOUT", "500ms")
+        })
+        .await,
+    )
+    .await;
+    let (_, key) = create_key(&e.world.app, tenant, READ_SCOPES).await;
+    let mut c = client(&e.world.app).await;
+
+    let started = Instant::now();
+    let status = c
+        .get_team(api_key(
+            v1::GetTeamRequest {
+                id: seed.teams["design"].clone(),
+            },
+            &key,
+        ))
+        .await
+        .unwrap_err();
+    let elapsed = started.elapsed();
+    assert_refused(&status, Code::Unavailable, "UPSTREAM_DEADLINE_EXCEEDED");
+    assert!(status.get_error_details().retry_info().is_some());
+    assert!(elapsed < timeout + MARGIN, "no hang: {elapsed:?}");
+
+    let started = Instant::now();
+    let (status, headers, body) = rest(&e, &format!("/v1/assets/{}", seed.assets[0]), &key).await;
+    let elapsed = started.elapsed();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(headers["retry-after"], "1");
+    assert!(elapsed < timeout + MARGIN, "no hang: {elapsed:?}");
 }
