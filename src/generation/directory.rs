@@ -194,7 +194,9 @@ impl Directory {
                 "issued for another team: keep the team of the first page",
             );
         }
-        let team = v.into_result(team)?.expect("no violation: the id parsed");
+        let team = v
+            .into_result(team)?
+            .ok_or_else(|| Violations::one("team_id", "a team id is a UUID"))?;
         let upstream_token = cursor.map(|c| c.upstream).unwrap_or_default();
         let page = self
             .reads
