@@ -37,10 +37,7 @@ use crate::{
         usage::UsageLayer,
     },
     events::{emitter::Emitter, relay::Relay},
-    generation::{
-        directory::Directory, grpc::GenerationGrpc, service::Generations, upstream::UpstreamReads,
-        watch::Changes,
-    },
+    generation::{grpc::GenerationGrpc, service::Generations, watch::Changes},
     health::ServiceHealth,
     idempotency::Idempotency,
     kv::Redis,
@@ -75,6 +72,8 @@ use crate::{
         ssrf::{ClientTimeouts, GuardedClient, Policy},
     },
 };
+// The generation proxy's asset, user and team reads.
+use crate::generation::{directory::Directory, upstream::UpstreamReads};
 
 /// The feature services both listeners serve (cheap to clone).
 #[derive(Clone)]

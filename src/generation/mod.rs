@@ -1,7 +1,7 @@
 //! The generation proxy (issue 8): creative-AI generations charged in credits when created
 //! and handed to the platform's AI orchestrator over RabbitMQ through the outbox
 //! ([`service`], [`grpc`] for `devgate.v1.GenerationProxy`), and reads of the platform's
-//! Asset and User/Team services ([`upstream`] clients, [`directory`] behind the RPCs).
+//! Asset and User/Team services ([`upstream`]).
 
 pub mod config;
 pub mod directory;
