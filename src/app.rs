@@ -74,6 +74,8 @@ use crate::{
         ssrf::{ClientTimeouts, GuardedClient, Policy},
     },
 };
+// The generation proxy's asset, user and team reads.
+use crate::generation::{directory::Directory, upstream::UpstreamReads};
 
 /// The feature services both listeners serve (cheap to clone).
 #[derive(Clone)]
@@ -85,6 +87,9 @@ struct Services {
     request_log: RequestLog,
     webhooks: Arc<Webhooks>,
     generations: Arc<Generations>,
+    /// Asset, user and team reads through the upstream clients (one breaker per upstream
+    /// for the whole process).
+    directory: Arc<Directory>,
     /// Idempotency-Key of every create RPC; the worker sweeps its expired keys.
     idempotency: Idempotency,
 }
@@ -215,6 +220,7 @@ impl Application {
             (tenants.clone(), config.rate_limits.quotas),
             Changes::new(redis.clone()),
         ));
+        let directory = Arc::new(Directory::new(UpstreamReads::new(&config.upstream)));
         let credits = CreditsGrpc::new(credits, tenants);
         // One shared task publisher: the RPCs (retry, recover) and the worker's retries.
         let tasks = TaskQueue::new(mq.clone());
@@ -287,6 +293,7 @@ impl Application {
                 request_log,
                 webhooks,
                 generations,
+                directory,
                 idempotency,
             },
             authenticator,
@@ -707,6 +714,7 @@ async fn serve(
             .add_service(WebhookServiceServer::new(webhooks))
             .add_service(GenerationProxyServer::new(GenerationGrpc::new(
                 services.generations,
+                services.directory,
             )))
     } else {
         router

@@ -364,6 +364,16 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "Deadline of every call to the Asset and User/Team services, retries on UNAVAILABLE included: a stopped or black-holed service answers UNAVAILABLE within it.",
     ),
     (
+        "DEVGATE_UPSTREAM_BREAKER_FAILURES",
+        "5",
+        "Consecutive failed calls (UNAVAILABLE or past the deadline) that open an upstream's circuit breaker (1 to 1000); one breaker per upstream service and process.",
+    ),
+    (
+        "DEVGATE_UPSTREAM_BREAKER_COOLDOWN",
+        "10s",
+        "How long an open breaker answers UNAVAILABLE at once (RetryInfo: the rest of it) before one probe call may try the upstream again.",
+    ),
+    (
         "DEVGATE_SHUTDOWN_GRACE",
         "30s",
         "On SIGINT/SIGTERM, how long in-flight calls may take to finish.",
@@ -620,13 +630,25 @@ impl Config {
                 .map(|v| parse_endpoint(&v).map_err(|e| env.invalid(name, &v, &e)))
                 .transpose()
         };
-        let upstream = UpstreamConfig::new(
+        let mut upstream = UpstreamConfig::new(
             endpoint("DEVGATE_ASSET_SERVICE_ADDR")?,
             endpoint("DEVGATE_USER_TEAM_SERVICE_ADDR")?,
             env.duration("DEVGATE_UPSTREAM_TIMEOUT")?,
         );
         if upstream.timeout.is_zero() {
             return Err(env.invalid("DEVGATE_UPSTREAM_TIMEOUT", "0", "must be positive"));
+        }
+        upstream.breaker_failures = env.parse("DEVGATE_UPSTREAM_BREAKER_FAILURES")?;
+        if !(1..=1000).contains(&upstream.breaker_failures) {
+            return Err(env.invalid(
+                "DEVGATE_UPSTREAM_BREAKER_FAILURES",
+                &upstream.breaker_failures.to_string(),
+                "expected 1 to 1000",
+            ));
+        }
+        upstream.breaker_cooldown = env.duration("DEVGATE_UPSTREAM_BREAKER_COOLDOWN")?;
+        if upstream.breaker_cooldown.is_zero() {
+            return Err(env.invalid("DEVGATE_UPSTREAM_BREAKER_COOLDOWN", "0", "must be positive"));
         }
         let kinds = KindCatalog::new(
             env.parse::<Prices>("DEVGATE_GENERATION_PRICES")?,
@@ -827,6 +849,8 @@ mod tests {
         assert_eq!(c.webhook_security.allowed_cidrs, Default::default());
         assert_eq!(c.upstream.timeout, Duration::from_secs(2));
         assert!(c.upstream.asset_service.is_none());
+        assert_eq!(c.upstream.breaker_failures, 5);
+        assert_eq!(c.upstream.breaker_cooldown, Duration::from_secs(10));
         assert_eq!(c.generation.kinds.get("image_hd").unwrap().price, 25);
         assert_eq!(c.generation.jobs_exchange, "devgate.generation.jobs");
         assert_eq!(c.generation.timeout, Duration::from_secs(900));
@@ -870,6 +894,10 @@ mod tests {
         assert_eq!(err.variable, "DEVGATE_ASSET_SERVICE_ADDR");
         let err = config(&[("DEVGATE_UPSTREAM_TIMEOUT", "0s")]).unwrap_err();
         assert_eq!(err.variable, "DEVGATE_UPSTREAM_TIMEOUT");
+        let err = config(&[("DEVGATE_UPSTREAM_BREAKER_FAILURES", "0")]).unwrap_err();
+        assert_eq!(err.variable, "DEVGATE_UPSTREAM_BREAKER_FAILURES");
+        let err = config(&[("DEVGATE_UPSTREAM_BREAKER_COOLDOWN", "0s")]).unwrap_err();
+        assert_eq!(err.variable, "DEVGATE_UPSTREAM_BREAKER_COOLDOWN");
         let c = config(&[("DEVGATE_USER_TEAM_SERVICE_ADDR", "127.0.0.1:50062")]).unwrap();
         assert_eq!(
             c.upstream.user_team_service.unwrap().to_string(),

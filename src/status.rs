@@ -15,6 +15,7 @@ use crate::{
     db::StoreError,
     events::EventError,
     generation::GenerationError,
+    generation::directory::DirectoryError,
     generation::upstream::UpstreamError,
     idempotency::{self, IdempotencyError},
     mq::MqError,
@@ -456,6 +457,16 @@ impl From<UpstreamError> for Status {
             e @ (UpstreamError::Unexpected { .. } | UpstreamError::BadAnswer { .. }) => {
                 internal(&e)
             }
+        }
+    }
+}
+
+impl From<DirectoryError> for Status {
+    fn from(e: DirectoryError) -> Self {
+        match e {
+            DirectoryError::Invalid(v) => bad_request(&v),
+            DirectoryError::Auth(a) => a.into(),
+            DirectoryError::Upstream(u) => u.into(),
         }
     }
 }

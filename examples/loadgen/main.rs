@@ -1,5 +1,6 @@
 //! Load generator for the API-key hot path (`ApiKeyService/VerifyApiKey` on the internal
-//! listener) and the webhook pipeline, run against a local stack (`deploy/local/run.sh`):
+//! listener), the webhook pipeline and generation creates, run against a local stack
+//! (`deploy/local/run.sh`):
 //!
 //! ```text
 //! cargo run --release --example loadgen -- verify --concurrency 64 --seconds 10
@@ -9,6 +10,7 @@
 //! cargo run --release --example loadgen -- webhooks --events 20000 --endpoints 10
 //! cargo run --release --example loadgen -- webhooks --rate 1000 --seconds 20
 //! cargo run --release --example loadgen -- rabbitmq    # the ceiling of `webhooks`
+//! cargo run --release --example loadgen -- generate --concurrency 64 --seconds 10
 //! ```
 //!
 //! `webhooks` and `rabbitmq` are described in their modules ([`webhooks`], [`rabbitmq`]);
@@ -41,6 +43,14 @@
 //! * `argon2`: the baseline of `verify-cold`: argon2id verifications through the server's
 //!   own hasher (default parameters, one blocking thread per CPU) in this process; needs no
 //!   stack.
+//! * `generate`: `GenerationProxy/CreateGeneration` on the public listener with one API key
+//!   (scopes `*`), a fresh `Idempotency-Key` per call, one `image` (`png`) each: the whole
+//!   create transaction (idempotency record, credit debit and ledger entry, generation row,
+//!   outbox job and `generation.queued` event). Setup puts the tenant on a plan no run can
+//!   exhaust (SetPlan) and grants it [`GENERATE_CREDITS`] credits (GrantCredits), so no
+//!   call is refused for credits or quota; an error is any call that did not create a
+//!   generation. Baseline: `benches/pg_generation_baseline.sh` (pgbench running the same
+//!   SQL transaction at the same concurrency).
 //!
 //! The callers share a few HTTP/2 connections (`--channels`, default
 //! [`DEFAULT_CHANNELS`]; tonic multiplexes the calls of one channel over one connection).
@@ -86,13 +96,14 @@ use clap::{Parser, Subcommand};
 use devgate::api_keys::hashing::SecretHasher;
 use devgate::proto::{
     internal::v1::{
-        SetPlanRequest, VerifyApiKeyRequest,
+        GrantCreditsRequest, SetPlanRequest, VerifyApiKeyRequest,
         api_key_service_client::ApiKeyServiceClient as InternalKeyClient,
         usage_service_client::UsageServiceClient,
     },
     v1::{
-        CreateApiKeyRequest, Environment, Plan, Quotas, RateLimits,
+        CreateApiKeyRequest, CreateGenerationRequest, Environment, Plan, Quotas, RateLimits,
         api_key_service_client::ApiKeyServiceClient,
+        generation_proxy_client::GenerationProxyClient,
     },
 };
 use futures_util::{StreamExt, TryStreamExt, stream};
@@ -117,6 +128,12 @@ const REQUIRED_SCOPE: &str = "usage:read";
 /// 2 to 8 ~20-21k rps (4 the best by a hair), 16 ~16k, 64 ~11k; so a fixed few, not one
 /// per N callers.
 const DEFAULT_CHANNELS: usize = 4;
+/// Credits granted before `generate`: 10⁸ image generations at the default price of 10, far
+/// more than any run makes, and within one ledger entry's bound.
+const GENERATE_CREDITS: i64 = 1_000_000_000;
+/// What each `generate` call asks for: the default catalog's `image`, one `png`.
+const GENERATE_KIND: &str = "image";
+const GENERATE_FORMAT: &str = "png";
 /// `CreateApiKey` calls in flight while preparing `verify-cold`.
 const CREATE_CONCURRENCY: usize = 16;
 /// A call that takes longer than this counts as an error (and cannot stall the run).
@@ -130,7 +147,7 @@ const STACK_HINT: &str = "is the stack running? start deploy/local/run.sh";
 #[derive(Parser)]
 #[command(
     name = "loadgen",
-    about = "Load generator for devgate's API-key hot path (VerifyApiKey) and webhook pipeline"
+    about = "Load generator for devgate's API-key hot path (VerifyApiKey), webhook pipeline and CreateGeneration"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -198,6 +215,10 @@ enum Scenario {
         #[arg(long, default_value_t = 500)]
         batch: u16,
     },
+    /// Closed-loop CreateGeneration on the public listener with one key, a fresh
+    /// Idempotency-Key per call; credits granted first. Baseline:
+    /// benches/pg_generation_baseline.sh.
+    Generate,
 }
 
 impl Scenario {
@@ -210,6 +231,7 @@ impl Scenario {
             Scenario::Argon2 => "argon2",
             Scenario::Webhooks { .. } => "webhooks",
             Scenario::Rabbitmq { .. } => "rabbitmq",
+            Scenario::Generate => "generate",
         }
     }
 }
@@ -225,7 +247,7 @@ struct Opts {
     /// HTTP/2 connections the callers share [default: 4, at most --concurrency].
     #[arg(long, global = true)]
     channels: Option<usize>,
-    /// devgate's public gRPC listener (key creation).
+    /// devgate's public gRPC listener (key creation, CreateGeneration).
     #[arg(long, global = true, default_value = "http://127.0.0.1:50051")]
     public: String,
     /// devgate's internal gRPC listener (VerifyApiKey).
@@ -431,8 +453,10 @@ async fn run_scenario(
     opts: &Opts,
     channels: usize,
 ) -> anyhow::Result<(Tally, Duration)> {
-    if let Scenario::Argon2 = scenario {
-        return argon2_baseline(opts).await;
+    match scenario {
+        Scenario::Argon2 => return argon2_baseline(opts).await,
+        Scenario::Generate => return generate(opts, channels).await,
+        _ => {}
     }
     let mut internal = Vec::with_capacity(channels);
     for _ in 0..channels {
@@ -468,7 +492,7 @@ async fn run_scenario(
             let (admin, bearer, _) = admin(opts).await?;
             create_keys(&admin, &bearer, keys).await?
         }
-        Scenario::Health | Scenario::Argon2 => Vec::new(),
+        Scenario::Health | Scenario::Argon2 | Scenario::Generate => Vec::new(),
         Scenario::Webhooks { .. } | Scenario::Rabbitmq { .. } => unreachable!("handled in run"),
     };
     let start = Instant::now();
@@ -506,11 +530,87 @@ async fn run_scenario(
             })
             .await?
         }
-        Scenario::Argon2 | Scenario::Webhooks { .. } | Scenario::Rabbitmq { .. } => {
+        Scenario::Argon2
+        | Scenario::Generate
+        | Scenario::Webhooks { .. }
+        | Scenario::Rabbitmq { .. } => {
             unreachable!("handled above")
         }
     };
     Ok((tally, start.elapsed()))
+}
+
+/// `generate`: the tenant on an unlimited plan with credits for the whole run, one key, then
+/// `--concurrency` callers creating generations on the public listener.
+async fn generate(opts: &Opts, channels: usize) -> anyhow::Result<(Tally, Duration)> {
+    let internal = connect(&opts.internal, "internal").await?;
+    let auth = service_auth(&opts.env_file)?;
+    let (mut admin, bearer, tenant) = admin(opts).await?;
+    unlimited_plan(internal.clone(), auth.clone(), tenant).await?;
+    UsageServiceClient::with_interceptor(internal, auth)
+        .grant_credits(GrantCreditsRequest {
+            tenant_id: tenant.to_string(),
+            amount: GENERATE_CREDITS,
+            reason: "loadgen generate".into(),
+            idempotency_id: format!("loadgen-generate-{tenant}"),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| anyhow!("GrantCredits failed: {}", Status(&s)))?;
+    let token: MetadataValue<tonic::metadata::Ascii> = create_key(&mut admin, &bearer)
+        .await?
+        .parse()
+        .context("the key is not a valid metadata value")?;
+    let mut public = Vec::with_capacity(channels);
+    for _ in 0..channels {
+        public.push(connect(&opts.public, "public").await?);
+    }
+    // One call outside the measurement: a stack that cannot create fails here, clearly.
+    create_generation(GenerationProxyClient::new(public[0].clone()), token.clone())
+        .await
+        .map_err(|e| anyhow!("warm-up CreateGeneration failed: {e}"))?;
+    let start = Instant::now();
+    let run = Arc::new(Run {
+        channels: public,
+        concurrency: opts.concurrency,
+        deadline: start + Duration::from_secs(opts.seconds),
+    });
+    let tally = spawn_callers(&run, |channel| {
+        let (client, token) = (GenerationProxyClient::new(channel), token.clone());
+        move || Some(create_generation(client.clone(), token.clone()))
+    })
+    .await?;
+    Ok((tally, start.elapsed()))
+}
+
+/// One CreateGeneration with a fresh Idempotency-Key; `Err` unless it created one.
+async fn create_generation(
+    mut client: GenerationProxyClient<Channel>,
+    key: MetadataValue<tonic::metadata::Ascii>,
+) -> Result<(), String> {
+    let mut request = tonic::Request::new(CreateGenerationRequest {
+        kind: GENERATE_KIND.into(),
+        prompt: "a lighthouse at dusk, loadgen".into(),
+        output_format: GENERATE_FORMAT.into(),
+        count: 1,
+        ..Default::default()
+    });
+    let idempotency_key = Uuid::new_v4().simple().to_string();
+    request.metadata_mut().insert("x-api-key", key);
+    request.metadata_mut().insert(
+        "idempotency-key",
+        idempotency_key.parse().expect("hex is ASCII"),
+    );
+    match client.create_generation(request).await {
+        Ok(response) if response.metadata().get("idempotent-replayed").is_some() => {
+            Err("a fresh key was answered as a replay".to_string())
+        }
+        Ok(response) if response.get_ref().id.is_empty() => {
+            Err("answered without a generation id".to_string())
+        }
+        Ok(_) => Ok(()),
+        Err(status) => Err(Status(&status).to_string()),
+    }
 }
 
 /// Puts the tenant on a plan so large (SetPlan, internal) that no call is ever refused: the

@@ -1,5 +1,6 @@
 //! The tonic implementation of `devgate.v1.GenerationProxy`: authorize, validate and
-//! convert, call the service, convert back. No rules live here.
+//! convert, call the service (or the directory, for assets, users and teams), convert back.
+//! No rules live here; upstream messages never leave this file as they are.
 
 use std::{pin::Pin, sync::Arc};
 
@@ -9,6 +10,7 @@ use uuid::Uuid;
 
 use super::{
     GenerationError,
+    directory::{Caller, Directory},
     model::{self, Generation, State},
     service::{Created, Generations},
     store::GenerationFilter,
@@ -20,6 +22,7 @@ use crate::{
     pagination,
     proto::{
         convert::{opt_timestamp, timestamp},
+        upstream::{assets::v1 as assets, users::v1 as users},
         v1::{self, generation_proxy_server::GenerationProxy},
     },
     validation::Violations,
@@ -32,11 +35,16 @@ const GENERATION_ID: &str = "not a generation id (a UUID)";
 
 pub struct GenerationGrpc {
     generations: Arc<Generations>,
+    /// The asset, user and team reads (the platform's services, through devgate's clients).
+    directory: Arc<Directory>,
 }
 
 impl GenerationGrpc {
-    pub fn new(generations: Arc<Generations>) -> Self {
-        Self { generations }
+    pub fn new(generations: Arc<Generations>, directory: Arc<Directory>) -> Self {
+        Self {
+            generations,
+            directory,
+        }
     }
 }
 
@@ -159,6 +167,105 @@ impl GenerationProxy for GenerationGrpc {
         let stream = tokio_stream::wrappers::ReceiverStream::new(changes)
             .map(|change| change.map(|g| to_proto(&g)).map_err(Status::from));
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get_asset(&self, req: Request<v1::GetAssetRequest>) -> RpcResult<v1::Asset> {
+        let caller = caller(&req, Scope::AssetsRead)?;
+        let asset = self.directory.get_asset(&caller, &req.get_ref().id).await?;
+        Ok(Response::new(asset_to_proto(asset)))
+    }
+
+    async fn list_assets(
+        &self,
+        req: Request<v1::ListAssetsRequest>,
+    ) -> RpcResult<v1::ListAssetsResponse> {
+        let caller = caller(&req, Scope::AssetsRead)?;
+        let r = req.get_ref();
+        let page = self
+            .directory
+            .list_assets(&caller, &r.project_id, r.page_size, &r.page_token)
+            .await?;
+        Ok(Response::new(v1::ListAssetsResponse {
+            assets: page.items.into_iter().map(asset_to_proto).collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn get_user(&self, req: Request<v1::GetUserRequest>) -> RpcResult<v1::User> {
+        let caller = caller(&req, Scope::UsersRead)?;
+        let user = self.directory.get_user(&caller, &req.get_ref().id).await?;
+        Ok(Response::new(v1::User {
+            id: user.id,
+            display_name: user.display_name,
+            email: user.email,
+            create_time: user.create_time,
+        }))
+    }
+
+    async fn get_team(&self, req: Request<v1::GetTeamRequest>) -> RpcResult<v1::Team> {
+        let caller = caller(&req, Scope::TeamsRead)?;
+        let team = self.directory.get_team(&caller, &req.get_ref().id).await?;
+        Ok(Response::new(team_to_proto(team)))
+    }
+
+    async fn list_team_members(
+        &self,
+        req: Request<v1::ListTeamMembersRequest>,
+    ) -> RpcResult<v1::ListTeamMembersResponse> {
+        let caller = caller(&req, Scope::TeamsRead)?;
+        let r = req.get_ref();
+        let page = self
+            .directory
+            .list_team_members(&caller, &r.team_id, r.page_size, &r.page_token)
+            .await?;
+        Ok(Response::new(v1::ListTeamMembersResponse {
+            members: page
+                .items
+                .into_iter()
+                .map(|m| v1::TeamMember {
+                    user_id: m.user_id,
+                    role: m.role,
+                    join_time: m.join_time,
+                })
+                .collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+}
+
+/// The caller of a directory read once it holds `scope`, with the request id the upstream
+/// call passes on (set by the request-id layer on every call).
+fn caller<T>(req: &Request<T>, scope: Scope) -> Result<Caller<'_>, Status> {
+    let principal = principal(req)?;
+    let request_id = req
+        .metadata()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    Ok(Caller::new(principal, scope, request_id)?)
+}
+
+/// devgate's Asset: the upstream's without its tenant (always the caller's).
+fn asset_to_proto(a: assets::Asset) -> v1::Asset {
+    v1::Asset {
+        id: a.id,
+        project_id: a.project_id,
+        kind: a.kind,
+        media_type: a.media_type,
+        url: a.url,
+        size_bytes: i64::try_from(a.size_bytes).unwrap_or(i64::MAX),
+        generation_id: a.generation_id,
+        created_by: a.created_by,
+        create_time: a.create_time,
+    }
+}
+
+fn team_to_proto(t: users::Team) -> v1::Team {
+    v1::Team {
+        id: t.id,
+        name: t.name,
+        member_count: i32::try_from(t.member_count).unwrap_or(i32::MAX),
+        create_time: t.create_time,
     }
 }
 

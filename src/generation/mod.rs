@@ -5,6 +5,7 @@
 //! progress and results ([`updates`]) and fails what never ends ([`sweep`]).
 
 pub mod config;
+pub mod directory;
 pub mod grpc;
 pub mod model;
 pub mod service;

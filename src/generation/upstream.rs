@@ -60,8 +60,9 @@ pub const DEFAULT_BREAKER_FAILURES: u32 = 5;
 /// How long an open breaker fails calls fast before it lets one probe through.
 pub const DEFAULT_BREAKER_COOLDOWN: Duration = Duration::from_secs(10);
 
-/// The `DEVGATE_ASSET_SERVICE_ADDR`, `DEVGATE_USER_TEAM_SERVICE_ADDR` and
-/// `DEVGATE_UPSTREAM_TIMEOUT` section, composed by `crate::config`.
+/// The `DEVGATE_ASSET_SERVICE_ADDR`, `DEVGATE_USER_TEAM_SERVICE_ADDR`,
+/// `DEVGATE_UPSTREAM_TIMEOUT` and `DEVGATE_UPSTREAM_BREAKER_*` section, composed by
+/// `crate::config`.
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
     /// `None`: not configured; the asset reads answer UNAVAILABLE.

@@ -12,6 +12,7 @@ mod catalog;
 mod ceiling;
 mod cluster;
 mod credits;
+mod directory;
 mod edge;
 mod events;
 mod faults;
