@@ -4,14 +4,14 @@
 # src/credits/store.rs debit, src/generation/store.rs insert, src/events/outbox.rs enqueue and
 # append; the order of src/generation/service.rs `create`), prepared, at the same concurrency,
 # for one tenant (the loadgen's `generate` uses one tenant too, so both contend on its balance
-# row), on a scratch database created from the migrated test template and dropped at the end.
+# row), on a scratch database migrated by devgate itself and dropped at the end.
 # Prints one JSON line: {"tps":…,"latency_avg_ms":…,"concurrency":…,"seconds":…}; one pgbench
 # transaction is one whole create.
 #
 #   benches/pg_generation_baseline.sh [--concurrency 64] [--seconds 10]
 #
 # Compare with `cargo run --release --example loadgen -- generate --concurrency 64 --seconds 10`.
-# Needs the test template (run any integration test once), psql and pgbench.
+# Needs a release build of devgate (for its migrations), psql and pgbench.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -28,8 +28,8 @@ while [ $# -gt 0 ]; do
 done
 command -v pgbench >/dev/null || { echo "pgbench is missing (Debian: postgresql-client)" >&2; exit 1; }
 
-template=$(psql "$admin" -Atc "SELECT datname FROM pg_database WHERE datname LIKE 'devgate_tmpl_%' ORDER BY datname DESC LIMIT 1")
-[ -n "$template" ] || { echo "no devgate_tmpl_* database: run an integration test first" >&2; exit 1; }
+devgate=${DEVGATE_BIN:-target/release/devgate}
+[ -x "$devgate" ] || { echo "$devgate is missing: cargo build --release (or set DEVGATE_BIN)" >&2; exit 1; }
 db="devgate_bench_generation_$$"
 dir=$(mktemp -d)
 cleanup() {
@@ -37,8 +37,10 @@ cleanup() {
     rm -rf "$dir"
 }
 trap cleanup EXIT
-psql "$admin" -qc "CREATE DATABASE $db TEMPLATE $template"
+psql "$admin" -qc "CREATE DATABASE $db"
 url="$base/$db"
+# The schema exactly as devgate migrates it (its embedded migrations).
+DEVGATE_DATABASE_URL="$url" "$devgate" --env-file deploy/local/devgate.env migrate >/dev/null
 
 # The loadgen's tenant: a row, and credits for far more creates than any run makes.
 tenant=$(python3 -c 'import uuid; print(uuid.uuid4())')

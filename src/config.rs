@@ -310,8 +310,8 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ),
     (
         "DEVGATE_WEBHOOK_CONCURRENCY",
-        "64",
-        "Webhook deliveries in flight per worker process (also its RabbitMQ prefetch).",
+        "256",
+        "Webhook deliveries in flight per worker process (also its RabbitMQ prefetch). Most of a delivery is waiting for the endpoint, so this is high; their database writes are grouped, not one connection each.",
     ),
     (
         "DEVGATE_WEBHOOK_TIMEOUT",
