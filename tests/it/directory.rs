@@ -53,17 +53,6 @@ async fn client(app: &TestApp) -> GenerationProxyClient<Channel> {
     GenerationProxyClient::new(channel(app.public).await)
 }
 
-fn field_violations(status: &tonic::Status) -> Vec<String> {
-    status
-        .get_error_details()
-        .bad_request()
-        .unwrap_or_else(|| panic!("BadRequest details in {status:?}"))
-        .field_violations
-        .iter()
-        .map(|f| f.field.clone())
-        .collect()
-}
-
 fn denied<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) {
     assert_refused(&r.unwrap_err(), Code::PermissionDenied, "PERMISSION_DENIED");
 }

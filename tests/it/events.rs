@@ -68,14 +68,7 @@ fn low_balance(balance: i64) -> Value {
 
 fn fields(status: &tonic::Status) -> Vec<String> {
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    status
-        .get_error_details()
-        .bad_request()
-        .unwrap_or_else(|| panic!("BadRequest details in {status:?}"))
-        .field_violations
-        .iter()
-        .map(|f| f.field.clone())
-        .collect()
+    field_violations(status)
 }
 
 /// A queue bound with `#` to the events exchange of `prefix` (declared here, as the relay

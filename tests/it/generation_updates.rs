@@ -322,22 +322,8 @@ async fn generation_updates_success_stores_assets_meters_usage_and_webhooks_the_
     let w = World::with(|s| s.set("DEVGATE_WEBHOOK_ALLOWED_CIDRS", "127.0.0.0/8")).await;
     let tenant = Uuid::new_v4();
     let receiver = Receiver::start().await;
-    let created = devgate::proto::v1::webhook_service_client::WebhookServiceClient::new(
-        channel(w.app.public).await,
-    )
-    .create_webhook_endpoint(bearer(
-        v1::CreateWebhookEndpointRequest {
-            url: receiver.url("gen"),
-            event_types: vec!["generation.*".into()],
-            ..Default::default()
-        },
-        &admin_token(tenant),
-    ))
-    .await
-    .expect("create endpoint")
-    .into_inner();
     receiver
-        .configure("gen", &[&created.secret], vec![], None)
+        .subscribe(&w.app, tenant, "gen", &["generation.*"])
         .await;
     let sim = sim(
         &w.app,

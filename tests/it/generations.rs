@@ -117,17 +117,6 @@ pub(crate) async fn events(conn: &mut AsyncPgConnection, tenant: Uuid) -> Vec<(S
         .unwrap()
 }
 
-fn field_violations(status: &tonic::Status) -> Vec<String> {
-    status
-        .get_error_details()
-        .bad_request()
-        .unwrap_or_else(|| panic!("BadRequest details in {status:?}"))
-        .field_violations
-        .iter()
-        .map(|f| f.field.clone())
-        .collect()
-}
-
 /// A queue bound to the test's jobs exchange (declared as the relay declares it), and its
 /// consumer; deleted with the returned guard's exchange at the end of the test.
 pub(crate) struct Jobs {

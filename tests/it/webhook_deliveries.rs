@@ -20,7 +20,6 @@ use lapin::options::BasicGetOptions;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use tonic::{Code, transport::Channel};
-use tonic_types::StatusExt;
 use uuid::Uuid;
 
 use crate::harness::{envoy::Edge, *};
@@ -187,17 +186,6 @@ async fn take_tasks(app: &TestApp) -> Vec<Value> {
 
 fn manual_task(delivery: Uuid, attempt: i32) -> Value {
     json!({"delivery_id": delivery.to_string(), "attempt": attempt, "manual": true})
-}
-
-fn field_names(status: &tonic::Status) -> Vec<String> {
-    status
-        .get_error_details()
-        .bad_request()
-        .unwrap_or_else(|| panic!("BadRequest details in {status:?}"))
-        .field_violations
-        .iter()
-        .map(|f| f.field.clone())
-        .collect()
 }
 
 fn ts(t: DateTime<Utc>) -> Option<prost_types::Timestamp> {
@@ -640,7 +628,7 @@ async fn deliveries_validation_names_the_fields() {
         .await
         .unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);
-    let mut fields = field_names(&bad);
+    let mut fields = field_violations(&bad);
     fields.sort();
     assert_eq!(
         fields,
@@ -665,7 +653,7 @@ async fn deliveries_validation_names_the_fields() {
         ))
         .await
         .unwrap_err();
-    assert_eq!(field_names(&wide), ["end_time"]);
+    assert_eq!(field_violations(&wide), ["end_time"]);
     let invalid_time = c
         .list_webhook_deliveries(bearer(
             v1::ListWebhookDeliveriesRequest {
@@ -680,7 +668,7 @@ async fn deliveries_validation_names_the_fields() {
         ))
         .await
         .unwrap_err();
-    assert_eq!(field_names(&invalid_time), ["start_time"]);
+    assert_eq!(field_violations(&invalid_time), ["start_time"]);
 
     let get = c
         .get_webhook_delivery(bearer(
@@ -692,7 +680,7 @@ async fn deliveries_validation_names_the_fields() {
         ))
         .await
         .unwrap_err();
-    assert_eq!(field_names(&get), ["webhook_id", "id"]);
+    assert_eq!(field_violations(&get), ["webhook_id", "id"]);
     let retry = c
         .retry_webhook_delivery(bearer(
             v1::RetryWebhookDeliveryRequest {
@@ -703,7 +691,7 @@ async fn deliveries_validation_names_the_fields() {
         ))
         .await
         .unwrap_err();
-    assert_eq!(field_names(&retry), ["id"]);
+    assert_eq!(field_violations(&retry), ["id"]);
 
     let test_event = |event_type: String| v1::SendTestEventRequest {
         id: id.clone(),
@@ -713,13 +701,13 @@ async fn deliveries_validation_names_the_fields() {
         .send_test_event(bearer(test_event("nope.never".into()), &token))
         .await
         .unwrap_err();
-    assert_eq!(field_names(&unknown), ["event_type"]);
+    assert_eq!(field_violations(&unknown), ["event_type"]);
     assert!(unknown.message().contains("nope.never"), "{unknown:?}");
     let long = c
         .send_test_event(bearer(test_event("g.".repeat(101)), &token))
         .await
         .unwrap_err();
-    assert_eq!(field_names(&long), ["event_type"]);
+    assert_eq!(field_violations(&long), ["event_type"]);
     let bad_id = c
         .send_test_event(bearer(
             v1::SendTestEventRequest {
@@ -730,7 +718,7 @@ async fn deliveries_validation_names_the_fields() {
         ))
         .await
         .unwrap_err();
-    assert_eq!(field_names(&bad_id), ["id"]);
+    assert_eq!(field_violations(&bad_id), ["id"]);
 
     let recover =
         |id: &str, since: Option<prost_types::Timestamp>| v1::RecoverWebhookDeliveriesRequest {
@@ -748,7 +736,7 @@ async fn deliveries_validation_names_the_fields() {
             .recover_webhook_deliveries(bearer(req.clone(), &token))
             .await
             .unwrap_err();
-        assert_eq!(field_names(&status), fields, "{req:?}");
+        assert_eq!(field_violations(&status), fields, "{req:?}");
     }
     let recent = c
         .recover_webhook_deliveries(bearer(recover(&id, ts(now - TimeDelta::days(13))), &token))

@@ -11,10 +11,7 @@ use std::{collections::HashSet, time::Duration};
 
 use devgate::{
     app::Roles,
-    proto::{
-        internal::v1::{self as internal, webhook_service_client::WebhookServiceClient as Pub},
-        v1::{self, webhook_service_client::WebhookServiceClient},
-    },
+    proto::internal::v1::{self as internal, webhook_service_client::WebhookServiceClient as Pub},
     webhooks::grpc::json_to_struct,
 };
 use futures_util::{StreamExt, stream};
@@ -49,26 +46,14 @@ async fn scenario() -> Scenario {
     .await;
     let receiver = Receiver::start().await;
     let tenant = Uuid::new_v4();
-    let created = WebhookServiceClient::new(channel(world.app.public).await)
-        .create_webhook_endpoint(bearer(
-            v1::CreateWebhookEndpointRequest {
-                url: receiver.url("faults"),
-                event_types: vec!["credits.*".into()],
-                ..Default::default()
-            },
-            &admin_token(tenant),
-        ))
-        .await
-        .expect("create endpoint")
-        .into_inner();
-    receiver
-        .configure("faults", &[&created.secret], vec![], None)
+    let endpoint = receiver
+        .subscribe(&world.app, tenant, "faults", &["credits.*"])
         .await;
     Scenario {
         world,
         receiver,
         tenant,
-        endpoint: created.webhook_endpoint.unwrap().id,
+        endpoint,
     }
 }
 

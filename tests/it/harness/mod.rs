@@ -461,6 +461,19 @@ pub fn assert_refused(status: &tonic::Status, code: tonic::Code, reason: &str) {
     );
 }
 
+/// The fields a refusal's google.rpc.BadRequest names, in order.
+pub fn field_violations(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_error_details()
+        .bad_request()
+        .unwrap_or_else(|| panic!("BadRequest details in {status:?}"))
+        .field_violations
+        .iter()
+        .map(|f| f.field.clone())
+        .collect()
+}
+
 /// A `devgate worker` process (the real binary) with a test instance's settings: what a
 /// `kill -9` can hit. Killed when dropped.
 pub struct WorkerProcess {

@@ -98,6 +98,32 @@ impl Receiver {
         }
     }
 
+    /// An endpoint of `tenant` (created by its admin on the public listener) that sends the
+    /// `types` to this receiver's `name` path, with its secret configured here; its id.
+    pub async fn subscribe(
+        &self,
+        app: &super::TestApp,
+        tenant: uuid::Uuid,
+        name: &str,
+        types: &[&str],
+    ) -> String {
+        use devgate::proto::v1::{self, webhook_service_client::WebhookServiceClient};
+        let created = WebhookServiceClient::new(super::channel(app.public).await)
+            .create_webhook_endpoint(super::bearer(
+                v1::CreateWebhookEndpointRequest {
+                    url: self.url(name),
+                    event_types: types.iter().map(|t| t.to_string()).collect(),
+                    ..Default::default()
+                },
+                &super::admin_token(tenant),
+            ))
+            .await
+            .expect("create endpoint")
+            .into_inner();
+        self.configure(name, &[&created.secret], vec![], None).await;
+        created.webhook_endpoint.expect("the endpoint").id
+    }
+
     /// The URL of hook `name`.
     pub fn url(&self, name: &str) -> String {
         format!("http://127.0.0.1:{}/hooks/{name}", self.port)
