@@ -1,6 +1,8 @@
 //! Code generated from `proto/` by build.rs, and the descriptor set that reflection and
 //! Envoy's JSON transcoder read.
 
+pub mod json;
+
 /// `devgate.v1`: the public API (through Envoy, and gRPC on the public listener).
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]

@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use devgate::{
+    proto::json::json_to_struct,
     proto::{
         internal::v1::{
             PublishEventRequest, webhook_service_client::WebhookServiceClient as InternalWebhooks,
@@ -43,7 +44,7 @@ use devgate::{
             webhook_service_client::WebhookServiceClient,
         },
     },
-    webhooks::{grpc::json_to_struct, signing::Secret},
+    webhooks::signing::Secret,
 };
 use futures_util::{StreamExt, stream};
 use hdrhistogram::Histogram;

@@ -20,13 +20,13 @@ use crate::{
     idempotency,
     identity::Scope,
     pagination,
+    proto::json::{json_to_struct, struct_to_json},
     proto::{
         convert::{opt_timestamp, timestamp},
         upstream::{assets::v1 as assets, users::v1 as users},
         v1::{self, generation_proxy_server::GenerationProxy},
     },
     validation::Violations,
-    webhooks::grpc::{json_to_struct, struct_to_json},
 };
 
 /// The RPC an idempotency key of CreateGeneration is bound to.

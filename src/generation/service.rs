@@ -464,7 +464,7 @@ fn job(g: &Generation) -> orchestrator::GenerationJob {
         kind: g.kind.clone(),
         prompt: g.prompt.clone(),
         output_format: g.output_format.clone(),
-        style: crate::webhooks::grpc::json_to_struct(&g.style),
+        style: crate::proto::json::json_to_struct(&g.style),
         count: u32::try_from(g.count).unwrap_or(1),
         project_id: g.project_id.clone(),
         metadata: g

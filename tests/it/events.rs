@@ -10,7 +10,7 @@ use devgate::{
     events::outbox::EventMessage,
     mq::{Mq, MqConfig, QueueType},
     proto::internal::v1::{self as internal, webhook_service_client::WebhookServiceClient},
-    webhooks::grpc::json_to_struct,
+    proto::json::json_to_struct,
 };
 use futures_util::StreamExt;
 use reqwest::{Method, StatusCode};

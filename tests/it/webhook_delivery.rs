@@ -7,11 +7,11 @@
 use std::time::Duration;
 
 use devgate::{
+    proto::json::json_to_struct,
     proto::{
         internal::v1::{self as internal, webhook_service_client::WebhookServiceClient as Pub},
         v1::{self, webhook_service_client::WebhookServiceClient},
     },
-    webhooks::grpc::json_to_struct,
 };
 use diesel::{ExpressionMethods, QueryDsl};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};

@@ -12,7 +12,7 @@ use std::{collections::HashSet, time::Duration};
 use devgate::{
     app::Roles,
     proto::internal::v1::{self as internal, webhook_service_client::WebhookServiceClient as Pub},
-    webhooks::grpc::json_to_struct,
+    proto::json::json_to_struct,
 };
 use futures_util::{StreamExt, stream};
 use serde_json::json;
