@@ -850,6 +850,73 @@ async fn generations_watch_streams_a_change_made_on_another_replica() {
     assert_eq!(status.code(), Code::NotFound);
 }
 
+/// A replica's streams share one Redis subscription: 24 streams over 4 generations (6 each,
+/// on one replica) all see a cancel made on the other replica well before the 5 s recheck,
+/// and a stream that ended leaves the others of its generation working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generations_many_watchers_share_one_subscription() {
+    let w = World::with_roles(Roles::API, |s| s).await;
+    let other = w.replica().await;
+    let tenant = Uuid::new_v4();
+    let token = admin_token(tenant);
+    grant(&w.app, tenant, 100).await;
+    let mut c = client(&w.app).await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let created = c
+            .create_generation(bearer(image(1), &token))
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(created.id);
+    }
+    let mut streams = Vec::new();
+    for id in &ids {
+        for _ in 0..6 {
+            let mut stream = c
+                .watch_generation(bearer(
+                    v1::WatchGenerationRequest { id: id.clone() },
+                    &token,
+                ))
+                .await
+                .expect("watch")
+                .into_inner();
+            let first = stream.message().await.unwrap().expect("the current state");
+            assert_eq!(first.state, v1::GenerationState::Queued as i32);
+            streams.push((id.clone(), stream));
+        }
+    }
+    // One watcher of the first generation goes away before anything changes.
+    streams.remove(0);
+    for id in &ids {
+        client(&other)
+            .await
+            .cancel_generation(bearer(
+                v1::CancelGenerationRequest { id: id.clone() },
+                &token,
+            ))
+            .await
+            .unwrap();
+    }
+    let seen =
+        futures_util::future::join_all(streams.into_iter().map(|(id, mut stream)| async move {
+            // Under the 5 s recheck: the change came over the shared subscription.
+            let next = tokio::time::timeout(Duration::from_secs(3), stream.message())
+                .await
+                .unwrap_or_else(|_| panic!("{id}: no change within 3 s"))
+                .unwrap()
+                .expect("the change");
+            assert_eq!(next.id, id);
+            assert_eq!(next.state, v1::GenerationState::Cancelled as i32);
+            assert!(
+                stream.message().await.unwrap().is_none(),
+                "ends after the terminal state"
+            );
+        }))
+        .await;
+    assert_eq!(seen.len(), 23);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generations_watch_streams_through_envoy() {
     let e = Edge::on(World::with_roles(Roles::API, |s| s).await).await;
