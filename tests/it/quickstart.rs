@@ -4,9 +4,12 @@
 
 use std::process::Command;
 
+use uuid::Uuid;
+
 use crate::harness::{
     envoy::{Envoy, grpcurl_binary},
     receiver::python_binary,
+    upstream_sim::UpstreamSim,
     *,
 };
 
@@ -48,11 +51,24 @@ async fn readme_quickstart_runs_as_written() {
                 || k.starts_with("DEVGATE_WEBHOOK_")
         })
         .collect();
+    // The simulator of the platform services as deploy/local/run.sh starts it (its default
+    // job duration, the local tenant seeded), on this test's own RabbitMQ prefix.
+    let prefix = format!("devgate-test-{}", Uuid::new_v4().simple());
+    let local_tenant = Uuid::from_u128(1);
+    let sim = UpstreamSim::start(&prefix, &[local_tenant], &[]).await;
     let w = World::with(|mut s| {
         for (k, v) in &plans {
             s = s.set(k, v);
         }
-        s
+        s.set("DEVGATE_RABBITMQ_PREFIX", &prefix)
+            .set(
+                "DEVGATE_ASSET_SERVICE_ADDR",
+                &sim.ready.asset_addr.to_string(),
+            )
+            .set(
+                "DEVGATE_USER_TEAM_SERVICE_ADDR",
+                &sim.ready.user_team_addr.to_string(),
+            )
     })
     .await;
     let envoy = Envoy::start(w.app.public).await;
@@ -121,6 +137,10 @@ async fn readme_quickstart_runs_as_written() {
         "\"trigger\": \"scheduled\"",
         "\"trigger\": \"manual\"",
         "endpoint deleted: 200",
+        "{\"amount\":\"100\",",
+        "idempotent-replayed: true",
+        "{\"state\":\"GENERATION_STATE_RUNNING\",",
+        "{\"credit_balance\":\"",
     ] {
         assert!(
             stdout.contains(expected),
@@ -188,6 +208,56 @@ async fn readme_quickstart_runs_as_written() {
         ],
         "{stdout}"
     );
+
+    // The generation block: created once (the replay names the same id), watched to
+    // SUCCEEDED, its asset read from the simulator's Asset service, 10 credits spent once.
+    let created: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter(|l| l.starts_with("{\"id\":") && l.contains("\"state\":\"GENERATION_STATE_"))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(created.len(), 2, "the create and its replay in:\n{stdout}");
+    assert_eq!(created[0]["id"], created[1]["id"], "{created:?}");
+    assert_eq!(created[0]["cost"], "10", "{created:?}");
+    let watched: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("{\"state\":\"GENERATION_STATE_"))
+        .collect();
+    // The stream's first message is the generation as it was then (queued, or already
+    // running), its last the end; the GET after it too.
+    assert!(watched.len() >= 3, "{stdout}");
+    assert!(
+        watched
+            .iter()
+            .any(|l| l.starts_with(r#"{"state":"GENERATION_STATE_SUCCEEDED","progress":100,"#)),
+        "the watch and the get end SUCCEEDED:\n{stdout}"
+    );
+    let asset = stdout
+        .lines()
+        .find(|l| l.starts_with("{\"id\":") && l.contains("\"media_type\":\"image/png\""))
+        .unwrap_or_else(|| panic!("the asset line in:\n{stdout}"));
+    assert!(
+        asset.contains(&format!("\"generation_id\":{}", created[0]["id"])),
+        "{asset}"
+    );
+    let balance_line = stdout
+        .lines()
+        .find(|l| l.starts_with("{\"credit_balance\":"))
+        .unwrap();
+    let grant_line = stdout
+        .lines()
+        .find(|l| l.starts_with("{\"amount\":\"100\","))
+        .unwrap();
+    let granted: serde_json::Value = serde_json::from_str(grant_line).unwrap();
+    let balance: serde_json::Value = serde_json::from_str(balance_line).unwrap();
+    let after_grant: i64 = granted["balance_after"].as_str().unwrap().parse().unwrap();
+    let now: i64 = balance["credit_balance"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        now,
+        after_grant - 10,
+        "charged once: {grant_line} then {balance_line}"
+    );
+    drop(sim);
 
     // The documented 401 body is what Envoy really answers.
     let readme = std::fs::read_to_string(manifest_dir().join("README.md")).unwrap();
