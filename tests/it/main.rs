@@ -19,6 +19,7 @@ mod faults;
 mod generation_faults;
 mod generation_updates;
 mod generations;
+mod group_commit;
 mod grpcurl;
 mod health;
 mod hot_path;
