@@ -493,6 +493,11 @@ async fn the_endpoint_rate_limit_spreads_deliveries_without_failures() {
         *per_second.entry(d.time as i64).or_insert(0) += 1;
     }
     assert!(per_second.values().all(|&n| n <= 4), "{per_second:?}");
+    // Spaced, not bunched: 12 at 4 per second span at least 11 × 250 ms (less some jitter).
+    let times: Vec<f64> = got.iter().map(|d| d.time).collect();
+    let span = times.iter().cloned().fold(f64::MIN, f64::max)
+        - times.iter().cloned().fold(f64::MAX, f64::min);
+    assert!(span >= 2.5, "12 deliveries within {span:.2} s");
     for event in &events {
         assert_eq!(
             wait_delivery_status(&world.app, event, &id, "succeeded").await,

@@ -93,7 +93,26 @@ pub struct DeliveryWorker {
     claims: GroupCommit<Claim>,
     /// Successes, committed in groups before their tasks are acked.
     successes: GroupCommit<Success>,
+    /// The per-endpoint rate limit ([`SPACING`]).
+    spacing: redis::Script,
 }
+
+/// The per-endpoint rate limit: deliveries spaced at least `ARGV[1]` µs apart (a GCRA with
+/// no burst), so an endpoint limited to N per second never gets more than N in any second,
+/// boundaries included (a fixed one-second window lets 2N through across one). Answers 0
+/// (go, the slot is taken) or the µs to wait for the next free slot. Redis's clock, so
+/// replicas agree.
+const SPACING: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local next_free = tonumber(redis.call('GET', KEYS[1]) or '0')
+if next_free > now then
+    return next_free - now
+end
+redis.call('SET', KEYS[1], now + interval, 'PX', math.floor(interval / 1000) + 1000)
+return 0
+";
 
 /// Connections the claimer and the success writer each use at most (one batch each).
 const GROUP_WRITERS: usize = 3;
@@ -113,6 +132,7 @@ impl DeliveryWorker {
         Self {
             claims: GroupCommit::spawn(pool.clone(), GROUP_WRITERS),
             successes: GroupCommit::spawn(pool.clone(), GROUP_WRITERS),
+            spacing: redis::Script::new(SPACING),
             pool,
             tasks,
             client,
@@ -242,12 +262,12 @@ impl DeliveryWorker {
             store::record(&mut conn, claimed.id, &recorded).await?;
             return Ok(());
         }
-        if !self.admit(&claimed).await {
+        if let Err(wait) = self.admit(&claimed).await {
             let mut conn = db::connect(&self.pool).await?;
-            // Over the endpoint's rate: wait for the next second, uncounted.
-            self.tasks
-                .publish(&[task], Some(jitter(Duration::from_secs(1))))
-                .await?;
+            // Over the endpoint's rate: back when its next slot is free (spread a little, so
+            // the tasks waiting for one endpoint do not all return at once), uncounted.
+            let wait = wait + Duration::from_millis(fastrand::u64(0..=wait.as_millis() as u64));
+            self.tasks.publish(&[task], Some(wait)).await?;
             store::release(&mut conn, claimed.id).await?;
             return Ok(());
         }
@@ -369,26 +389,29 @@ impl DeliveryWorker {
 
     /// The endpoint's `rate_limit_per_second` (0 = none): a one-second window counted in
     /// Redis, shared by every worker. Redis down → admitted (a delay beats a stall).
-    async fn admit(&self, claimed: &Claimed) -> bool {
-        if claimed.rate_limit_per_second <= 0 {
-            return true;
+    async fn admit(&self, claimed: &Claimed) -> Result<(), Duration> {
+        let Ok(per_second) = u64::try_from(claimed.rate_limit_per_second) else {
+            return Ok(());
+        };
+        if per_second == 0 {
+            return Ok(());
         }
-        let second = Utc::now().timestamp();
         let key = self
             .redis
-            .key(&format!("whrl:{}:{second}", claimed.endpoint_id));
+            .key_fmt(format_args!("whrl:{}", claimed.endpoint_id));
         let mut conn = self.redis.conn();
-        let counted: redis::RedisResult<(i64, i64)> = redis::pipe()
-            .atomic()
-            .incr(&key, 1)
-            .expire(&key, 2)
-            .query_async(&mut conn)
+        let wait: redis::RedisResult<i64> = self
+            .spacing
+            .key(key)
+            .arg(1_000_000 / per_second)
+            .invoke_async(&mut conn)
             .await;
-        match counted {
-            Ok((n, _)) => n <= i64::from(claimed.rate_limit_per_second),
+        match wait {
+            Ok(us) if us > 0 => Err(Duration::from_micros(us.unsigned_abs())),
+            Ok(_) => Ok(()),
             Err(e) => {
                 tracing::debug!(error = %e, "webhook rate limit unavailable; admitting");
-                true
+                Ok(())
             }
         }
     }
