@@ -1,6 +1,7 @@
 //! Postgres: the bb8 pool of diesel-async connections, embedded migrations, and the one
 //! mapping of diesel errors to [`StoreError`]; [`batch`] is the batching writer shared by
-//! the append-only logs.
+//! the append-only logs (fire and forget), [`group`] the group commit of hot writes whose
+//! callers wait for their row to be committed.
 
 pub mod batch;
 pub mod group;
