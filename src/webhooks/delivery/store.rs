@@ -512,7 +512,7 @@ pub enum Blocked {
     Leased(std::time::Duration),
 }
 
-/// Tells why [`claim`] returned `None` for this task.
+/// Tells why a [`Claim`] of this task answered `None`.
 pub async fn blocked(
     conn: &mut AsyncPgConnection,
     id: Uuid,
