@@ -118,6 +118,17 @@ pub fn validate(r: CreateRequest<'_>, kinds: &KindCatalog, v: &mut Violations) -
             format!("at most {MAX_PROMPT_CHARS} characters (got {prompt_chars})"),
         );
     }
+    // Postgres text cannot hold U+0000: refused here, not failed as a database error.
+    let nul = "contains a NUL character (U+0000)";
+    v.check(!r.prompt.contains('\0'), "prompt", nul);
+    v.check(!r.project_id.contains('\0'), "project_id", nul);
+    for (k, val) in r.metadata {
+        v.check(
+            !k.contains('\0') && !val.contains('\0'),
+            format!("metadata[{k}]"),
+            nul,
+        );
+    }
     let count = if r.count == 0 { 1 } else { r.count };
     v.check(
         (1..=MAX_COUNT).contains(&count),

@@ -3,6 +3,9 @@
 
 use crate::validation::Violations;
 
+/// Postgres's jsonb cannot store U+0000: such a value would fail as a database error.
+const NUL: &str = "contains a NUL character (U+0000), which cannot be stored";
+
 /// A `google.protobuf.Struct` as a JSON object. Whole numbers within 2^53 become JSON
 /// integers (so `"type": "integer"` schemas accept them); NaN and infinities, which JSON
 /// cannot carry, are violations at their path under `field`.
@@ -27,7 +30,13 @@ fn struct_fields_to_json(
     serde_json::Value::Object(
         s.fields
             .iter()
-            .map(|(k, val)| (k.clone(), value_to_json(val, &format!("{at}.{k}"), v)))
+            .map(|(k, val)| {
+                let at = format!("{at}.{k}");
+                if k.contains('\0') {
+                    v.add(&at, NUL);
+                }
+                (k.clone(), value_to_json(val, &at, v))
+            })
             .collect(),
     )
 }
@@ -40,7 +49,12 @@ fn value_to_json(val: &prost_types::Value, at: &str, v: &mut Violations) -> serd
     match &val.kind {
         None | Some(Kind::NullValue(_)) => J::Null,
         Some(Kind::BoolValue(b)) => J::Bool(*b),
-        Some(Kind::StringValue(s)) => J::String(s.clone()),
+        Some(Kind::StringValue(s)) => {
+            if s.contains('\0') {
+                v.add(at, NUL);
+            }
+            J::String(s.clone())
+        }
         Some(Kind::NumberValue(n)) if n.fract() == 0.0 && n.abs() <= SAFE_INTEGER => {
             J::from(*n as i64)
         }

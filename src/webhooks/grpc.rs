@@ -538,13 +538,14 @@ impl InternalWebhookService for WebhookGrpc {
         } else {
             Some(event_type.to_string())
         };
-        let idempotency_id = (1..=MAX_IDEMPOTENCY_ID_CHARS)
+        let idempotency_id = ((1..=MAX_IDEMPOTENCY_ID_CHARS)
             .contains(&r.idempotency_id.chars().count())
-            .then(|| r.idempotency_id.clone());
+            && !r.idempotency_id.chars().any(char::is_control))
+        .then(|| r.idempotency_id.clone());
         v.check(
             idempotency_id.is_some(),
             "idempotency_id",
-            format!("required: 1 to {MAX_IDEMPOTENCY_ID_CHARS} characters"),
+            format!("required: 1 to {MAX_IDEMPOTENCY_ID_CHARS} characters, no control characters"),
         );
         let payload = match &r.payload {
             None => {

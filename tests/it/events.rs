@@ -245,6 +245,30 @@ async fn events_publish_auth_validation_idempotency_and_rabbitmq() {
         .await
         .unwrap_err();
     assert_eq!(fields(&status), ["idempotency_id"]);
+    // What Postgres cannot store is a bad request, not an internal error: a control
+    // character in the id, a NUL in a payload string or key.
+    let status = pipeline
+        .publish_event(publish_req(tenant, "credits.low", low_balance(1), "k\0nul"))
+        .await
+        .unwrap_err();
+    assert_eq!(fields(&status), ["idempotency_id"]);
+    let status = pipeline
+        .publish_event(publish_req(
+            tenant,
+            "credits.low",
+            json!({"balance": 1, "threshold": 2, "check_time": "a\0b", "x\0": 1}),
+            "k-nul",
+        ))
+        .await
+        .unwrap_err();
+    let mut found = fields(&status);
+    found.sort();
+    found.dedup();
+    assert!(
+        found.contains(&"payload.check_time".to_string()),
+        "{found:?}"
+    );
+    assert!(found.contains(&"payload.x\u{0}".to_string()), "{found:?}");
     let big =
         json!({"balance": 1, "threshold": 2, "check_time": "x", "pad": "p".repeat(256 * 1024)});
     let status = pipeline

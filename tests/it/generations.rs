@@ -362,6 +362,19 @@ async fn generations_refuse_bad_requests_naming_fields_and_insufficient_credits(
         .await
         .unwrap_err();
     assert_eq!(field_violations(&status), ["kind"]);
+    // What Postgres cannot store (U+0000) is a bad request, not an internal error.
+    let nul = v1::CreateGenerationRequest {
+        prompt: "a\0b".into(),
+        project_id: "p\0".into(),
+        metadata: [("k".to_string(), "v\0".to_string())].into(),
+        style: devgate::proto::json::json_to_struct(&serde_json::json!({"s": "\0"})),
+        ..image(1)
+    };
+    let status = c.create_generation(bearer(nul, &token)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let mut fields = field_violations(&status);
+    fields.sort();
+    assert_eq!(fields, ["metadata[k]", "project_id", "prompt", "style.s"]);
 
     // 25 credits, a video costs 100: refused with the balance and the cost, nothing kept.
     grant(&w.app, tenant, 25).await;
